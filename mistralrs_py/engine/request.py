@@ -1,0 +1,74 @@
+"""What the server hands the engine (Request, SamplingParams) and what it gets back (events). No torch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # over the last `repeat_last_n` tokens of prompt + output
+    repeat_last_n: int = 64
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    max_tokens: int | None = None  # None: until the context is full
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1
+    skip_special_tokens: bool = True
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """New output of choice `index`: text that is safe to show (never part of a stop string)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Done:
+    index: int
+    finish_reason: str  # "stop" | "length" | "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    stop_reason: Union[str, int, None] = None  # the stop string or token id that ended it
+
+
+@dataclass
+class Error:
+    message: str
+    code: str = "server_error"
+    index: int | None = None
+
+
+Event = Union[Delta, Done, Error]
+
+
+@dataclass
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]  # called on the engine thread; must not block
+    arrival: float = field(default_factory=time.monotonic)

@@ -1,0 +1,82 @@
+"""Which sequences run in the next step. Moves sequences between queues; never touches tensors.
+
+Policies:
+- "continuous": every running sequence decodes every step, whatever its length, and prompt chunks
+  of newly admitted sequences join the same step (up to `prefill_chunk` prompt tokens a step).
+- "catch-up" (the seed's method): prompts are processed in steps of their own; then only the
+  shortest running sequences decode, and longer ones wait until the shortest catch up, so every
+  decode batch holds sequences of one length.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .sequence import Sequence, SeqStatus
+
+POLICIES = ("continuous", "catch-up")
+
+
+@dataclass
+class SchedulerOutput:
+    admitted: list[Sequence] = field(default_factory=list)  # need a cache slot before the step runs
+    decode: list[Sequence] = field(default_factory=list)
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, prompt tokens this step)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+
+class Scheduler:
+    def __init__(self, max_seqs: int, policy: str = "continuous", prefill_chunk: int = 512):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown scheduler policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.max_seqs, self.policy, self.prefill_chunk = max_seqs, policy, max(1, prefill_chunk)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drops a finished or aborted sequence from whichever queue holds it."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def sequences_of(self, request_id: str) -> list[Sequence]:
+        return [s for s in (*self.waiting, *self.running) if s.request.id == request_id]
+
+    def schedule(self, free_slots: int) -> SchedulerOutput:
+        out = SchedulerOutput()
+        while self.waiting and len(self.running) < self.max_seqs and free_slots > 0:
+            seq = self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.admitted.append(seq)
+            free_slots -= 1
+        budget = self.prefill_chunk
+        for seq in self.running:
+            if seq.num_uncached > 1 and budget > 0:
+                # NOTE: only a chunk that reaches the end of the prompt yields logits (those of the
+                # first output token); earlier chunks just fill the cache.
+                n = min(seq.num_uncached, budget)
+                out.prefill.append((seq, n))
+                budget -= n
+        ready = [s for s in self.running if s.num_uncached == 1]
+        if self.policy == "catch-up":
+            if out.prefill:
+                return out  # prompts run in steps of their own
+            if ready:
+                shortest = min(len(s.tokens) for s in ready)
+                ready = [s for s in ready if len(s.tokens) == shortest]
+        out.decode = sorted(ready, key=lambda s: s.slot if s.slot is not None else -1)
+        return out

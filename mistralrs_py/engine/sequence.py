@@ -1,0 +1,124 @@
+"""One generation in flight: its tokens, status, cache slot and the text it has produced."""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+from .request import Request, TokenLogprob
+
+if TYPE_CHECKING:
+    from ..pipeline.tokenizer import IncrementalDetokenizer
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+    @property
+    def is_finished(self) -> bool:
+        return self is SeqStatus.FINISHED
+
+
+class Sequence:
+    def __init__(self, request: Request, index: int, detokenizer: "IncrementalDetokenizer", generator=None):
+        self.request = request
+        self.index = index  # choice index within the request (n > 1)
+        self.tokens: list[int] = list(request.prompt_ids)
+        self.prompt_len = len(self.tokens)
+        self.num_cached = 0  # tokens whose keys/values are in the cache
+        self.slot: int | None = None
+        self.status = SeqStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.detok = detokenizer
+        self.generator = generator
+        self.text = ""  # output text so far, stop strings cut
+        self.sent = 0  # characters of `text` already emitted
+        self.pending_ids: list[int] = []  # token ids not yet emitted with text
+        self.pending_logprobs: list[TokenLogprob] = []
+        self.max_stop = max((len(s) for s in request.params.stop), default=0)
+
+    @property
+    def params(self):
+        return self.request.params
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def num_uncached(self) -> int:
+        return len(self.tokens) - self.num_cached
+
+    def __repr__(self) -> str:
+        return f"Sequence({self.request.id}#{self.index}, {self.status.value}, len={len(self.tokens)}, cached={self.num_cached})"
+
+    # ---- pure state updates ------------------------------------------------------------------
+    def append(self, token: int, max_len: int, eos_ids: list[int]) -> None:
+        """Adds a sampled token and decides whether the sequence is finished (stop token, stop string,
+        max_tokens or a full context). Text is updated; the caller emits `take_delta()`."""
+        self.tokens.append(token)
+        self.pending_ids.append(token)
+        p = self.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
+            # NOTE: the stop token's own text is never part of the output.
+            self.finish("stop", token)
+            self.text += self.detok.flush()
+            return
+        delta = self.detok.add(token)
+        if delta:
+            start = max(0, len(self.text) - self.max_stop + 1)
+            self.text += delta
+            if p.stop:
+                hit = find_stop(self.text, p.stop, start)
+                if hit is not None:
+                    idx, s = hit
+                    self.text = self.text[:idx]
+                    self.finish("stop", s)
+                    return
+        if p.max_tokens is not None and self.num_output >= p.max_tokens or len(self.tokens) >= max_len:
+            self.finish("length")
+            self.text += self.detok.flush()
+
+    def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
+        self.status = SeqStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+
+    def take_delta(self) -> str:
+        """Text that can be shown now: everything, once finished; otherwise all but a tail that
+        could still become the start of a stop string."""
+        end = len(self.text)
+        if not self.status.is_finished and self.params.stop:
+            end -= held_back(self.text, self.params.stop)
+        end = max(end, self.sent)
+        delta = self.text[self.sent : end]
+        self.sent = end
+        return delta
+
+
+def find_stop(text: str, stops: tuple[str, ...], start: int) -> tuple[int, str] | None:
+    """The earliest stop string in text[start:], as (index, string)."""
+    best = None
+    for s in stops:
+        i = text.find(s, start)
+        if i != -1 and (best is None or i < best[0]):
+            best = (i, s)
+    return best
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    n = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), n, -1):
+            if text.endswith(s[:k]):
+                n = k
+                break
+    return n

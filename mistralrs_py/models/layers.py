@@ -1,0 +1,175 @@
+"""Building blocks of the decoder: RMSNorm, rotary embeddings, the batch view and cache-aware attention.
+
+Shapes: N = tokens in the step (all sequences flattened), D = hidden size, H = query heads,
+Hk = key/value heads, hd = head dim, B = decoding sequences, L = cache positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # NOTE: normalise in float32 and cast back before the weight, as transformers' Llama does.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = cfg.rope_scaling
+    if not s:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / float(s["factor"])
+    if s["rope_type"] == "llama3":
+        factor = float(s["factor"])
+        low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+        old_ctx = float(s.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope type {s['rope_type']!r}")
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for every position the cache can hold, gathered by position per token."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, device=None):
+        super().__init__()
+        inv_freq = rope_inv_freq(cfg).to(device)
+        t = torch.arange(max_positions, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # [P, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [P, hd]
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # positions: [N] -> cos, sin: [N, 1, hd]
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [N, heads, hd]; NOTE: rotate-half (GPT-NeoX) layout, as in HF checkpoints. GGUF files store
+    # q/k rows interleaved for llama.cpp's rope; the GGUF loader un-permutes them at load time.
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class PrefillSegment:
+    """Several prompt tokens of one sequence: rows [start_row, end_row) of the step, at positions
+    [start_pos, start_pos + n) of that sequence, attending to the cache in `slot`."""
+
+    start_row: int
+    end_row: int
+    slot: int
+    start_pos: int
+    mask: Tensor | None = None  # [1, 1, n, start_pos + n] bool, None when plain causal suffices
+
+
+@dataclass
+class BatchView:
+    """What one forward step reads and writes in the cache. Built by the engine's cache pool.
+
+    Rows [0, num_decode) are single decode tokens of `decode_slots`; the prefill segments follow.
+    """
+
+    positions: Tensor  # [N] long: position of each token in its sequence
+    row_slots: Tensor  # [N] long: cache slot of each token
+    logit_rows: Tensor  # [S] long: rows whose logits are wanted (last token of each sequence)
+    num_decode: int = 0
+    decode_slots: Tensor | None = None  # [B] long
+    decode_slot_range: tuple[int, int] | None = None  # (first, last+1) when the slots are contiguous
+    decode_len: int = 0  # L: longest cache length among decoding sequences, this token included
+    decode_mask: Tensor | None = None  # [B, 1, 1, L] bool: True where a key may be attended
+    prefills: list[PrefillSegment] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView
+) -> Tensor:
+    """Writes this step's k/v into the cache and attends every query to its own sequence's keys.
+
+    q: [N, H, hd]; k, v: [N, Hk, hd]; k_cache, v_cache: [slots, Hk, P, hd]. Returns [N, H, hd].
+    """
+    # NOTE: one scatter for all rows; (slot, :, position) advanced indexing puts N first.
+    k_cache[view.row_slots, :, view.positions] = k
+    v_cache[view.row_slots, :, view.positions] = v
+    gqa = q.shape[1] != k.shape[1]
+    outs = []
+    if view.num_decode:
+        L = view.decode_len
+        if view.decode_slot_range is not None:
+            a, b = view.decode_slot_range
+            kk, vv = k_cache[a:b, :, :L], v_cache[a:b, :, :L]  # views, no copy
+        else:
+            kk, vv = k_cache[view.decode_slots, :, :L], v_cache[view.decode_slots, :, :L]
+        qd = q[: view.num_decode].unsqueeze(2)  # [B, H, 1, hd]
+        o = F.scaled_dot_product_attention(qd, kk, vv, attn_mask=view.decode_mask, enable_gqa=gqa)
+        outs.append(o.squeeze(2))
+    for seg in view.prefills:
+        n = seg.end_row - seg.start_row
+        end = seg.start_pos + n
+        qs = q[seg.start_row : seg.end_row].transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
+        if seg.mask is None:
+            # NOTE: a fresh prompt with no window: attend to the new keys directly (no cache read).
+            ks = k[seg.start_row : seg.end_row].transpose(0, 1).unsqueeze(0)
+            vs = v[seg.start_row : seg.end_row].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+        else:
+            ks = k_cache[seg.slot : seg.slot + 1, :, :end]
+            vs = v_cache[seg.slot : seg.slot + 1, :, :end]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, enable_gqa=gqa)
+        outs.append(o[0].transpose(0, 1))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def prefill_mask(start_pos: int, n: int, window: int | None, device) -> Tensor | None:
+    """[1, 1, n, start_pos + n] bool mask for n new tokens after start_pos cached ones, or None.
+
+    NOTE: query i (absolute position start_pos + i) sees key j when j <= start_pos + i and, with a
+    sliding window W, when j > start_pos + i - W (W keys including itself), as transformers' Mistral.
+    """
+    if start_pos == 0 and (window is None or n <= window):
+        return None
+    q_pos = torch.arange(start_pos, start_pos + n, device=device)[:, None]
+    k_pos = torch.arange(start_pos + n, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask[None, None]
+
+
+def decode_mask(lengths: Tensor, max_len: int, window: int | None) -> Tensor:
+    """[B, 1, 1, L] bool: key j is visible to the new token of a sequence of length l (this token
+    included) when j < l and, with a sliding window W, j >= l - W."""
+    k_pos = torch.arange(max_len, device=lengths.device)[None, :]
+    mask = k_pos < lengths[:, None]
+    if window is not None:
+        mask &= k_pos >= (lengths[:, None] - window)
+    return mask[:, None, None, :]

@@ -1,0 +1,97 @@
+"""The Mistral/Llama decoder, written for the engine's cache: tokens of many sequences in one step.
+
+One implementation serves Llama-layout models (SmolLM2, TinyLlama, Llama 2/3) and Mistral
+(sliding-window attention). Linear layers are plain `nn.Linear` by default; loaders may replace
+them with quantized or LoRA-wrapped modules that have the same call signature.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .layers import BatchView, RMSNorm, Rotary, apply_rotary, attend
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(bias=cfg.attention_bias, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, **kw)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, **kw)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, **kw)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView) -> Tensor:
+        # x: [N, D]
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # [N, H, hd]
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, Hk, hd]
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = attend(q, k, v, k_cache, v_cache, view)  # [N, H, hd]
+        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=cfg.mlp_bias, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [N, D] -> [N, D]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
+        self.self_attn = Attention(cfg, device=device, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
+        self.mlp = MLP(cfg, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, view)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    """Parameter names follow transformers' `LlamaForCausalLM` (minus the `model.` prefix), so an HF
+    state dict loads with one prefix strip."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, device=device, dtype=dtype) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
+        self.max_positions = max_positions
+        self.rotary = Rotary(cfg, max_positions, device=None if device == torch.device("meta") else device)
+
+    def hidden_states(self, input_ids: Tensor, view: BatchView, cache: "KVLayers") -> Tensor:
+        # input_ids: [N] -> final-norm hidden states [N, D]
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.tables(view.positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], view)
+        return self.norm(x)
+
+    def forward(self, input_ids: Tensor, view: BatchView, cache: "KVLayers") -> Tensor:
+        # -> logits [S, V] in float32 for the rows in view.logit_rows
+        h = self.hidden_states(input_ids, view, cache)
+        return self.lm_head(h[view.logit_rows]).float()
+
+
+class KVLayers:
+    """Anything with per-layer cache tensors `k[i]`, `v[i]` of shape [slots, Hk, P, hd]."""
+
+    k: list[Tensor]
+    v: list[Tensor]

@@ -1,0 +1,122 @@
+"""What a loaded model looks like to the engine, and how the CLI asks for one."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import Tensor
+
+from ..models.config import ModelConfig
+from ..models.layers import BatchView
+
+if TYPE_CHECKING:
+    from ..models.llama import CausalLM
+    from .tokenizer import Tokenizer
+
+
+class ModelKind(str, enum.Enum):
+    PLAIN = "mistral"
+    GGUF = "gguf-mistral"
+    XLORA = "x-lora-mistral"
+
+
+class LoadError(Exception):
+    """A model that cannot be loaded; str() is one line naming the problem and the fix."""
+
+
+@dataclass
+class ModelSpec:
+    """Everything the CLI knows about the model to serve; the loaders turn it into a Pipeline."""
+
+    kind: ModelKind = ModelKind.PLAIN
+    model_id: str | None = None  # None: the embedded default model
+    revision: str | None = None
+    tokenizer_id: str | None = None
+    quantized_model_id: str | None = None
+    quantized_filename: str | None = None
+    xlora_model_id: str | None = None
+    order: str | None = None
+    tgt_non_granular_index: int | None = None
+    repeat_last_n: int = 64
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    chat_template: str | None = None  # a file overriding the model's template
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Pipeline:
+    """A loaded model: turns the tokens of a step into logits, reading and writing a cache pool."""
+
+    name: str
+    config: ModelConfig
+    model: "CausalLM"
+    tokenizer: "Tokenizer"
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    summary: dict = field(default_factory=dict)  # shown in the load line: format, params, memory...
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor, view: BatchView, cache) -> Tensor:
+        return self.model(input_ids, view, cache)
+
+
+Loader = Callable[[ModelSpec, "Progress | None"], Pipeline]
+LOADERS: dict[ModelKind, Loader] = {}
+
+
+def register(kind: ModelKind):
+    def deco(fn: Loader) -> Loader:
+        LOADERS[kind] = fn
+        return fn
+
+    return deco
+
+
+def load_pipeline(spec: ModelSpec, progress=None) -> Pipeline:
+    # NOTE: importing the loader modules registers them; done here so `--help` never imports torch.
+    from . import gguf, hf  # noqa: F401
+
+    if spec.kind not in LOADERS:
+        raise LoadError(f"`{spec.kind.value}` is not built yet")
+    return LOADERS[spec.kind](spec, progress)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LoadError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LoadError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return dev
+    if name == "cpu":
+        return torch.device("cpu")
+    raise LoadError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name in table:
+        return table[name]
+    if name != "auto":
+        raise LoadError(f"--dtype {name!r} is not one of auto, float32, bfloat16, float16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # NOTE: bf16 halves the bytes read per token; only worth it where the CPU has native bf16 dot
+    # products (AVX512-BF16 / AMX), otherwise float32 is faster and exact.
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported()) or bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # older torch
+        return False

@@ -1,0 +1,101 @@
+"""Loader for `mistral`: HF safetensors checkpoints (local or hub), or the embedded GGUF dequantized."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..models.config import ConfigError, ModelConfig
+from . import hub
+from .base import LoadError, ModelKind, ModelSpec, Pipeline, register, resolve_device, resolve_dtype
+from .tokenizer import load_hf_tokenizer
+from .weights import build_empty, load_tensors, memory_bytes
+
+# NOTE: checkpoint naming is data: transformers' names -> ours (we drop the `model.` prefix).
+_PREFIX = "model."
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def hf_to_ours(name: str) -> str:
+    return name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
+
+
+@register(ModelKind.PLAIN)
+def load_plain(spec: ModelSpec, progress=None) -> Pipeline:
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    if spec.model_id is None:
+        from .gguf import load_gguf_file
+
+        return load_gguf_file(hub.embedded_gguf_path(), spec, device, dtype, quantized=False, progress=progress,
+                              name=hub.EMBEDDED_NAME)
+    path = hub.resolve(spec.model_id, spec.revision)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            from .gguf import load_gguf_file
+
+            return load_gguf_file(path, spec, device, dtype, quantized=False, progress=progress, name=spec.model_id)
+        raise LoadError(f"{path} is a file; `mistral` takes a model directory or hub id (use `gguf-mistral` for .gguf files)")
+    return load_safetensors_dir(path, spec, device, dtype, progress, name=spec.model_id)
+
+
+def read_config(path: Path) -> ModelConfig:
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise LoadError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    try:
+        return ModelConfig.from_hf(json.loads(cfg_file.read_text()))
+    except ConfigError as e:
+        raise LoadError(f"{path}: {e}") from None
+    except (KeyError, ValueError, TypeError) as e:
+        raise LoadError(f"{cfg_file} is not a valid model config ({type(e).__name__}: {e})") from None
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+        if pickles:
+            raise LoadError(
+                f"{path} has only pickle weights ({', '.join(pickles[:3])}); they can run code when loaded and are "
+                "refused. Convert them to safetensors (e.g. with transformers' save_pretrained(safe_serialization=True))"
+            )
+        raise LoadError(f"{path} has no *.safetensors weights")
+    return files
+
+
+def load_safetensors_dir(path: Path, spec: ModelSpec, device, dtype, progress=None, name: str | None = None) -> Pipeline:
+    from safetensors import safe_open
+
+    cfg = read_config(path)
+    files = safetensors_files(path)
+    max_len = min(spec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    model = build_empty(cfg, max_len, dtype)
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    names = [(h, k) for h in handles for k in h.keys() if not k.endswith(_IGNORED_SUFFIXES)]
+    task = progress.add_task("weights", total=len(names)) if progress else None
+
+    def tensors():
+        for h, k in names:
+            # NOTE: get_tensor reads the memory-mapped bytes once; load_tensors casts/moves once.
+            yield hf_to_ours(k), (lambda h=h, k=k: h.get_tensor(k))
+
+    load_tensors(model, tensors(), dtype, device, on_tensor=lambda: progress and progress.advance(task))
+    eos = list(cfg.eos_token_ids)
+    gen = path / "generation_config.json"
+    if gen.exists():
+        g = json.loads(gen.read_text()).get("eos_token_id")
+        eos += g if isinstance(g, list) else ([g] if g is not None else [])
+    tok_dir = hub.resolve(spec.tokenizer_id, spec.revision, what="tokenizer") if spec.tokenizer_id else path
+    tokenizer = load_hf_tokenizer(tok_dir, extra_eos_ids=eos)
+    return Pipeline(
+        name=name or str(path),
+        config=cfg,
+        model=model,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        device=device,
+        max_model_len=max_len,
+        summary={"format": "safetensors", "params": cfg.num_parameters(), "weights_bytes": memory_bytes(model)},
+    )

@@ -1,0 +1,92 @@
+"""Materialising a `CausalLM` from named tensors without double copies.
+
+The model is built on the meta device (no memory), then each parameter is assigned the loaded
+tensor (cast once to the compute dtype and device); memory-mapped sources are read exactly once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..models.config import ModelConfig
+from ..models.llama import CausalLM
+from .base import LoadError
+
+
+def build_empty(cfg: ModelConfig, max_positions: int, dtype: torch.dtype) -> CausalLM:
+    # NOTE: parameters on meta (no memory); the rotary tables are computed on the CPU and moved later.
+    return CausalLM(cfg, max_positions, device=torch.device("meta"), dtype=dtype)
+
+
+def assign(model: nn.Module, name: str, value: Tensor | nn.Module) -> None:
+    """Sets a parameter (from a tensor) or replaces a submodule (e.g. a quantized linear) by dotted name."""
+    *path, leaf = name.split(".")
+    owner = model
+    for p in path:
+        owner = getattr(owner, p)
+    if isinstance(value, nn.Module):
+        setattr(owner, leaf, value)
+    else:
+        setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
+
+
+def load_tensors(
+    model: CausalLM,
+    tensors: Iterable[tuple[str, Callable[[], Tensor | nn.Module]]],
+    dtype: torch.dtype,
+    device: torch.device,
+    on_tensor: Callable[[], None] = lambda: None,
+) -> None:
+    """tensors: (our parameter name, thunk loading it). Checks every parameter got a value."""
+    expected = {n for n, _ in model.named_parameters()}
+    seen: set[str] = set()
+    for name, load in tensors:
+        value = load()
+        if isinstance(value, Tensor):
+            target = _param(model, name)
+            if target is None:
+                raise LoadError(f"checkpoint tensor {name} has no place in the model")
+            if tuple(value.shape) != tuple(target.shape):
+                raise LoadError(f"checkpoint tensor {name} has shape {tuple(value.shape)}, the config implies {tuple(target.shape)}")
+            value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+            seen.add(name)
+        else:
+            seen.update(f"{name}.{p}" for p, _ in _meta_params(model, name))
+        assign(model, name, value)
+        on_tensor()
+    if model.cfg.tie_word_embeddings and "lm_head.weight" not in seen:
+        if isinstance(model.embed_tokens, nn.Embedding):
+            model.lm_head.weight = model.embed_tokens.weight
+        seen.add("lm_head.weight")
+    missing = sorted(expected - seen)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise LoadError(f"checkpoint is missing {', '.join(missing[:3])}{more}")
+    model.rotary.to(device)
+    model.eval()
+
+
+def _param(model: nn.Module, name: str) -> Tensor | None:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
+
+
+def _meta_params(model: nn.Module, module_name: str):
+    try:
+        return list(model.get_submodule(module_name).named_parameters())
+    except AttributeError:
+        return []
+
+
+def memory_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() not in seen and t.device.type != "meta":
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,409 @@
+"""The Starlette app: OpenAI-compatible routes over one engine. The lifespan starts and stops it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional
+
+from pydantic import ValidationError
+from sse_starlette.sse import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .. import __version__
+from ..engine.engine import Engine
+from ..engine.request import Delta, Done, SamplingParams
+from ..pipeline.base import Pipeline
+from ..pipeline.tokenizer import ChatTemplateError
+from . import protocol as P
+from .streaming import (Choice, GenerationError, chat_chunk, chat_logprobs, completion_chunk, completion_logprobs,
+                        generate, new_id, now, usage)
+
+log = logging.getLogger("mistralrs.server")
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    truncate_sequence: bool = False
+    repeat_last_n: int = 64
+    log_file: Optional[str] = None
+
+
+class RequestLog:
+    """Appends one JSON line per request/response. NOTE: JSON-encoding means request text can never
+    forge a log line (newlines inside strings are escaped)."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def write(self, record: dict) -> None:
+        if not self.path:
+            return
+        line = json.dumps({"time": time.time(), **record}, ensure_ascii=False)
+        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+class Server:
+    def __init__(self, engine: Engine, pipeline: Pipeline, cfg: ServerConfig):
+        self.engine, self.pipe, self.cfg = engine, pipeline, cfg
+        self.tok = pipeline.tokenizer
+        self.reqlog = RequestLog(cfg.log_file)
+
+    # ---- request preparation ---------------------------------------------------------------------
+    def check_model(self, name: str) -> None:
+        if name not in (self.cfg.served_model_name, "default"):
+            raise P.InvalidRequest(f"The model `{name}` does not exist. This server serves `{self.cfg.served_model_name}`.",
+                                   "model", 404, "not_found_error", "model_not_found")
+
+    def fit_context(self, ids: list[int], max_tokens: Optional[int]) -> list[int]:
+        """NOTE: the seed's --truncate-sequence: an over-long prompt loses tokens from the left so
+        that max_tokens (or 10 tokens when absent) still fit; without the flag it is a 400."""
+        limit = self.engine.max_len
+        room = max_tokens or 0
+        if len(ids) + room <= limit and len(ids) < limit:
+            return ids
+        keep = limit - (max_tokens or 10)
+        if self.cfg.truncate_sequence and keep > 0:
+            return ids[-keep:]
+        raise P.InvalidRequest(
+            f"This model's maximum context length is {limit} tokens. However, you requested {len(ids) + room} tokens "
+            f"({len(ids)} in the prompt, {room} in the completion). Reduce the prompt or max_tokens, "
+            "or start the server with --truncate-sequence.", "messages", code="context_length_exceeded")
+
+    def sampling(self, req: P.SamplingFields, logprobs: bool, top: int) -> SamplingParams:
+        return req.to_sampling_params(repeat_last_n=self.cfg.repeat_last_n, vocab_size=self.tok.vocab_size,
+                                      logprobs=logprobs, top_logprobs=top)
+
+    # ---- routes ------------------------------------------------------------------------------------
+    async def chat(self, request: Request):
+        body = await read_json(request)
+        req = validate(P.ChatCompletionRequest, body)
+        self.check_model(req.model)
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+        try:
+            ids = self.tok.encode_chat(messages, add_generation_prompt=req.add_generation_prompt,
+                                       **(req.chat_template_kwargs or {}))
+        except ChatTemplateError as e:
+            raise P.InvalidRequest(str(e), "messages") from None
+        ids = self.fit_context(ids, req.wanted_max_tokens())
+        params = self.sampling(req, req.logprobs, req.top_logprobs or 0)
+        rid, created = new_id("chatcmpl"), now()
+        events = generate(self.engine, ids, params, rid)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self.sse(self.chat_stream(events, rid, created, ids, params, include_usage), body, "chat")
+        choices = await collect(request, events, params.n)
+        resp = {
+            "id": rid, "object": "chat.completion", "created": created, "model": self.cfg.served_model_name,
+            "system_fingerprint": f"mistralrs-py-{__version__}",
+            "choices": [{
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(self.tok, c.logprobs) if params.logprobs else None,
+                "finish_reason": c.finish_reason,
+            } for c in choices],
+            "usage": usage(len(ids), sum(c.completion_tokens for c in choices)),
+        }
+        self.reqlog.write({"endpoint": "/v1/chat/completions", "request": body, "response": resp})
+        return JSONResponse(resp)
+
+    async def chat_stream(self, events, rid, created, ids, params, include_usage) -> AsyncIterator[dict]:
+        model = self.cfg.served_model_name
+        out = {i: Choice(i) for i in range(params.n)}
+        for i in range(params.n):
+            yield chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""})
+        async for ev in events:
+            out[ev.index].add(ev)
+            if isinstance(ev, Delta) and (ev.text or ev.logprobs):
+                lp = chat_logprobs(self.tok, ev.logprobs or []) if params.logprobs else None
+                yield chat_chunk(rid, created, model, ev.index, {"content": ev.text}, None, lp)
+            elif isinstance(ev, Done):
+                yield chat_chunk(rid, created, model, ev.index, {}, out[ev.index].finish_reason)
+        if include_usage:
+            yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                   "usage": usage(len(ids), sum(c.completion_tokens for c in out.values()))}
+
+    async def completions(self, request: Request):
+        body = await read_json(request)
+        req = validate(P.CompletionRequest, body)
+        self.check_model(req.model)
+        if req.suffix:
+            raise P.InvalidRequest("suffix is not supported", "suffix")
+        prompts = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                ids = self.tok.encode(p)
+            else:
+                bad = [t for t in p if not 0 <= t < self.tok.vocab_size]
+                if bad:
+                    raise P.InvalidRequest(f"prompt token id {bad[0]} is outside the vocabulary", "prompt")
+                ids = list(p)
+            prompts.append(self.fit_context(ids, req.max_tokens))
+        top = req.logprobs or 0
+        params = self.sampling(req, req.logprobs is not None, top)
+        rid, created = new_id("cmpl"), now()
+        n = params.n
+        echo = [self.tok.decode(ids) if req.echo else "" for ids in prompts]
+        streams = [generate(self.engine, ids, params, f"{rid}-{k}") for k, ids in enumerate(prompts)]
+        events = merge(streams, n)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self.sse(self.completion_stream(events, rid, created, prompts, params, echo, include_usage), body, "completions")
+        choices = await collect(request, events, n * len(prompts))
+        resp = {
+            "id": rid, "object": "text_completion", "created": created, "model": self.cfg.served_model_name,
+            "system_fingerprint": f"mistralrs-py-{__version__}",
+            "choices": [{
+                "index": c.index,
+                "text": echo[c.index // n] + c.text,
+                "logprobs": completion_logprobs(self.tok, c.logprobs, len(echo[c.index // n])) if params.logprobs else None,
+                "finish_reason": c.finish_reason,
+            } for c in choices],
+            "usage": usage(sum(len(p) for p in prompts) * 1, sum(c.completion_tokens for c in choices)),
+        }
+        self.reqlog.write({"endpoint": "/v1/completions", "request": body, "response": resp})
+        return JSONResponse(resp)
+
+    async def completion_stream(self, events, rid, created, prompts, params, echo, include_usage):
+        model, n = self.cfg.served_model_name, params.n
+        out: dict[int, Choice] = {}
+        offsets = {i: len(echo[i // n]) for i in range(n * len(prompts))}
+        for i in range(n * len(prompts)):
+            if echo[i // n]:
+                yield completion_chunk(rid, created, model, i, echo[i // n])
+        async for ev in events:
+            c = out.setdefault(ev.index, Choice(ev.index))
+            c.add(ev)
+            if isinstance(ev, Delta) and (ev.text or ev.logprobs):
+                lp = completion_logprobs(self.tok, ev.logprobs or [], offsets[ev.index]) if params.logprobs else None
+                offsets[ev.index] += len(ev.text)
+                yield completion_chunk(rid, created, model, ev.index, ev.text, None, lp)
+            elif isinstance(ev, Done):
+                yield completion_chunk(rid, created, model, ev.index, "", c.finish_reason)
+        if include_usage:
+            yield {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+                   "usage": usage(sum(len(p) for p in prompts), sum(c.completion_tokens for c in out.values()))}
+
+    def sse(self, chunks: AsyncIterator[dict], body: dict, endpoint: str) -> EventSourceResponse:
+        reqlog = self.reqlog
+
+        async def frames():
+            texts: dict[int, str] = {}
+            status = "completed"
+            try:
+                async for chunk in chunks:
+                    for ch in chunk.get("choices", []):
+                        texts[ch["index"]] = texts.get(ch["index"], "") + (ch.get("text") or (ch.get("delta") or {}).get("content") or "")
+                    yield {"data": json.dumps(chunk, ensure_ascii=False)}
+            except GenerationError as e:
+                status = "error"
+                yield {"data": json.dumps(P.error_body(e.message, "server_error", None, e.code))}
+            except asyncio.CancelledError:
+                status = "aborted"
+                raise
+            finally:
+                reqlog.write({"endpoint": f"/v1/{endpoint}", "request": body, "stream": True, "status": status,
+                              "response": {"choices": [{"index": i, "text": t} for i, t in sorted(texts.items())]}})
+            yield {"data": "[DONE]"}
+
+        return EventSourceResponse(frames(), sep="\n", ping=15)
+
+    async def models(self, request: Request):
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.cfg.served_model_name, "object": "model", "created": now(), "owned_by": "mistralrs-py",
+            "max_model_len": self.engine.max_len}]})
+
+    async def health(self, request: Request):
+        if not self.engine.alive:
+            return JSONResponse(P.error_body("the engine is not running", "server_error", None, "engine_unavailable"), 503)
+        return JSONResponse({"status": "ok", **self.engine.snapshot()})
+
+    async def version(self, request: Request):
+        return JSONResponse({"version": __version__})
+
+    async def tokenize(self, request: Request):
+        req = validate(P.TokenizeRequest, await read_json(request))
+        self.check_model(req.model)
+        if req.messages is not None:
+            msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+            try:
+                ids = self.tok.encode_chat(msgs, add_generation_prompt=req.add_generation_prompt)
+            except ChatTemplateError as e:
+                raise P.InvalidRequest(str(e), "messages") from None
+        else:
+            ids = self.tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return JSONResponse({"count": len(ids), "max_model_len": self.engine.max_len, "tokens": ids})
+
+    async def detokenize(self, request: Request):
+        req = validate(P.DetokenizeRequest, await read_json(request))
+        self.check_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < self.tok.vocab_size]
+        if bad:
+            raise P.InvalidRequest(f"token id {bad[0]} is outside the vocabulary", "tokens")
+        return JSONResponse({"prompt": self.tok.decode(req.tokens, skip_special_tokens=False)})
+
+    async def openapi(self, request: Request):
+        return JSONResponse(openapi_document())
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+async def read_json(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise P.InvalidRequest(f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise P.InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def validate(model, body: dict):
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False, include_input=False)[0]
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "list[", "str", "int")))
+        raise P.InvalidRequest(f"{loc or 'body'}: {err['msg']}", loc or None) from None
+
+
+async def collect(request: Request, events: AsyncIterator, n: int) -> list[Choice]:
+    """Gathers a non-streaming answer; NOTE: a client that disconnects meanwhile aborts it."""
+    choices: dict[int, Choice] = {}
+
+    async def consume():
+        async for ev in events:
+            choices.setdefault(ev.index, Choice(ev.index)).add(ev)
+
+    task = asyncio.ensure_future(consume())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+        await task
+    except GenerationError as e:
+        raise P.InvalidRequest(e.message, None, 503 if e.code == "engine_unavailable" else 500, "server_error", e.code) from None
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        await events.aclose()
+    return [choices[i] for i in sorted(choices)]
+
+
+async def merge(streams: list[AsyncIterator], n: int) -> AsyncIterator:
+    """Interleaves the events of several prompts' requests, renumbering choices prompt-major."""
+    if len(streams) == 1:
+        async for ev in streams[0]:
+            yield ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    sentinel = object()
+
+    async def pump(k: int, s):
+        try:
+            async for ev in s:
+                ev.index = k * n + ev.index
+                await queue.put(ev)
+        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put(e)
+        finally:
+            await queue.put(sentinel)
+
+    tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is sentinel:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            with contextlib.suppress(BaseException):
+                await s.aclose()
+
+
+def openapi_document() -> dict:
+    from pydantic.json_schema import models_json_schema
+
+    models = [P.ChatCompletionRequest, P.CompletionRequest, P.TokenizeRequest, P.DetokenizeRequest]
+    _, schemas = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
+
+    def op(name: str, summary: str) -> dict:
+        return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}},
+            "responses": {"200": {"description": "OK"}, "400": {"description": "Invalid request (OpenAI error JSON)"}}}}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "mistralrs-py", "version": __version__},
+        "paths": {
+            "/v1/chat/completions": op("ChatCompletionRequest", "Chat completion (OpenAI)"),
+            "/v1/completions": op("CompletionRequest", "Text completion (OpenAI)"),
+            "/tokenize": op("TokenizeRequest", "Tokenize a prompt or messages"),
+            "/detokenize": op("DetokenizeRequest", "Detokenize token ids"),
+            "/v1/models": {"get": {"summary": "Served models", "responses": {"200": {"description": "OK"}}}},
+            "/health": {"get": {"summary": "Engine health", "responses": {"200": {"description": "OK"}, "503": {"description": "Engine down"}}}},
+            "/version": {"get": {"summary": "Server version", "responses": {"200": {"description": "OK"}}}},
+        },
+        "components": {"schemas": schemas.get("$defs", {})},
+    }
+
+
+def create_app(engine: Engine, pipeline: Pipeline, cfg: ServerConfig) -> Starlette:
+    srv = Server(engine, pipeline, cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if engine._thread is None:
+            engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    async def invalid(request, exc: P.InvalidRequest):
+        return JSONResponse(P.error_body(exc.message, exc.type, exc.param, exc.code), exc.status)
+
+    async def http_error(request, exc: HTTPException):
+        kind = {401: "authentication_error", 404: "not_found_error"}.get(exc.status_code, "invalid_request_error")
+        return JSONResponse(P.error_body(str(exc.detail), kind), exc.status_code, headers=getattr(exc, "headers", None))
+
+    async def server_error(request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(P.error_body("internal server error", "server_error"), 500)
+
+    routes = [
+        Route("/v1/chat/completions", srv.chat, methods=["POST"]),
+        Route("/v1/completions", srv.completions, methods=["POST"]),
+        Route("/v1/models", srv.models, methods=["GET"]),
+        Route("/health", srv.health, methods=["GET"]),
+        Route("/version", srv.version, methods=["GET"]),
+        Route("/tokenize", srv.tokenize, methods=["POST"]),
+        Route("/detokenize", srv.detokenize, methods=["POST"]),
+        Route("/openapi.json", srv.openapi, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={P.InvalidRequest: invalid, HTTPException: http_error, Exception: server_error})
+    app.state.server = srv
+    return app

@@ -1,0 +1,202 @@
+"""OpenAI wire types (pydantic) and their conversion to engine types.
+
+Requests are validated strictly (no "5" -> 5 coercion); unknown fields are ignored, as OpenAI does.
+`to_sampling_params()` is the one place where OpenAI names become engine names.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..engine.request import SamplingParams
+
+MAX_STOP = 4
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class TextPart(OpenAIModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text"]
+
+
+Probability = Annotated[float, Field(ge=0.0, le=2.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class SamplingFields(OpenAIModel):
+    """Fields shared by both endpoints, OpenAI's plus the usual extensions (vLLM/llama.cpp names)."""
+
+    model: str = "default"
+    temperature: Optional[Probability] = None
+    top_p: Optional[Annotated[float, Field(gt=0.0, le=1.0)]] = None
+    n: Annotated[int, Field(ge=1, le=128)] = 1
+    max_tokens: Optional[Annotated[int, Field(ge=1)]] = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]]] = None
+    seed: Optional[int] = None
+    user: Optional[str] = None
+    # extensions
+    top_k: Optional[Annotated[int, Field(ge=-1)]] = None
+    min_p: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None
+    repetition_penalty: Optional[Annotated[float, Field(gt=0.0, le=10.0)]] = None
+    ignore_eos: bool = False
+    stop_token_ids: Optional[list[int]] = None
+    skip_special_tokens: bool = True
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return v
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def wanted_max_tokens(self) -> Optional[int]:
+        return self.max_tokens
+
+    def to_sampling_params(self, *, repeat_last_n: int, vocab_size: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
+        bias = None
+        if self.logit_bias:
+            bias = {}
+            for k, v in self.logit_bias.items():
+                try:
+                    tid = int(k)
+                except ValueError:
+                    raise InvalidRequest(f"logit_bias keys must be token ids, got {k!r}", "logit_bias") from None
+                if not 0 <= tid < vocab_size:
+                    raise InvalidRequest(f"logit_bias token id {tid} is outside the vocabulary (0..{vocab_size - 1})", "logit_bias")
+                bias[tid] = float(v)
+        for t in self.stop_token_ids or ():
+            if not 0 <= t < vocab_size:
+                raise InvalidRequest(f"stop_token_ids: {t} is outside the vocabulary", "stop_token_ids")
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else float(self.temperature),
+            top_p=1.0 if self.top_p is None else float(self.top_p),
+            top_k=max(0, self.top_k or 0),
+            min_p=float(self.min_p or 0.0),
+            presence_penalty=float(self.presence_penalty),
+            frequency_penalty=float(self.frequency_penalty),
+            repetition_penalty=float(self.repetition_penalty or 1.0),
+            repeat_last_n=repeat_last_n,
+            logit_bias=bias,
+            seed=self.seed,
+            max_tokens=self.wanted_max_tokens(),
+            stop=self.stops(),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            n=self.n,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Optional[Annotated[int, Field(ge=1)]] = None
+    logprobs: bool = False
+    top_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
+    response_format: Optional[ResponseFormat] = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+    def wanted_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[Annotated[int, Field(ge=1)]] = 16  # OpenAI's default for completions
+    logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
+    echo: bool = False
+    suffix: Optional[str] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and any(isinstance(p, list) and not p for p in v):
+            raise ValueError("token prompts must not be empty")
+        return v
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class TokenizeRequest(OpenAIModel):
+    model: str = "default"
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str = "default"
+    tokens: list[int]
+
+
+class InvalidRequest(Exception):
+    """A request the server refuses; mapped to OpenAI's error JSON by the app."""
+
+    def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
+                 type: str = "invalid_request_error", code: Optional[str] = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}

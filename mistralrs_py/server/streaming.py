@@ -1,0 +1,127 @@
+"""The bridge from the engine thread to asyncio, and engine events -> OpenAI response objects/chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+from ..engine.engine import Engine, EngineDead
+from ..engine.request import Delta, Done, Error, Event, Request, SamplingParams, TokenLogprob
+from ..pipeline.tokenizer import Tokenizer
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class GenerationError(Exception):
+    def __init__(self, message: str, code: str = "server_error"):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+async def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[Event]:
+    """Submits one request and yields its events until every choice is done.
+
+    NOTE: leaving the iteration early (client gone, task cancelled) aborts the request in the
+    engine, which frees its cache slot within a step."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def emit(ev: Event) -> None:  # engine thread
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    try:
+        engine.add_request(Request(request_id, prompt_ids, params, emit))
+    except EngineDead:
+        raise GenerationError("the engine is not running", "engine_unavailable") from None
+    remaining = params.n
+    finished = False
+    try:
+        while remaining:
+            ev = await queue.get()
+            if isinstance(ev, Error):
+                finished = True
+                raise GenerationError(ev.message, ev.code)
+            if isinstance(ev, Done):
+                remaining -= 1
+            yield ev
+        finished = True
+    finally:
+        if not finished:
+            engine.abort(request_id)
+
+
+@dataclass
+class Choice:
+    """Accumulates one choice's output for a non-streaming response or a log record."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    stop_reason: object = None
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+
+    def add(self, ev: Event) -> None:
+        if isinstance(ev, Delta):
+            self.text += ev.text
+            self.token_ids += ev.token_ids
+            self.logprobs += ev.logprobs or []
+        elif isinstance(ev, Done):
+            self.finish_reason = "length" if ev.finish_reason == "length" else "stop"
+            self.stop_reason = ev.stop_reason
+            self.completion_tokens, self.prompt_tokens = ev.completion_tokens, ev.prompt_tokens
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+# ---- logprobs in OpenAI's two shapes ------------------------------------------------------------
+def chat_logprobs(tok: Tokenizer, lps: list[TokenLogprob]) -> dict:
+    def entry(tid: int, lp: float) -> dict:
+        b = tok.token_bytes(tid)
+        return {"token": b.decode("utf-8", "replace"), "logprob": lp, "bytes": list(b)}
+
+    return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]} for t in lps]}
+
+
+def completion_logprobs(tok: Tokenizer, lps: list[TokenLogprob], text_start: int) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    pos = text_start
+    for t in lps:
+        s = tok.token_bytes(t.token_id).decode("utf-8", "replace")
+        tokens.append(s)
+        token_lps.append(t.logprob)
+        tops.append({tok.token_bytes(i).decode("utf-8", "replace"): v for i, v in t.top})
+        offsets.append(pos)
+        pos += len(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+# ---- chunks -------------------------------------------------------------------------------------
+def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict, finish_reason=None, logprobs=None) -> dict:
+    return {
+        "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+    }
+
+
+def completion_chunk(rid: str, created: int, model: str, index: int, text: str, finish_reason=None, logprobs=None) -> dict:
+    return {
+        "id": rid, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+    }
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,92 @@
+"""Our decoder against transformers' LlamaForCausalLM / MistralForCausalLM on random tiny checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistralrs_py.engine.kv_cache import CacheShape, KVCachePool
+from mistralrs_py.pipeline.base import ModelSpec
+from mistralrs_py.pipeline.hf import load_safetensors_dir
+from tests.conftest import make_tiny_model
+
+
+def load_ours(path, dtype=torch.float32):
+    return load_safetensors_dir(path, ModelSpec(model_id=str(path)), torch.device("cpu"), dtype)
+
+
+def load_ref(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def make_pool(pipe, slots=4):
+    c = pipe.config
+    return KVCachePool(CacheShape(c.num_layers, c.num_kv_heads, c.head_dim), slots, pipe.max_model_len, pipe.dtype, pipe.device)
+
+
+def step(pipe, pool, decode=(), prefill=()):
+    """decode: [(slot, pos, token)]; prefill: [(slot, start, tokens)] -> logits rows."""
+    ids = [t for _, _, t in decode] + [t for _, _, toks in prefill for t in toks]
+    view = pool.build_view([(s, p) for s, p, _ in decode], [(s, st, len(toks)) for s, st, toks in prefill], pipe.config.sliding_window, [True] * len(prefill))
+    return pipe.forward(torch.tensor(ids), view, pool)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def ref_logits(ref, ids):
+    with torch.no_grad():
+        return ref(torch.tensor([ids]), use_cache=False).logits[0]
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, "rope_theta": 500000.0}),
+    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "attention_bias": True}),
+    ("mistral", {"sliding_window": 8}),
+])
+def test_prefill_and_decode_match_transformers(tmp_path, arch, overrides):
+    path = make_tiny_model(tmp_path / "m", arch, seed=hash(str(overrides)) % 1000, **overrides)
+    ours, ref = load_ours(path), load_ref(path)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, ours.config.vocab_size, (21,), generator=g).tolist()  # longer than the window
+    full = ref_logits(ref, prompt)  # [T, V]
+
+    pool = make_pool(ours)
+    # Prefill all but the last 4 tokens in two chunks (the second chunk attends to cached keys).
+    out = step(ours, pool, prefill=[(0, 0, prompt[:9])])
+    assert rel_err(out[0], full[8]) < 1e-4
+    out = step(ours, pool, prefill=[(0, 9, prompt[9:17])])
+    assert rel_err(out[0], full[16]) < 1e-4
+    # Then decode one token at a time, reading the cache.
+    for pos in range(17, 21):
+        out = step(ours, pool, decode=[(0, pos, prompt[pos])])
+        assert rel_err(out[0], full[pos]) < 1e-4, pos
+
+
+def test_mixed_batch_of_unequal_lengths(tmp_path):
+    """Decode rows of different lengths, non-contiguous slots and a prefill chunk, in one step."""
+    path = make_tiny_model(tmp_path / "m", "mistral", sliding_window=6)
+    ours, ref = load_ours(path), load_ref(path)
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, ours.config.vocab_size, (n,), generator=g).tolist() for n in (5, 13, 9)]
+    pool = make_pool(ours, slots=4)
+    slots = [3, 0, 2]  # deliberately not contiguous
+    for s, toks in zip(slots, seqs[:2]):
+        step(ours, pool, prefill=[(s, 0, toks[:-1])])
+    out = step(ours, pool, decode=[(slots[0], len(seqs[0]) - 1, seqs[0][-1]), (slots[1], len(seqs[1]) - 1, seqs[1][-1])],
+               prefill=[(slots[2], 0, seqs[2])])
+    for row, toks in enumerate(seqs):
+        assert rel_err(out[row], ref_logits(ref, toks)[-1]) < 1e-4, row
+
+
+def test_bfloat16_close_to_float32(tiny_llama):
+    ours32, ours16 = load_ours(tiny_llama), load_ours(tiny_llama, torch.bfloat16)
+    prompt = list(range(5, 25))
+    a = step(ours32, make_pool(ours32), prefill=[(0, 0, prompt)])
+    b = step(ours16, make_pool(ours16), prefill=[(0, 0, prompt)])
+    assert rel_err(b, a) < 0.05
