@@ -1,0 +1,77 @@
+"""The Typer CLI through CliRunner: help at both levels, option mapping, one-line load errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mistralrs_py import cli
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--help"], ["--port", "--host", "--log", "--truncate-sequence", "--max-seqs", "--device", "--dtype", "mistral", "gguf-mistral", "x-lora-mistral"]),
+    (["mistral", "--help"], ["--model-id", "--revision", "--repeat-last-n"]),
+    (["gguf-mistral", "--help"], []),
+    (["x-lora-mistral", "--help"], []),
+])
+def test_help(args, expect):
+    r = runner.invoke(cli.app, args, terminal_width=200)
+    assert r.exit_code == 0, r.output
+    for word in expect:
+        assert word in r.output
+
+
+def test_options_map_to_spec(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("mistralrs_py.server.launch.run_server", lambda opts, spec: seen.update(opts=opts, spec=spec))
+    r = runner.invoke(cli.app, ["-p", "4321", "--truncate-sequence", "--max-seqs", "3", "--dtype", "float32", "--device", "cpu",
+                                "mistral", "-m", "some/model", "--revision", "v2", "--repeat-last-n", "16"])
+    assert r.exit_code == 0, r.output
+    o, s = seen["opts"], seen["spec"]
+    assert (o.port, o.truncate_sequence, o.max_seqs) == (4321, True, 3)
+    assert (s.model_id, s.revision, s.repeat_last_n, s.dtype, s.device) == ("some/model", "v2", 16, "float32", "cpu")
+
+
+@pytest.mark.parametrize("args", [["--dtype", "float8", "mistral"], ["--device", "tpu", "mistral"], ["--scheduler", "x", "mistral"]])
+def test_bad_global_values(args):
+    r = runner.invoke(cli.app, args)
+    assert r.exit_code == 2
+
+
+def test_not_built_subcommands_exit_2_without_traceback():
+    for sub in ("gguf-mistral", "x-lora-mistral"):
+        r = runner.invoke(cli.app, [sub])
+        assert r.exit_code == 2 and "not built yet" in r.output and "Traceback" not in r.output
+
+
+def _load_error(args):
+    r = runner.invoke(cli.app, ["--port", "0", "mistral", *args])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    return r.output
+
+
+def test_missing_directory(tmp_path):
+    assert "does not exist" in _load_error(["-m", str(tmp_path / "nope")])
+
+
+def test_hub_id_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    out = _load_error(["-m", "someorg/some-model-that-is-not-cached"])
+    assert "cannot be downloaded" in out or "not in the local Hugging Face cache" in out
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    assert "unsupported architecture" in _load_error(["-m", str(tmp_path)])
+
+
+def test_pickle_only_directory_is_refused(tiny_llama, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_llama / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    assert "pickle" in _load_error(["-m", str(tmp_path)])
