@@ -102,7 +102,10 @@ def completion_logprobs(tok: Tokenizer, lps: list[TokenLogprob], text_start: int
         s = tok.token_bytes(t.token_id).decode("utf-8", "replace")
         tokens.append(s)
         token_lps.append(t.logprob)
-        tops.append({tok.token_bytes(i).decode("utf-8", "replace"): v for i, v in t.top})
+        top: dict[str, float] = {}
+        for i, v in t.top:  # NOTE: two tokens can share a text (byte fragments); keep the likelier
+            top.setdefault(tok.token_bytes(i).decode("utf-8", "replace"), v)
+        tops.append(top)
         offsets.append(pos)
         pos += len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

@@ -52,7 +52,7 @@ def running_server(global_args: list[str], model_args: list[str], timeout: float
 @pytest.fixture(scope="session")
 def tiny_server(tiny_llama, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "requests.jsonl"
-    with running_server(["--max-seqs", "4", "--log", str(log), "--max-model-len", "128"],
+    with running_server(["--max-seqs", "4", "--log", str(log), "--max-model-len", "128", "--dtype", "float32"],
                         ["mistral", "-m", str(tiny_llama)]) as url:
         yield url, log
 

@@ -1,0 +1,59 @@
+"""Tokenizer wrapper: incremental detokenization and sandboxed chat templates."""
+
+from __future__ import annotations
+
+import pytest
+
+from mistralrs_py.pipeline.tokenizer import ChatTemplateError, IncrementalDetokenizer, load_hf_tokenizer, render_template
+
+TEXTS = ["Hello world, café naïve straße", "日本語のテキスト 中文 🙂🎉 emoji", "  leading spaces\n\ttabs\nand lines  ", "x" * 3 + " 12345 ü"]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_llama):
+    return load_hf_tokenizer(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    import gguf
+
+    from mistralrs_py.pipeline.gguf import read_fields, tokenizer_from_fields
+    from mistralrs_py.pipeline.base import ModelSpec
+    from mistralrs_py.pipeline.hub import embedded_gguf_path
+    from mistralrs_py.models.config import ModelConfig
+
+    fields = read_fields(gguf.GGUFReader(str(embedded_gguf_path())))
+    cfg = ModelConfig.from_gguf(fields, has_output_weight=False)
+    return tokenizer_from_fields(fields, cfg, ModelSpec())
+
+
+@pytest.mark.parametrize("which", ["tok", "smollm"])
+@pytest.mark.parametrize("text", TEXTS)
+def test_incremental_deltas_reassemble_exactly(request, which, text):
+    t = request.getfixturevalue(which)
+    prompt = t.encode("Some prompt:")
+    ids = t.encode(text, add_special_tokens=False)
+    d = IncrementalDetokenizer(t, prompt)
+    deltas = [d.add(i) for i in ids]
+    deltas.append(d.flush())
+    assert "".join(deltas) == t.decode(ids)
+    assert not any("\ufffd" in x for x in deltas)
+
+
+def test_chat_template_renders_and_adds_no_double_bos(smollm):
+    ids = smollm.encode_chat([{"role": "user", "content": "Hi"}])
+    text = smollm.decode(ids, skip_special_tokens=False)
+    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
+    assert ids.count(smollm.bos_id) == text.count("<|im_start|>")
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{% set x = messages.append(1) %}",
+    "{{ raise_exception('nope') }}",
+    "{% for %}",
+])
+def test_hostile_or_broken_templates_are_clean_errors(template):
+    with pytest.raises(ChatTemplateError):
+        render_template(template, messages=[{"role": "user", "content": "x"}])
