@@ -88,9 +88,20 @@ def mistral(
 
 
 @app.command("gguf-mistral")
-def gguf_mistral(ctx: typer.Context):
-    """Serve a GGUF model kept quantized in memory (not built yet)."""
-    _not_built("gguf-mistral")
+def gguf_mistral(
+    ctx: typer.Context,
+    quantized_model_id: Optional[str] = typer.Option(
+        None, "--quantized-model-id", "-m", help="Hub repo or local directory holding the .gguf (default: the embedded SmolLM2 Q4_1)."),
+    quantized_filename: Optional[str] = typer.Option(
+        None, "--quantized-filename", "-f", help="The .gguf file in that repo/directory, or a path to a .gguf file."),
+    tok_model_id: Optional[str] = typer.Option(
+        None, "--tok-model-id", "-t", help="Hub id or directory whose tokenizer to use (default: the GGUF's own)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    repeat_last_n: int = REPEAT_LAST_N,
+):
+    """Serve a GGUF model (Q4_0..Q8_0, Q2_K..Q6_K, F16/BF16/F32) kept quantized in memory."""
+    serve(ctx.obj, ModelSpec(ModelKind.GGUF, quantized_model_id=quantized_model_id, quantized_filename=quantized_filename,
+                             tokenizer_id=tok_model_id, revision=revision, repeat_last_n=repeat_last_n))
 
 
 @app.command("x-lora-mistral")

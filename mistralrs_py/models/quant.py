@@ -226,12 +226,13 @@ class QuantLinear(torch.nn.Module):
     @classmethod
     def from_gguf(cls, raw: np.ndarray, qtype: int, shape: tuple[int, int],
                   compute_dtype: torch.dtype, device: torch.device,
-                  bias: torch.Tensor | None = None, *, prefer: str = "auto") -> "QuantLinear":
+                  bias: torch.Tensor | None = None, *, prefer: str = "auto", keep_raw: bool = True) -> "QuantLinear":
         """raw: GGUF bytes of a [out, in] weight.  prefer: "auto" (int4pack where exact; int8
         requantization only where its error is <= the format's own rounding error (rms), else
         dense), "fast" (always requantize to int8 when no exact kernel), "exact" (never
         requantize), "dense" (always dense), "kernel" ("fast" even for float32 -- slow on CPU,
-        for tests)."""
+        for tests).  keep_raw=False drops the reference to `raw` kept for dequantized() of packed
+        int4 weights, so a memory-mapped file can be unmapped once the model is loaded."""
         qtype, device = int(qtype), torch.device(device)
         if prefer not in ("auto", "fast", "exact", "dense", "kernel"):
             raise ValueError(f"prefer={prefer!r}")
@@ -257,7 +258,7 @@ class QuantLinear(torch.nn.Module):
                 sz.append(torch.stack([S, zero], -1))  # [n, K/32, 2]
             self._qweight = torch.cat(packed)  # opaque uint8 [N, K/2]
             self._sz = torch.cat(sz).transpose(0, 1).contiguous().to(cdt)
-            self._raw = t  # kept (by reference) only for dequantized()
+            self._raw = t if keep_raw else None  # kept (by reference) only for dequantized()
             self._mode = "int4"
             self.kind = f"{name}->int4pack(g32)" + ("" if cdt == torch.float32 else f" (scale/zero in {dt})")
         elif qtype in _INT4_OFFSET or prefer == "exact" or K % 16 or not _HAS_INT8_CPU:
@@ -305,7 +306,7 @@ class QuantLinear(torch.nn.Module):
         if device.type == "cuda" and self._qtype in _INT4_OFFSET and cdt == torch.bfloat16 and N % 8 == 0:
             try:  # tinygemm: uint8 [N, K/2] with the even-k element in the high nibble
                 codes, S, zero = _int4_parts(self._raw, self._qtype, N, K)
-                self._raw = t  # CPU reference, only for dequantized(): no second GPU copy
+                self._raw = t if keep_raw else None  # CPU reference, only for dequantized(): no second GPU copy
                 inner = 8 if K % 128 == 0 else 4 if K % 64 == 0 else 2
                 u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()
                 self._qweight = torch.ops.aten._convert_weight_to_int4pack(u8, inner)
@@ -361,6 +362,8 @@ class QuantLinear(torch.nn.Module):
         if m == "int8":
             return self._w8.float() * self._s8.float()[:, None]
         if m in ("int4", "int4cuda"):
+            if self._raw is None:
+                raise RuntimeError("dequantized() needs the raw blocks: build with keep_raw=True")
             codes, _, _ = _int4_parts(self._raw, self._qtype, N, K)  # codes: [N, K]
             sz = self._sz.float().to(codes.device)  # [K/32, N, 2], rounded as the kernel sees it
             w = (codes - 8).float().view(N, K // 32, 32) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]

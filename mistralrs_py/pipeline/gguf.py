@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-
 from ..models.config import ConfigError, ModelConfig
-from .base import LoadError, ModelSpec, Pipeline
+from . import hub
+from .base import LoadError, ModelKind, ModelSpec, Pipeline, register, resolve_device, resolve_dtype
 from .weights import build_empty, load_tensors, memory_bytes
 
 # NOTE: llama.cpp's tensor names -> ours; `{i}` is the layer index.
@@ -54,10 +54,80 @@ def unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
     return h * hd + 2 * j + i
 
 
+@register(ModelKind.GGUF)
+def load_quantized(spec: ModelSpec, progress=None) -> Pipeline:
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    if spec.quantized_model_id is None and spec.quantized_filename is None:
+        return load_gguf_file(hub.embedded_gguf_path(), spec, device, dtype, quantized=True, progress=progress,
+                              name=hub.EMBEDDED_NAME)
+    path = resolve_gguf(spec.quantized_model_id, spec.quantized_filename, spec.revision)
+    return load_gguf_file(path, spec, device, dtype, quantized=True, progress=progress,
+                          name=spec.quantized_model_id or path.stem)
+
+
+def resolve_gguf(model_id: str | None, filename: str | None, revision: str | None) -> Path:
+    """-f PATH.gguf alone; -m DIR [-f NAME]; or -m org/repo -f NAME (downloaded with huggingface_hub)."""
+    if filename and model_id is None:
+        p = Path(filename).expanduser()
+        if not p.is_file():
+            raise LoadError(f"GGUF file {filename} does not exist; pass a .gguf path or --quantized-model-id with it")
+        return p
+    assert model_id is not None
+    local = Path(model_id).expanduser()
+    if local.is_file():
+        return local
+    if local.is_dir():
+        if filename:
+            p = local / filename
+            if not p.is_file():
+                raise LoadError(f"{p} does not exist")
+            return p
+        found = sorted(local.glob("*.gguf"))
+        if len(found) != 1:
+            names = ", ".join(f.name for f in found[:5]) or "none"
+            raise LoadError(f"{local} holds {len(found)} .gguf files ({names}); choose one with --quantized-filename/-f")
+        return found[0]
+    if hub.looks_like_path(model_id):
+        raise LoadError(f"model path {model_id} does not exist; pass an existing directory or a hub id like org/name")
+    if not filename:
+        raise LoadError(f"{model_id} is a hub repo: name the file in it with --quantized-filename/-f (e.g. model.Q4_K_M.gguf)")
+    return hub.download_file(model_id, filename, revision)
+
+
 def read_fields(reader) -> dict:
     from .gguf_tokenizer import read_gguf_fields
 
     return read_gguf_fields(reader)
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    qtype: int  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # torch order: (rows, columns)
+    data: np.ndarray  # the tensor's bytes, uint8, memory-mapped
+
+
+def read_gguf(path: Path) -> tuple[dict, list[GGUFTensor]]:
+    """Metadata as plain values and memory-mapped tensor bytes.
+
+    NOTE: the gguf reader is dropped (and its heap returned) before any weight is allocated: it
+    holds ~150 MB of small objects for a 49k vocabulary, which would otherwise pin heap pages."""
+    reader = open_gguf(path)
+    fields = read_fields(reader)
+    infos = [(t.name, int(t.tensor_type), tuple(int(d) for d in reversed(t.shape.tolist())), int(t.data_offset), int(t.n_bytes))
+             for t in reader.tensors]  # GGUF lists ne0 (columns) first
+    del reader
+    release_memory()
+    size = path.stat().st_size
+    whole = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors = []
+    for name, qtype, shape, offset, n in infos:
+        if offset < 0 or n < 0 or offset + n > size:
+            raise LoadError(f"{path}: tensor {name} lies past the end of the file (truncated or corrupt GGUF)")
+        tensors.append(GGUFTensor(name, qtype, shape, whole[offset : offset + n]))
+    return fields, tensors
 
 
 def open_gguf(path: Path):
@@ -79,11 +149,10 @@ def config_from_gguf(fields: dict, tensor_names: set[str], path: Path) -> ModelC
 
 
 def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: bool, progress=None, name=None) -> Pipeline:
-    from gguf.quants import dequantize
-
-    reader = open_gguf(path)
-    fields = read_fields(reader)
-    tensors = {t.name: t for t in reader.tensors}
+    """Dense: every tensor dequantized to `dtype`. Quantized: linear layers and the embedding keep
+    the file's blocks (models/quant.py picks a kernel per type); norms are dense."""
+    fields, tensor_list = read_gguf(path)
+    tensors = {t.name: t for t in tensor_list}
     cfg = config_from_gguf(fields, set(tensors), path)
     max_len = min(spec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     model = build_empty(cfg, max_len, dtype)
@@ -91,26 +160,54 @@ def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: boo
     unknown = [t.name for t, ours in todo if ours is None]
     if unknown:
         raise LoadError(f"{path}: unexpected tensor {unknown[0]} for a {cfg.model_type} model")
+    unsupported = sorted({_type_name(t.qtype) for t, _ in todo if t.qtype not in _supported()})
+    if unsupported:
+        raise LoadError(f"{path}: unsupported GGUF tensor type {', '.join(unsupported)}; supported: "
+                        + ", ".join(sorted(_type_name(q) for q in _supported())))
     task = progress.add_task("weights", total=len(todo)) if progress else None
+    raw_of = {ours: (t, _raw_rows(t, ours, cfg)) for t, ours in todo}
+    kinds: dict[str, int] = {}
 
-    def load_one(t, ours: str):
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists ne0 (columns) first
-        raw = np.asarray(t.data)
-        heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}.get(ours.split(".")[-2])
-        if heads is not None and ours.endswith("weight"):
-            rows = unpermute_rows(shape[0], heads)
-            raw = raw.reshape(shape[0], -1)[rows]
-        elif heads is not None:  # bias
-            raw = raw.reshape(shape[0])[unpermute_rows(shape[0], heads)]
-        values = dequantize(raw, t.tensor_type).reshape(shape)
-        return torch.tensor(np.asarray(values, dtype=np.float32))
+    def dense(ours: str):
+        from ..models.quant import dequantize
+
+        t, raw = raw_of[ours]
+        return dequantize(raw, t.qtype, t.shape)
+
+    def module(ours: str):
+        from ..models.quant import QuantEmbedding, QuantLinear
+
+        t, raw = raw_of[ours]
+        if ours == "embed_tokens.weight":
+            # NOTE: copied out of the memory map so the file can be unmapped after loading.
+            mod = QuantEmbedding.from_gguf(np.array(raw), t.qtype, t.shape, dtype, device)
+            kinds[f"embedding {_type_name(t.qtype)}"] = 1
+            return mod
+        bias = raw_of.get(ours.removesuffix("weight") + "bias")
+        bias_t = dense(ours.removesuffix("weight") + "bias") if bias else None
+        mod = QuantLinear.from_gguf(raw, t.qtype, t.shape, dtype, device, bias=bias_t, keep_raw=False)
+        kinds[mod.kind] = kinds.get(mod.kind, 0) + 1
+        return mod
 
     def items():
         for t, ours in todo:
-            yield ours, (lambda t=t, ours=ours: load_one(t, ours))
+            if quantized and ours.endswith("weight") and len(t.shape) == 2:
+                yield ours.removesuffix(".weight"), (lambda ours=ours: module(ours))
+            elif quantized and ours.endswith("_proj.bias"):
+                continue  # NOTE: folded into its QuantLinear above
+            else:
+                yield ours, (lambda ours=ours: dense(ours))
+        if quantized and cfg.tie_word_embeddings:
+            # NOTE: a tied head reads the embedding's blocks through a matmul kernel of its own.
+            yield "lm_head", (lambda: _tied_head(model, kinds))
 
     load_tensors(model, items(), dtype, device, on_tensor=lambda: progress and progress.advance(task))
     tokenizer = tokenizer_from_fields(fields, cfg, spec)
+    file_type = sorted({_type_name(t.qtype) for t, ours in todo if len(t.shape) == 2})
+    fmt = f"gguf {'/'.join(file_type)} " + ("quantized: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
+                                           if quantized else f"dequantized to {str(dtype).removeprefix('torch.')}")
+    del tensors, tensor_list, todo, raw_of
+    release_memory()  # NOTE: load-time temporaries (fp32 dequantized rows) go back to the OS
     return Pipeline(
         name=name or str(path),
         config=cfg,
@@ -119,9 +216,53 @@ def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: boo
         dtype=dtype,
         device=device,
         max_model_len=max_len,
-        summary={"format": f"gguf dequantized to {str(dtype).removeprefix('torch.')}", "params": cfg.num_parameters(),
-                 "weights_bytes": memory_bytes(model)},
+        summary={"format": fmt, "params": cfg.num_parameters(), "weights_bytes": memory_bytes(model),
+                 "file_bytes": path.stat().st_size},
     )
+
+
+def release_memory() -> None:
+    """NOTE: gguf's reader builds many small numpy objects for the vocabulary (~150 MB for 49k
+    tokens); once they are dropped, return the freed heap to the OS so RSS reflects the model."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _supported() -> frozenset[int]:
+    from ..models.quant import GGML_SUPPORTED
+
+    return GGML_SUPPORTED
+
+
+def _type_name(qtype: int) -> str:
+    import gguf as gguflib
+
+    return gguflib.GGMLQuantizationType(qtype).name
+
+
+def _raw_rows(t: GGUFTensor, ours: str, cfg: ModelConfig) -> np.ndarray:
+    """The tensor's bytes with q/k rows put back in HF order (works on quantized rows too)."""
+    shape = t.shape
+    raw = t.data
+    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}.get(ours.split(".")[-2])
+    if heads is not None:
+        rows = unpermute_rows(shape[0], heads)
+        raw = raw.reshape(shape[0], -1)[rows] if len(shape) == 2 else raw.reshape(shape[0])[rows]
+    return raw
+
+
+def _tied_head(model, kinds: dict):
+    # NOTE: the output head tolerates per-row int8 (llama.cpp also rounds activations to 8 bits
+    # for its Q8_0 dot products); a dense bf16 copy of a large vocabulary would double its memory.
+    head = model.embed_tokens.as_linear(prefer="fast", keep_raw=False)
+    kinds[f"tied head {head.kind}"] = 1
+    return head
 
 
 def tokenizer_from_fields(fields: dict, cfg: ModelConfig, spec: ModelSpec):

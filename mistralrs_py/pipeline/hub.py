@@ -58,10 +58,21 @@ def resolve(model_id: str, revision: str | None = None, patterns: list[str] | No
 
 def download(repo_id: str, revision: str | None, patterns: list[str], what: str = "model") -> Path:
     from huggingface_hub import snapshot_download
+
+    return _hub_call(lambda: snapshot_download(repo_id, revision=revision, allow_patterns=patterns), repo_id, revision, what)
+
+
+def download_file(repo_id: str, filename: str, revision: str | None, what: str = "model") -> Path:
+    from huggingface_hub import hf_hub_download
+
+    return _hub_call(lambda: hf_hub_download(repo_id, filename, revision=revision), repo_id, revision, what)
+
+
+def _hub_call(fetch, repo_id: str, revision: str | None, what: str) -> Path:
     from huggingface_hub import errors as hf_errors
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        return Path(fetch())
     except hf_errors.LocalEntryNotFoundError:
         raise LoadError(
             f"{what} {repo_id!r} is not in the local Hugging Face cache and cannot be downloaded "
@@ -71,6 +82,8 @@ def download(repo_id: str, revision: str | None, patterns: list[str], what: str 
         raise LoadError(f"{what} {repo_id!r} is gated: accept its licence on the hub and set HF_TOKEN") from None
     except hf_errors.RepositoryNotFoundError:
         raise LoadError(f"{what} {repo_id!r} was not found on the hub (private repos need HF_TOKEN)") from None
+    except hf_errors.EntryNotFoundError:
+        raise LoadError(f"{what} {repo_id!r} has no such file (check --quantized-filename)") from None
     except hf_errors.RevisionNotFoundError:
         raise LoadError(f"{what} {repo_id!r} has no revision {revision!r}") from None
     except (hf_errors.HfHubHTTPError, OSError) as e:
