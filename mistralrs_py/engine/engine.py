@@ -41,7 +41,7 @@ class Engine:
         c = pipeline.config
         self.max_len = pipeline.max_model_len
         self.pool = KVCachePool(CacheShape(c.num_layers, c.num_kv_heads, c.head_dim), max_seqs, self.max_len,
-                                pipeline.dtype, pipeline.device)
+                                pipeline.dtype, pipeline.device, streams=pipeline.cache_streams)
         self.scheduler = Scheduler(max_seqs, policy, prefill_chunk)
         self.eos_ids = list(pipeline.tokenizer.eos_ids)
         self.stats = EngineStats()

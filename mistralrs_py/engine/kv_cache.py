@@ -30,14 +30,26 @@ class CacheShape:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-class KVCachePool:
-    def __init__(self, shape: CacheShape, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+class KVStream:
+    """Per-layer cache tensors k[i], v[i]: [slots, Hk, P, hd] (what the model reads and writes)."""
+
+    def __init__(self, shape: CacheShape, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        # NOTE: torch.empty maps pages without touching them on the CPU; see _ZERO_CHUNK.
+        self.k = [torch.empty(dims, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+        self.v = [torch.empty(dims, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+
+
+class KVCachePool(KVStream):
+    """Stream 0 is the pool itself (`pool.k`, `pool.v`); `pool.streams[i]` are further streams that
+    share the slot of each sequence (X-LoRA keeps its scaling pass's cache in stream 1)."""
+
+    def __init__(self, shape: CacheShape, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device,
+                 streams: int = 1):
         self.shape, self.num_slots, self.max_len = shape, num_slots, max_len
         self.dtype, self.device = dtype, torch.device(device)
         dims = (num_slots, shape.num_kv_heads, max_len, shape.head_dim)
-        # NOTE: torch.empty maps pages without touching them on the CPU; see _ZERO_CHUNK.
-        self.k = [torch.empty(dims, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
-        self.v = [torch.empty(dims, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
+        super().__init__(shape, dims, dtype, self.device)
+        self.streams: list[KVStream] = [self, *(KVStream(shape, dims, dtype, self.device) for _ in range(streams - 1))]
         self._zeroed = [0] * num_slots
         self._free = list(range(num_slots))
         self._used: set[int] = set()
@@ -67,7 +79,7 @@ class KVCachePool:
             self._free.append(slot)
 
     def bytes_in_use(self, tokens_in_use: int) -> int:
-        return tokens_in_use * self.shape.bytes_per_token(self.dtype)
+        return tokens_in_use * self.shape.bytes_per_token(self.dtype) * len(self.streams)
 
     def _ensure_zeroed(self, slots: list[int], written: list[int], upto: int) -> None:
         """Makes positions [0, upto) of each slot finite; the first `written` ones hold this sequence's keys."""
@@ -75,8 +87,9 @@ class KVCachePool:
         for s, w in zip(slots, written):
             start = max(self._zeroed[s], w)
             if self._zeroed[s] < upto:
-                for t in (*self.k, *self.v):
-                    t[s, :, start:upto].zero_()
+                for stream in self.streams:
+                    for t in (*stream.k, *stream.v):
+                        t[s, :, start:upto].zero_()
                 self._zeroed[s] = upto
 
     # ---- batch views ------------------------------------------------------------------------

@@ -60,6 +60,9 @@ class Pipeline:
     device: torch.device
     max_model_len: int
     summary: dict = field(default_factory=dict)  # shown in the load line: format, params, memory...
+    # NOTE: KV streams each sequence needs: 1, or 2 for X-LoRA (scaling pass + real pass). The
+    # engine's pool allocates them together; forward() receives the pool and picks its streams.
+    cache_streams: int = 1
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, view: BatchView, cache) -> Tensor:

@@ -67,3 +67,9 @@ def client(url):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def embedded_gguf_server():
+    with running_server(["--max-seqs", "4"], ["gguf-mistral"]) as url:
+        yield url

@@ -137,3 +137,10 @@ def test_embedded_model_names_paris(embedded_server):
         model="default", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0)
     assert "Paris" in r.choices[0].message.content
     assert r.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_gguf_mistral_embedded_names_paris(embedded_gguf_server):
+    r = client(embedded_gguf_server).chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0)
+    assert "Paris" in r.choices[0].message.content

@@ -1,0 +1,91 @@
+"""Writes a tiny HF checkpoint (from tests/conftest.make_tiny_model) to GGUF the way llama.cpp's
+converter does: llama metadata, a gpt2/BPE tokenizer, q/k rows permuted, tensors quantized with
+gguf.quants."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFWriter, quants
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp convert_hf_to_gguf: per head, rotate-half rows become interleaved pairs
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+LAYER = {
+    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(hf: str) -> str:
+    if hf in NAMES:
+        return NAMES[hf]
+    _, _, i, rest = hf.split(".", 3)
+    return f"blk.{i}.{LAYER[rest]}"
+
+
+def write_gguf(hf_dir: Path, out: Path, qtypes=(Q.Q4_0, Q.Q4_1, Q.Q8_0)) -> Path:
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    tcfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    w = GGUFWriter(str(out), "llama")
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w.add_name("tiny")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_dimension_count(cfg["hidden_size"] // heads)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    w.add_vocab_size(cfg["vocab_size"])
+    # tokenizer: byte-level BPE with merges, special tokens as control tokens
+    vocab = dict(tok["model"]["vocab"])
+    for a in tok["added_tokens"]:
+        vocab[a["content"]] = a["id"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    specials = {a["content"] for a in tok["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab[tcfg["bos_token"]])
+    w.add_eos_token_id(vocab[tcfg["eos_token"]])
+    w.add_add_bos_token(False)
+    w.add_chat_template(tcfg["chat_template"])
+    tensors = load_file(str(next(hf_dir.glob("*.safetensors"))))
+    for i, (name, arr) in enumerate(sorted(tensors.items())):
+        arr = arr.astype(np.float32)
+        if name.endswith("q_proj.weight"):
+            arr = permute(arr, heads)
+        elif name.endswith("k_proj.weight"):
+            arr = permute(arr, kv)
+        if arr.ndim == 2:
+            qt = qtypes[i % len(qtypes)]
+            w.add_tensor(gguf_name(name), quants.quantize(arr, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(gguf_name(name), arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

@@ -1,0 +1,103 @@
+"""A tiny model written to GGUF by the tests, served quantized, against transformers loading that GGUF."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistralrs_py.engine.kv_cache import CacheShape, KVCachePool
+from mistralrs_py.pipeline.base import LoadError, ModelKind, ModelSpec, load_pipeline
+from mistralrs_py.pipeline.gguf import load_gguf_file
+from tests.conftest import make_tiny_model
+from tests.gguf_util import write_gguf
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    d = tmp_path_factory.mktemp("g")
+    hf = make_tiny_model(d / "hf", "llama", seed=3)
+    return hf, write_gguf(hf, d / "tiny.gguf")
+
+
+def logits_for(pipe, ids):
+    c = pipe.config
+    pool = KVCachePool(CacheShape(c.num_layers, c.num_kv_heads, c.head_dim), 1, pipe.max_model_len, pipe.dtype, pipe.device)
+    view = pool.build_view([], [(0, 0, len(ids))], c.sliding_window, [True])
+    h = pipe.model.hidden_states(torch.tensor(ids), view, pool)
+    return pipe.model.lm_head(h).float()
+
+
+def ref_model(gguf_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+
+
+def greedy(pipe, ids, n):
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(logits_for(pipe, ids)[-1].argmax()))
+    return ids
+
+
+def test_quantized_logits_match_transformers_gguf(tiny_gguf):
+    hf, path = tiny_gguf
+    ref = ref_model(path)
+    ids = list(range(10, 40))
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    exact = load_gguf_file(path, ModelSpec(), torch.device("cpu"), torch.float32, quantized=True)
+    got = logits_for(exact, ids)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
+    # bf16 compute with int4/int8 kernels: within bf16 rounding of the dequantized model
+    fast = load_gguf_file(path, ModelSpec(), torch.device("cpu"), torch.bfloat16, quantized=True)
+    assert any("int4pack" in k for k in fast.summary["format"].split(", "))
+    got16 = logits_for(fast, ids)
+    assert ((got16 - want).abs().max() / want.abs().max()).item() < 0.05
+    # against the float (unquantized) model, the error is the quantization error and no more
+    from transformers import AutoModelForCausalLM
+
+    flt = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        fl = flt(torch.tensor([ids])).logits[0]
+    quant_err = (want - fl).abs().max().item()
+    assert 0 < (got - fl).abs().max().item() <= quant_err * 1.01 + 1e-4
+    assert (got16 - fl).abs().max().item() <= quant_err * 1.5 + 0.05
+
+
+def test_greedy_tokens_equal_transformers(tiny_gguf):
+    _, path = tiny_gguf
+    ref = ref_model(path)
+    pipe = load_gguf_file(path, ModelSpec(), torch.device("cpu"), torch.float32, quantized=True)
+    prompt = [5, 17, 33, 2, 90]
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0].tolist()
+    assert greedy(pipe, prompt, 12) == want
+    # the tokenizer comes from the GGUF metadata and matches the HF one it was written from
+    from mistralrs_py.pipeline.tokenizer import load_hf_tokenizer
+
+    hf_tok = load_hf_tokenizer(tiny_gguf[0])
+    text = "The quick brown fox, café 日本 🙂"
+    assert pipe.tokenizer.encode(text) == hf_tok.encode(text)
+
+
+def test_bad_gguf_files_are_one_line_errors(tmp_path, tiny_gguf):
+    _, path = tiny_gguf
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\xff" * 64)
+    truncated = tmp_path / "trunc.gguf"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for p in (junk, truncated):
+        with pytest.raises(LoadError) as e:
+            load_gguf_file(p, ModelSpec(), torch.device("cpu"), torch.float32, quantized=True)
+        assert "\n" not in str(e.value)
+
+
+def test_gguf_mistral_resolves_directory_and_file(tiny_gguf):
+    _, path = tiny_gguf
+    for spec in (ModelSpec(ModelKind.GGUF, quantized_model_id=str(path.parent), quantized_filename=path.name),
+                 ModelSpec(ModelKind.GGUF, quantized_filename=str(path)), ModelSpec(ModelKind.GGUF, quantized_model_id=str(path.parent))):
+        spec.device, spec.dtype = "cpu", "float32"
+        assert load_pipeline(spec).config.num_layers == 2
+    with pytest.raises(LoadError, match="quantized-filename"):
+        load_pipeline(ModelSpec(ModelKind.GGUF, quantized_model_id="org/repo-GGUF", device="cpu"))
