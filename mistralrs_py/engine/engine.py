@@ -130,11 +130,14 @@ class Engine:
             self._release(seq)
             self.stats.aborted += 1
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence) -> dict | None:
         self.scheduler.remove(seq)
+        extra = None
         if seq.slot is not None:
+            extra = self.pipe.release_slot(seq.slot)
             self.pool.free(seq.slot)
             seq.slot = None
+        return extra
 
     def _fail_all(self, message: str, drain: bool = False) -> None:
         for seq in [*self.scheduler.waiting, *self.scheduler.running]:
@@ -231,5 +234,5 @@ class Engine:
             seq.pending_ids, seq.pending_logprobs = [], []
         if finished:
             self.stats.finished += 1
-            seq.request.emit(Done(seq.index, seq.finish_reason or "stop", seq.prompt_len, seq.num_output, seq.stop_reason))
-            self._release(seq)
+            extra = self._release(seq)
+            seq.request.emit(Done(seq.index, seq.finish_reason or "stop", seq.prompt_len, seq.num_output, seq.stop_reason, extra))

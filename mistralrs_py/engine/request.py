@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class Done:
     prompt_tokens: int
     completion_tokens: int
     stop_reason: Union[str, int, None] = None  # the stop string or token id that ended it
+    extra: Optional[dict] = None  # pipeline-specific report (X-LoRA scalings)
 
 
 @dataclass

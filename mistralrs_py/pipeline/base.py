@@ -68,6 +68,11 @@ class Pipeline:
     def forward(self, input_ids: Tensor, view: BatchView, cache) -> Tensor:
         return self.model(input_ids, view, cache)
 
+    def release_slot(self, slot: int) -> dict | None:
+        """Called by the engine when the sequence in `slot` ends; per-sequence extras to report
+        (X-LoRA: mean scalings per adapter), or None."""
+        return None
+
 
 Loader = Callable[[ModelSpec, "Progress | None"], Pipeline]
 LOADERS: dict[ModelKind, Loader] = {}

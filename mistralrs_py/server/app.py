@@ -103,7 +103,7 @@ class Server:
         events = generate(self.engine, ids, params, rid)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self.sse(self.chat_stream(events, rid, created, ids, params, include_usage), body, "chat")
+            return self.sse(self.chat_stream(events, rid, created, ids, params, include_usage, req), body, "chat")
         choices = await collect(request, events, params.n)
         resp = {
             "id": rid, "object": "chat.completion", "created": created, "model": self.cfg.served_model_name,
@@ -113,13 +113,14 @@ class Server:
                 "message": {"role": "assistant", "content": c.text},
                 "logprobs": chat_logprobs(self.tok, c.logprobs) if params.logprobs else None,
                 "finish_reason": c.finish_reason,
+                **extras(c, req),
             } for c in choices],
             "usage": usage(len(ids), sum(c.completion_tokens for c in choices)),
         }
         self.reqlog.write({"endpoint": "/v1/chat/completions", "request": body, "response": resp})
         return JSONResponse(resp)
 
-    async def chat_stream(self, events, rid, created, ids, params, include_usage) -> AsyncIterator[dict]:
+    async def chat_stream(self, events, rid, created, ids, params, include_usage, req) -> AsyncIterator[dict]:
         model = self.cfg.served_model_name
         out = {i: Choice(i) for i in range(params.n)}
         for i in range(params.n):
@@ -130,7 +131,9 @@ class Server:
                 lp = chat_logprobs(self.tok, ev.logprobs or []) if params.logprobs else None
                 yield chat_chunk(rid, created, model, ev.index, {"content": ev.text}, None, lp)
             elif isinstance(ev, Done):
-                yield chat_chunk(rid, created, model, ev.index, {}, out[ev.index].finish_reason)
+                chunk = chat_chunk(rid, created, model, ev.index, {}, out[ev.index].finish_reason)
+                chunk["choices"][0].update(extras(out[ev.index], req))
+                yield chunk
         if include_usage:
             yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
                    "usage": usage(len(ids), sum(c.completion_tokens for c in out.values()))}
@@ -160,7 +163,7 @@ class Server:
         events = merge(streams, n)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self.sse(self.completion_stream(events, rid, created, prompts, params, echo, include_usage), body, "completions")
+            return self.sse(self.completion_stream(events, rid, created, prompts, params, echo, include_usage, req), body, "completions")
         choices = await collect(request, events, n * len(prompts))
         resp = {
             "id": rid, "object": "text_completion", "created": created, "model": self.cfg.served_model_name,
@@ -170,13 +173,14 @@ class Server:
                 "text": echo[c.index // n] + c.text,
                 "logprobs": completion_logprobs(self.tok, c.logprobs, len(echo[c.index // n])) if params.logprobs else None,
                 "finish_reason": c.finish_reason,
+                **extras(c, req),
             } for c in choices],
             "usage": usage(sum(len(p) for p in prompts) * 1, sum(c.completion_tokens for c in choices)),
         }
         self.reqlog.write({"endpoint": "/v1/completions", "request": body, "response": resp})
         return JSONResponse(resp)
 
-    async def completion_stream(self, events, rid, created, prompts, params, echo, include_usage):
+    async def completion_stream(self, events, rid, created, prompts, params, echo, include_usage, req):
         model, n = self.cfg.served_model_name, params.n
         out: dict[int, Choice] = {}
         offsets = {i: len(echo[i // n]) for i in range(n * len(prompts))}
@@ -191,7 +195,9 @@ class Server:
                 offsets[ev.index] += len(ev.text)
                 yield completion_chunk(rid, created, model, ev.index, ev.text, None, lp)
             elif isinstance(ev, Done):
-                yield completion_chunk(rid, created, model, ev.index, "", c.finish_reason)
+                chunk = completion_chunk(rid, created, model, ev.index, "", c.finish_reason)
+                chunk["choices"][0].update(extras(c, req))
+                yield chunk
         if include_usage:
             yield {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
                    "usage": usage(sum(len(p) for p in prompts), sum(c.completion_tokens for c in out.values()))}
@@ -259,6 +265,13 @@ class Server:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+def extras(choice: Choice, req: P.SamplingFields) -> dict:
+    """Extension fields of a finished choice that the request asked for."""
+    if req.return_xlora_scalings and choice.extra and "xlora_scalings" in choice.extra:
+        return {"xlora_scalings": choice.extra["xlora_scalings"]}
+    return {}
+
+
 async def read_json(request: Request) -> dict:
     raw = await request.body()
     try:

@@ -72,6 +72,7 @@ class SamplingFields(OpenAIModel):
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
+    return_xlora_scalings: bool = False  # X-LoRA models: mean scalings per adapter in each choice
 
     @field_validator("stop")
     @classmethod

@@ -70,6 +70,7 @@ class Choice:
     stop_reason: object = None
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    extra: Optional[dict] = None
 
     def add(self, ev: Event) -> None:
         if isinstance(ev, Delta):
@@ -80,6 +81,7 @@ class Choice:
             self.finish_reason = "length" if ev.finish_reason == "length" else "stop"
             self.stop_reason = ev.stop_reason
             self.completion_tokens, self.prompt_tokens = ev.completion_tokens, ev.prompt_tokens
+            self.extra = ev.extra
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
