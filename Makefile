@@ -10,8 +10,9 @@ STAMP := $(VENV)/.installed
 PORT ?= 1234
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install serve test clean
+.PHONY: install serve test bench bench-peers clean
 
 install: $(STAMP)
 
@@ -28,6 +29,22 @@ serve: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# llama.cpp baselines: llama-cpp-python (compiled from its sdist) and llama-server built with CMake
+# from the llama.cpp sources that sdist vendors (web UI off). Slow: ~20 minutes on 2 cores.
+LLAMA_CPP_PY := llama-cpp-python==0.3.36
+bench-peers: install
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install "$(LLAMA_CPP_PY)"
+	test -x bench/.cache/llama.cpp/build/bin/llama-server || ( \
+	  mkdir -p bench/.cache/src && $(BIN)/pip download --no-deps --no-binary :all: -d bench/.cache/src "$(LLAMA_CPP_PY)" && \
+	  tar -xzf bench/.cache/src/llama_cpp_python-*.tar.gz -C bench/.cache/src && \
+	  rm -rf bench/.cache/llama.cpp && cp -r bench/.cache/src/llama_cpp_python-*/vendor/llama.cpp bench/.cache/llama.cpp && \
+	  cmake -S bench/.cache/llama.cpp -B bench/.cache/llama.cpp/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+	    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF && \
+	  cmake --build bench/.cache/llama.cpp/build --target llama-server -j 2 )
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -23,11 +23,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        # NOTE: normalise in float32 and cast back before the weight, as transformers' Llama does.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # NOTE: one fused kernel (float32 accumulation inside); in float32 it equals transformers'
+        # Llama exactly, in bf16 it rounds once instead of twice.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:
@@ -60,20 +58,21 @@ class Rotary(nn.Module):
         t = torch.arange(max_positions, device=device, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # [P, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [P, hd]
+        # NOTE: rotate_half(x) * sin == roll(x, hd/2) * [-sin, sin]: the sign lives in the table,
+        # so applying rope is three ops (roll, mul, addcmul).
+        signed_sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("sin", signed_sin, persistent=False)
 
     def tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        # positions: [N] -> cos, sin: [N, 1, hd]
+        # positions: [N] -> cos, signed sin: [N, 1, hd]
         return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     # x: [N, heads, hd]; NOTE: rotate-half (GPT-NeoX) layout, as in HF checkpoints. GGUF files store
     # q/k rows interleaved for llama.cpp's rope; the GGUF loader un-permutes them at load time.
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), sin)
 
 
 @dataclass
@@ -129,9 +128,12 @@ def attend(
             kk, vv = k_cache[a:b, :, :L], v_cache[a:b, :, :L]  # views, no copy
         else:
             kk, vv = k_cache[view.decode_slots, :, :L], v_cache[view.decode_slots, :, :L]
-        qd = q[: view.num_decode].unsqueeze(2)  # [B, H, 1, hd]
-        o = F.scaled_dot_product_attention(qd, kk, vv, attn_mask=view.decode_mask, enable_gqa=gqa)
-        outs.append(o.squeeze(2))
+        qd = q[: view.num_decode]  # [B, H, hd]
+        if view.num_decode == 1:
+            o = F.scaled_dot_product_attention(qd.unsqueeze(2), kk, vv, attn_mask=view.decode_mask, enable_gqa=gqa).squeeze(2)
+        else:
+            o = decode_attention(qd, kk, vv, view.decode_mask)
+        outs.append(o)
     for seg in view.prefills:
         n = seg.end_row - seg.start_row
         end = seg.start_pos + n
@@ -147,6 +149,20 @@ def attend(
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, enable_gqa=gqa)
         outs.append(o[0].transpose(0, 1))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """One query per sequence. q: [B, H, hd]; k, v: [B, Hk, L, hd]; mask: [B, 1, 1, L] -> [B, H, hd].
+
+    NOTE: written out with batched matmuls because torch's CPU flash-attention kernel is several
+    times slower for a batch of single-query rows; query heads are grouped under their kv head."""
+    B, H, hd = q.shape
+    Hk, L = k.shape[1], k.shape[2]
+    qg = q.view(B, Hk, H // Hk, hd)  # [B, Hk, G, hd]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(hd**-0.5)  # [B, Hk, G, L]
+    scores = scores.masked_fill_(~mask.view(B, 1, 1, L), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v).view(B, H, hd)
 
 
 def prefill_mask(start_pos: int, n: int, window: int | None, device) -> Tensor | None:

@@ -24,16 +24,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, **kw)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, **kw)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype)
+        self.qkv_proj: nn.Module | None = None  # set by fuse_projections(): q, k, v in one matmul
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView) -> Tensor:
         # x: [N, D]
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # [N, H, hd]
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, Hk, hd]
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        n, H, Hk, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)  # [N, (H + 2 Hk) hd]
+            qk = apply_rotary(qkv[:, : (H + Hk) * hd].view(n, H + Hk, hd), cos, sin)  # one rope for q and k
+            q, k = qk[:, :H], qk[:, H:]
+            v = qkv[:, (H + Hk) * hd :].view(n, Hk, hd)
+        else:
+            q = apply_rotary(self.q_proj(x).view(n, H, hd), cos, sin)  # [N, H, hd]
+            k = apply_rotary(self.k_proj(x).view(n, Hk, hd), cos, sin)  # [N, Hk, hd]
+            v = self.v_proj(x).view(n, Hk, hd)
         o = attend(q, k, v, k_cache, v_cache, view)  # [N, H, hd]
-        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+        return self.o_proj(o.reshape(n, H * hd))
 
 
 class MLP(nn.Module):
@@ -44,8 +50,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
+        self.gate_up_proj: nn.Module | None = None  # set by fuse_projections()
+
     def forward(self, x: Tensor) -> Tensor:
         # x: [N, D] -> [N, D]
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate).mul_(up))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -88,6 +99,24 @@ class CausalLM(nn.Module):
         # -> logits [S, V] in float32 for the rows in view.logit_rows
         h = self.hidden_states(input_ids, view, cache)
         return self.lm_head(h[view.logit_rows]).float()
+
+
+def fuse_projections(model: CausalLM, fuse) -> int:
+    """Replaces q/k/v and gate/up by single modules where `fuse(modules)` can build one (it returns
+    None when it cannot, e.g. mixed quantization types). Fewer, larger matmuls per layer: decode on
+    small models is bound by per-op overhead as much as by bytes. Returns how many were fused."""
+    n = 0
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        fused = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        if fused is not None:
+            attn.qkv_proj, n = fused, n + 1
+            del attn.q_proj, attn.k_proj, attn.v_proj
+        fused = fuse([mlp.gate_proj, mlp.up_proj])
+        if fused is not None:
+            mlp.gate_up_proj, n = fused, n + 1
+            del mlp.gate_proj, mlp.up_proj
+    return n
 
 
 class KVLayers:

@@ -40,6 +40,7 @@ class ModelSpec:
     xlora_model_id: str | None = None
     order: str | None = None
     tgt_non_granular_index: int | None = None
+    no_xlora_kv_cache: bool = False  # X-LoRA: rerun the scaling pass over the whole sequence instead of caching it
     repeat_last_n: int = 64
     dtype: str = "auto"
     device: str = "auto"
@@ -92,7 +93,13 @@ def load_pipeline(spec: ModelSpec, progress=None) -> Pipeline:
 
     if spec.kind not in LOADERS:
         raise LoadError(f"`{spec.kind.value}` is not built yet")
-    return LOADERS[spec.kind](spec, progress)
+    pipeline = LOADERS[spec.kind](spec, progress)
+    if spec.kind in (ModelKind.PLAIN, ModelKind.GGUF):
+        from ..models.fusion import fuse_linears
+        from ..models.llama import fuse_projections
+
+        pipeline.summary["fused"] = fuse_projections(pipeline.model, fuse_linears)
+    return pipeline
 
 
 def resolve_device(name: str) -> torch.device:

@@ -6,13 +6,18 @@ import pytest
 import torch
 
 from mistralrs_py.engine.kv_cache import CacheShape, KVCachePool
+from mistralrs_py.models.fusion import fuse_linears
+from mistralrs_py.models.llama import fuse_projections
 from mistralrs_py.pipeline.base import ModelSpec
 from mistralrs_py.pipeline.hf import load_safetensors_dir
 from tests.conftest import make_tiny_model
 
 
-def load_ours(path, dtype=torch.float32):
-    return load_safetensors_dir(path, ModelSpec(model_id=str(path)), torch.device("cpu"), dtype)
+def load_ours(path, dtype=torch.float32, fused=False):
+    pipe = load_safetensors_dir(path, ModelSpec(model_id=str(path)), torch.device("cpu"), dtype)
+    if fused:
+        assert fuse_projections(pipe.model, fuse_linears) == 2 * pipe.config.num_layers
+    return pipe
 
 
 def load_ref(path):
@@ -49,9 +54,10 @@ def ref_logits(ref, ids):
     ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "attention_bias": True}),
     ("mistral", {"sliding_window": 8}),
 ])
-def test_prefill_and_decode_match_transformers(tmp_path, arch, overrides):
+@pytest.mark.parametrize("fused", [False, True])
+def test_prefill_and_decode_match_transformers(tmp_path, arch, overrides, fused):
     path = make_tiny_model(tmp_path / "m", arch, seed=hash(str(overrides)) % 1000, **overrides)
-    ours, ref = load_ours(path), load_ref(path)
+    ours, ref = load_ours(path, fused=fused), load_ref(path)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, ours.config.vocab_size, (21,), generator=g).tolist()  # longer than the window
     full = ref_logits(ref, prompt)  # [T, V]
@@ -71,7 +77,7 @@ def test_prefill_and_decode_match_transformers(tmp_path, arch, overrides):
 def test_mixed_batch_of_unequal_lengths(tmp_path):
     """Decode rows of different lengths, non-contiguous slots and a prefill chunk, in one step."""
     path = make_tiny_model(tmp_path / "m", "mistral", sliding_window=6)
-    ours, ref = load_ours(path), load_ref(path)
+    ours, ref = load_ours(path, fused=True), load_ref(path)
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, ours.config.vocab_size, (n,), generator=g).tolist() for n in (5, 13, 9)]
     pool = make_pool(ours, slots=4)

@@ -1,0 +1,389 @@
+"""`make bench`: our engine in process and through the HTTP server, against HF transformers on the
+same weights (and llama.cpp when `make bench-peers` installed it), measured in one run.
+
+Prints a table of absolute numbers and ratios and writes bench/results.json. Medians of --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench" / ".cache"
+RESULTS = ROOT / "bench" / "results.json"
+sys.path.insert(0, str(ROOT))
+
+from mistralrs_py.engine.engine import Engine  # noqa: E402
+from mistralrs_py.engine.request import Delta, Done, Error, Request, SamplingParams  # noqa: E402
+from mistralrs_py.pipeline.base import ModelKind, ModelSpec, load_pipeline  # noqa: E402
+from mistralrs_py.pipeline.hub import embedded_gguf_path  # noqa: E402
+
+
+def rss_mb(pid: int | None = None) -> float:
+    with open(f"/proc/{pid or 'self'}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+# ---- the same weights for everyone ----------------------------------------------------------------
+def export_hf(dst: Path) -> Path:
+    """The embedded GGUF dequantized to bf16 as an HF checkpoint, so transformers and `mistral`
+    read the same weights."""
+    if (dst / "model.safetensors").exists():
+        return dst
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from mistralrs_py.pipeline.hf import load_plain
+
+    dst.mkdir(parents=True, exist_ok=True)
+    pipe = load_plain(ModelSpec(ModelKind.PLAIN, device="cpu", dtype="bfloat16"))  # unfused names
+    c = pipe.config
+    sd = {}
+    for k, v in pipe.model.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        if ".qkv_proj." in k or ".gate_up_proj." in k:
+            raise RuntimeError("export expects unfused projections")
+        sd["model." + k] = v.contiguous()
+    save_file(sd, str(dst / "model.safetensors"))
+    LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+                rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings,
+                tie_word_embeddings=True, bos_token_id=1, eos_token_id=2).save_pretrained(dst)
+    pipe.tokenizer.backend.save(str(dst / "tokenizer.json"))
+    (dst / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": pipe.tokenizer.bos_token, "eos_token": pipe.tokenizer.eos_token, "chat_template": pipe.tokenizer.chat_template}))
+    return dst
+
+
+# ---- in-process engine runs ---------------------------------------------------------------------------
+class Run:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> dict:
+        """Runs the prompts concurrently; returns total tok/s and per-request TTFTs."""
+        done = [threading.Event() for _ in prompts]
+        counts, first = [0] * len(prompts), [None] * len(prompts)
+        t0 = time.perf_counter()
+        for i, ids in enumerate(prompts):
+            def emit(ev, i=i):
+                if isinstance(ev, Delta):
+                    counts[i] += len(ev.token_ids)
+                    if first[i] is None:
+                        first[i] = time.perf_counter() - t0
+                elif isinstance(ev, (Done, Error)):
+                    done[i].set()
+            self.engine.add_request(Request(f"b{i}-{t0}", ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), emit))
+        for d in done:
+            d.wait()
+        dt = time.perf_counter() - t0
+        return {"tok_s": sum(counts) / dt, "ttft": first, "seconds": dt}
+
+
+def engine_for(spec: ModelSpec, **kw) -> tuple[Engine, object]:
+    pipe = load_pipeline(spec)
+    eng = Engine(pipe, **kw)
+    eng.start()
+    return eng, pipe
+
+
+def decode_speed(run: Run, tok, repeats: int, n_tokens=128) -> float:
+    prompt = tok.encode("Write a long story about a lighthouse keeper.")
+    run.generate([prompt], 4)
+    return median([run.generate([prompt], n_tokens)["tok_s"] for _ in range(repeats)])
+
+
+def prefill_speed(run: Run, repeats: int, n=512, vocab=49152) -> float:
+    g = torch.Generator().manual_seed(0)
+    outs = []
+    for _ in range(repeats):
+        ids = torch.randint(100, vocab - 1, (n,), generator=g).tolist()
+        r = run.generate([ids], 1)
+        outs.append(n / r["ttft"][0])
+    return median(outs)
+
+
+def hf_speeds(path: Path, repeats: int, n_tokens=128) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ids = tok("Write a long story about a lighthouse keeper.", return_tensors="pt")["input_ids"]
+    out = {}
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False)
+            times.append(n_tokens / (time.perf_counter() - t))
+        out["decode_bf16"] = median(times)
+        g = torch.Generator().manual_seed(0)
+        pre = []
+        for _ in range(repeats):
+            x = torch.randint(100, 49000, (1, 512), generator=g)
+            t = time.perf_counter()
+            model(x, use_cache=False, logits_to_keep=1)
+            pre.append(512 / (time.perf_counter() - t))
+        out["prefill_bf16"] = median(pre)
+        for bs in (8,):
+            x = torch.randint(100, 49000, (bs, 16), generator=g)
+            t = time.perf_counter()
+            model.generate(x, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
+            out[f"batch{bs}_bf16"] = bs * 64 / (time.perf_counter() - t)
+    del model
+    return out
+
+
+def llama_cpp_speed(gguf: Path, repeats: int, threads: int, n_tokens=128) -> float | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=1024, verbose=False)
+    prompt = llm.tokenize(b"Write a long story about a lighthouse keeper.")
+    speeds = []
+    for _ in range(repeats):
+        llm.reset()
+        t = time.perf_counter()
+        n = 0
+        for tok in llm.generate(prompt, temp=0.0):
+            n += 1
+            if n >= n_tokens:
+                break
+        speeds.append(n / (time.perf_counter() - t))
+    return median(speeds)
+
+
+def gguf_load_stats(threads: int) -> dict:
+    """Load time and RSS growth of gguf-mistral's default model in a process of its own (torch
+    imported first, so the delta is the model: weights, tokenizer, what loading leaves behind)."""
+    code = (
+        "import json,time,torch,sys; sys.path.insert(0, %r); torch.set_num_threads(%d)\n"
+        "from bench.bench import rss_mb\n"
+        "from mistralrs_py.pipeline.base import load_pipeline, ModelSpec, ModelKind\n"
+        "b=rss_mb(); t=time.perf_counter(); p=load_pipeline(ModelSpec(ModelKind.GGUF, device='cpu'))\n"
+        "print(json.dumps({'gguf_load_s': time.perf_counter()-t, 'gguf_rss_delta_mb': rss_mb()-b}))"
+    ) % (str(ROOT), threads)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ---- HTTP server load ------------------------------------------------------------------------------------
+def start_server(args: list[str], port: int, threads: int) -> subprocess.Popen:
+    import httpx
+
+    cmd = [sys.executable, "-m", "mistralrs_py", "--port", str(port), "--threads", str(threads), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+async def stream_load(base: str, concurrency: int, n_tokens: int, ignore_eos_field: str = "ignore_eos") -> dict:
+    """`concurrency` streaming completions at once, distinct prompts, EOS suppressed."""
+    import httpx
+
+    async def one(c: httpx.AsyncClient, i: int):
+        body = {"model": "default", "prompt": f"Request {i}: tell me about the number {i * 7919}.", "max_tokens": n_tokens,
+                "temperature": 0, "stream": True, ignore_eos_field: True}
+        t0 = time.perf_counter()
+        first, n = None, 0
+        async with c.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    ch = json.loads(line[6:])
+                    if ch.get("choices") and ch["choices"][0].get("text"):
+                        n += 1
+                        if first is None:
+                            first = time.perf_counter() - t0
+        return first, n
+
+    async with httpx.AsyncClient() as c:
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(one(c, i) for i in range(concurrency)))
+        dt = time.perf_counter() - t0
+    ttfts = sorted(r[0] for r in res if r[0] is not None)
+    return {"tok_s": sum(r[1] for r in res) / dt, "ttft_p50": median(ttfts),
+            "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else float("nan")}
+
+
+async def churn(base: str, n: int, concurrency: int = 16) -> None:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(c, i):
+        async with sem:
+            await c.post(f"{base}/v1/completions", json={"model": "default", "prompt": f"Hi {i}", "max_tokens": 4}, timeout=120)
+
+    async with httpx.AsyncClient() as c:
+        await asyncio.gather(*(one(c, i) for i in range(n)))
+
+
+# ---- main -------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and no memory churn (for a smoke run)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    reps = 1 if a.quick else a.repeats
+    gguf = embedded_gguf_path()
+    R: dict = {"threads": a.threads, "repeats": reps, "time": time.strftime("%Y-%m-%d %H:%M")}
+    print(f"bench: {a.threads} threads, medians of {reps}", flush=True)
+
+    hf_dir = export_hf(CACHE / "smollm2-bf16")
+    R["hf"] = hf_speeds(hf_dir, reps)
+    print("  transformers:", R["hf"], flush=True)
+
+    # mistral (bf16, same weights as transformers)
+    eng, pipe = engine_for(ModelSpec(ModelKind.PLAIN, model_id=str(hf_dir), device="cpu", dtype="bfloat16"), max_seqs=16)
+    run = Run(eng)
+    R["mistral_decode_bf16"] = decode_speed(run, pipe.tokenizer, reps)
+    R["mistral_prefill_bf16"] = prefill_speed(run, reps)
+    eng.stop()
+    # scheduler policies on mixed lengths
+    R["scheduler"] = {}
+    for policy in ("continuous", "catch-up"):
+        eng, pipe = engine_for(ModelSpec(ModelKind.GGUF, device="cpu"), max_seqs=8, policy=policy)
+        prompts = [pipe.tokenizer.encode("word " * (5 + 37 * i)) for i in range(8)]
+        Run(eng).generate(prompts[:2], 4)
+        R["scheduler"][policy] = median([Run(eng).generate(prompts, 64)["tok_s"] for _ in range(reps)])
+        eng.stop()
+    print("  mistral:", R["mistral_decode_bf16"], R["mistral_prefill_bf16"], R["scheduler"], flush=True)
+
+    # gguf-mistral: load time and RSS in a fresh process, then decode in process
+    R.update(gguf_load_stats(a.threads))
+    R["gguf_file_mb"] = gguf.stat().st_size / 2**20
+    eng, pipe = engine_for(ModelSpec(ModelKind.GGUF, device="cpu"), max_seqs=16)
+    R["gguf_kernels"] = pipe.summary.get("format")
+    R["gguf_decode"] = decode_speed(Run(eng), pipe.tokenizer, reps)
+    eng.stop()
+    R["llama_cpp_decode"] = llama_cpp_speed(gguf, reps, a.threads)
+    print("  gguf:", R["gguf_decode"], R["llama_cpp_decode"], flush=True)
+
+    # X-LoRA vs its base, when the X-LoRA demo is available
+    try:
+        from mistralrs_py.lora.demo import bench_pipelines  # type: ignore
+
+        xl, base = bench_pipelines()
+        speeds = {}
+        for name, p in (("xlora", xl), ("base", base)):
+            e = Engine(p, max_seqs=4)
+            e.start()
+            speeds[name] = decode_speed(Run(e), p.tokenizer, reps, 64)
+            e.stop()
+        R["xlora_decode"], R["xlora_base_decode"] = speeds["xlora"], speeds["base"]
+    except ImportError:
+        R["xlora_decode"] = None
+
+    # HTTP server: streaming load at 1/4/16, then RSS across 1000 requests
+    port = 18000 + os.getpid() % 1000
+    proc = start_server(["--max-seqs", "16", "gguf-mistral"], port, a.threads)
+    base = f"http://127.0.0.1:{port}"
+    R["server"] = {}
+    try:
+        asyncio.run(stream_load(base, 1, 8))
+        for conc in (1, 4, 16):
+            R["server"][conc] = asyncio.run(stream_load(base, conc, 128))
+            print(f"  server x{conc}:", R["server"][conc], flush=True)
+        if not a.quick:
+            asyncio.run(churn(base, 100))
+            r100 = rss_mb(proc.pid)
+            asyncio.run(churn(base, 900))
+            R["server_rss_after_100_mb"], R["server_rss_after_1000_mb"] = r100, rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait()
+    R["llama_server"] = llama_server_load(gguf, a.threads)
+    report(R)
+
+
+def llama_server_load(gguf: Path, threads: int) -> dict | None:
+    exe = CACHE / "llama.cpp" / "build" / "bin" / "llama-server"
+    if not exe.exists():
+        return None
+    import httpx
+
+    port = 19000 + os.getpid() % 1000
+    proc = subprocess.Popen([str(exe), "-m", str(gguf), "--port", str(port), "-t", str(threads), "-np", "16", "-cb",
+                             "-c", str(16 * 512), "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        out = {}
+        for conc in (1, 4, 16):
+            out[conc] = asyncio.run(stream_load(base, conc, 128))
+        return out
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def report(R: dict) -> None:
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a and b else "n/a"
+
+    rows = [
+        ("mistral bf16 decode, 1 stream (tok/s)", R["mistral_decode_bf16"], R["hf"]["decode_bf16"], "HF bf16 generate", ">= 1.4x"),
+        ("prefill 512 tokens (tok/s)", R["mistral_prefill_bf16"], R["hf"]["prefill_bf16"], "HF bf16 forward", ">= 1.0x"),
+        ("gguf-mistral decode, 1 stream (tok/s)", R["gguf_decode"], R["llama_cpp_decode"], "llama-cpp-python", ">= 1.0x"),
+        ("scheduler: continuous vs catch-up, 8 mixed (tok/s)", R["scheduler"]["continuous"], R["scheduler"]["catch-up"], "catch-up", "> 1 = continuous default"),
+    ]
+    for conc in (1, 4, 16):
+        peer = (R.get("llama_server") or {}).get(conc, {}).get("tok_s")
+        rows.append((f"server {conc} streams x128 (tok/s)", R["server"][conc]["tok_s"], peer, "llama-server", ">= 1.3x at 16"))
+    if R.get("xlora_decode"):
+        rows.append(("x-lora decode (tok/s)", R["xlora_decode"], R["xlora_base_decode"], "same base", ">= 0.45x"))
+    print()
+    print(f"{'measure':52} {'ours':>10} {'baseline':>10} {'ratio':>7}  baseline / target")
+    for name, ours, base, bname, target in rows:
+        b = f"{base:10.1f}" if base else f"{'n/a':>10}"
+        print(f"{name:52} {ours:10.1f} {b} {ratio(ours, base):>7}  {bname} / {target}")
+    s16 = R["server"][16]
+    print(f"server 16 streams TTFT p50 / p99: {s16['ttft_p50']:.2f}s / {s16['ttft_p99']:.2f}s (target p50 <= 1 s)")
+    print(f"gguf-mistral load {R['gguf_load_s']:.1f}s, RSS +{R['gguf_rss_delta_mb']:.0f} MB for a {R['gguf_file_mb']:.0f} MB file "
+          f"({R['gguf_rss_delta_mb'] / R['gguf_file_mb']:.2f}x; target <= 1.5x + KV) [{R['gguf_kernels']}]")
+    if "server_rss_after_1000_mb" in R:
+        d = R["server_rss_after_1000_mb"] - R["server_rss_after_100_mb"]
+        print(f"server RSS after 100 / 1000 requests: {R['server_rss_after_100_mb']:.0f} / {R['server_rss_after_1000_mb']:.0f} MB "
+              f"(growth {d:+.0f} MB; target within 50 MB)")
+    if R.get("llama_cpp_decode") is None:
+        print("llama.cpp peers not installed: run `make bench-peers` for those baselines")
+    RESULTS.write_text(json.dumps(R, indent=2, default=str))
+    print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
