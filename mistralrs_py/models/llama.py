@@ -80,7 +80,10 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int, device=None, dtype=None):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+        # NOTE: passing the (empty) weight skips nn.Embedding's random init; on the meta device that
+        # init would import torch's Python decompositions (~70 MB resident) for nothing.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty((cfg.vocab_size, cfg.hidden_size), device=device, dtype=dtype))
         self.layers = nn.ModuleList(DecoderLayer(cfg, device=device, dtype=dtype) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)

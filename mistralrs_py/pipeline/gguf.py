@@ -260,8 +260,17 @@ def _raw_rows(t: GGUFTensor, ours: str, cfg: ModelConfig) -> np.ndarray:
 def _tied_head(model, kinds: dict):
     # NOTE: the output head tolerates per-row int8 (llama.cpp also rounds activations to 8 bits
     # for its Q8_0 dot products); a dense bf16 copy of a large vocabulary would double its memory.
+    from ..models.quant import Int8RowEmbedding
+
     head = model.embed_tokens.as_linear(prefer="fast", keep_raw=False)
     kinds[f"tied head {head.kind}"] = 1
+    shared = Int8RowEmbedding.sharing(head)
+    if shared is not None:
+        # NOTE: one copy of the vocabulary matrix: embedding rows come from the head's int8 rows
+        # (per-row rounding, the size of bf16's own rounding of the embedding output).
+        model.embed_tokens = shared
+        kinds[f"tied head {head.kind}"] = 1
+        kinds["embedding shares the head's int8 rows"] = 1
     return head
 
 
