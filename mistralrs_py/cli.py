@@ -39,6 +39,11 @@ class GlobalOptions:
     prefill_chunk: int
     max_model_len: Optional[int]
     served_model_name: Optional[str]
+    interactive: bool = False
+    metrics: bool = True
+    ui: bool = True
+    chat_template: Optional[Path] = None
+    no_xlora_kv_cache: bool = False
 
 
 @app.callback()
@@ -58,6 +63,15 @@ def main_options(
     prefill_chunk: int = typer.Option(512, "--prefill-chunk", min=1, help="Most prompt tokens processed in one engine step."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=16, help="Context length to serve (default: the model's)."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id shown by /v1/models (default: the model id)."),
+    no_xlora_kv_cache: bool = typer.Option(
+        False, "--no-xlora-kv-cache", help="X-LoRA: no KV cache for the scaling pass; rerun it over the whole sequence each step."),
+    interactive: bool = typer.Option(
+        False, "--interactive", "-i", help="Chat with the model in this terminal instead of serving HTTP (/help inside for commands)."),
+    no_metrics: bool = typer.Option(False, "--no-metrics", help="Do not serve Prometheus metrics at /metrics."),
+    no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the web chat page at /ui."),
+    chat_template: Optional[Path] = typer.Option(
+        None, "--chat-template", exists=True, dir_okay=False, readable=True, metavar="FILE",
+        help="Chat template overriding the model's: a jinja file, or JSON with a \"chat_template\" key (tokenizer_config.json)."),
 ):
     """Global options go before the model subcommand."""
     for name, value, allowed in (("--dtype", dtype, ("auto", "float32", "bfloat16", "float16")),
@@ -67,7 +81,8 @@ def main_options(
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise typer.BadParameter(f"{device!r} is not one of auto, cpu, cuda, cuda:N", param_hint="--device")
     ctx.obj = GlobalOptions(port, host, log, truncate_sequence, max_seqs, device, dtype, threads, scheduler,
-                            prefill_chunk, max_model_len, served_model_name)
+                            prefill_chunk, max_model_len, served_model_name, interactive, not no_metrics, not no_ui,
+                            chat_template, no_xlora_kv_cache=no_xlora_kv_cache)
 
 
 REPEAT_LAST_N = typer.Option(64, "--repeat-last-n", min=0, help="Tokens the repetition penalty looks back over.")
@@ -105,9 +120,79 @@ def gguf_mistral(
 
 
 @app.command("x-lora-mistral")
-def x_lora_mistral(ctx: typer.Context):
-    """Serve an X-LoRA mixture of LoRA adapters on a base model (not built yet)."""
-    _not_built("x-lora-mistral")
+def x_lora_mistral(
+    ctx: typer.Context,
+    xlora_model_id: str = typer.Option(
+        ..., "--xlora-model-id", "-x",
+        help="Directory or hub id with xlora_config.json, xlora_classifier.safetensors and one folder per adapter."),
+    order: Optional[str] = typer.Option(
+        None, "--order", "-o",
+        help="Ordering file (adapter order and X-LoRA layer index of each wrapped module); see `mistralrs ordering`. "
+             "Default: generated from the model, adapters in xlora_config.json's order."),
+    model_id: Optional[str] = typer.Option(
+        None, "--model-id", "-m", help="Base model: local directory or hub id (default: the embedded SmolLM2-135M-Instruct)."),
+    quantized_model_id: Optional[str] = typer.Option(
+        None, "--quantized-model-id", "-q", help="GGUF base instead: hub repo or directory holding the .gguf (kept quantized)."),
+    quantized_filename: Optional[str] = typer.Option(
+        None, "--quantized-filename", "-f", help="The GGUF base's file in that repo/directory, or a path to a .gguf file."),
+    tokenizer_id: Optional[str] = typer.Option(None, "--tokenizer-id", help="Directory or hub id of another tokenizer to use."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the base model."),
+    tgt_non_granular_index: Optional[int] = typer.Option(
+        None, "--tgt-non-granular-index", min=0,
+        help="After this many generated tokens, freeze each sequence's scalings and skip the scaling pass."),
+    repeat_last_n: int = REPEAT_LAST_N,
+):
+    """Serve an X-LoRA mixture of LoRA experts on a base model (HF safetensors or a quantized GGUF)."""
+    if model_id and (quantized_model_id or quantized_filename):
+        raise typer.BadParameter("give the base either with --model-id or with --quantized-model-id/--quantized-filename",
+                                 param_hint="--model-id")
+    # NOTE: importing the module registers the X-LoRA loader (load_pipeline imports only hf and gguf).
+    from .pipeline import xlora as _xlora  # noqa: F401
+
+    opts: GlobalOptions = ctx.obj
+    serve(opts, ModelSpec(ModelKind.XLORA, model_id=model_id, revision=revision, tokenizer_id=tokenizer_id,
+                          quantized_model_id=quantized_model_id, quantized_filename=quantized_filename,
+                          xlora_model_id=xlora_model_id, order=order, tgt_non_granular_index=tgt_non_granular_index,
+                          no_xlora_kv_cache=opts.no_xlora_kv_cache, repeat_last_n=repeat_last_n))
+
+
+@app.command("ordering")
+def ordering(
+    adapters: Optional[str] = typer.Option(
+        None, "--adapters", "-a", help="Adapter names (folder names) in training order, comma-separated "
+                                       "(default: none; the loader then takes xlora_config.json's order)."),
+    model_id: Optional[str] = typer.Option(
+        None, "--model-id", "-m", help="Model whose layers to count: directory, hub id or .gguf file (default: the embedded model)."),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", min=1, help="Decoder layer count instead of --model-id."),
+    target_modules: str = typer.Option(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--target-modules", "-t",
+        help="The adapters' target_modules, comma-separated."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write (default: standard output)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model."),
+):
+    """Write an X-LoRA ordering file for a model (registration order of the wrapped linears, as PEFT)."""
+    from .lora.ordering import OrderingError, make_ordering
+
+    names = [a.strip() for a in adapters.split(",") if a.strip()] if adapters else []
+    targets = [t.strip() for t in target_modules.split(",") if t.strip()]
+    try:
+        if num_layers is None:
+            from .pipeline.base import LoadError
+            from .pipeline.xlora import num_layers_of
+
+            try:
+                num_layers = num_layers_of(model_id, revision)
+            except LoadError as e:
+                raise OrderingError(str(e)) from None
+        made = make_ordering(num_layers, names, targets)
+    except OrderingError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if output is None:
+        typer.echo(made.to_json(), nl=False)
+    else:
+        output.write_text(made.to_json())
+        typer.echo(f"wrote {output}: {len(names)} adapters, {len(made.layers)} wrapped linears", err=True)
 
 
 def _not_built(name: str) -> None:
@@ -116,9 +201,14 @@ def _not_built(name: str) -> None:
 
 
 def serve(opts: GlobalOptions, spec: ModelSpec) -> None:
+    spec.device, spec.dtype, spec.max_model_len = opts.device, opts.dtype, opts.max_model_len
+    if opts.interactive:
+        from .interactive import run_interactive  # the terminal chat replaces the HTTP server
+
+        run_interactive(opts, spec)
+        return
     from .server.launch import run_server
 
-    spec.device, spec.dtype, spec.max_model_len = opts.device, opts.dtype, opts.max_model_len
     run_server(opts, spec)
 
 

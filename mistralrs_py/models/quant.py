@@ -409,26 +409,6 @@ class QuantEmbedding(torch.nn.Module):
                                      self.compute_dtype, self.raw.device, bias, **kw)
 
 
-class Int8RowEmbedding(torch.nn.Module):
-    """Embedding rows read from an int8 per-row-scaled weight ([V, D] int8 + [V] scales), e.g. the
-    tied output head's, so a tied model keeps one copy of its vocabulary matrix."""
-
-    def __init__(self, w8: torch.Tensor, s8: torch.Tensor, compute_dtype: torch.dtype):
-        super().__init__()
-        self.w8, self.s8, self.compute_dtype = w8, s8, compute_dtype
-        self.num_embeddings, self.embedding_dim = w8.shape
-
-    @classmethod
-    def sharing(cls, head: QuantLinear) -> "Int8RowEmbedding | None":
-        if head._mode != "int8":
-            return None
-        return cls(head._w8, head._s8, head.compute_dtype)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # ids: [...] -> [..., D]
-        return (self.w8[ids].to(self.compute_dtype) * self.s8[ids, None]).to(self.compute_dtype)
-
-
 if __name__ == "__main__":  # timing: python -m mistralrs_py.models.quant
     import time
     import gguf

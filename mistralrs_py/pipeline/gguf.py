@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from ..models.config import ConfigError, ModelConfig
 from . import hub
 from .base import LoadError, ModelKind, ModelSpec, Pipeline, register, resolve_device, resolve_dtype
@@ -107,6 +108,7 @@ class GGUFTensor:
     qtype: int  # gguf.GGMLQuantizationType
     shape: tuple[int, ...]  # torch order: (rows, columns)
     data: np.ndarray  # the tensor's bytes, uint8, memory-mapped
+    offset: int  # of those bytes in the file
 
 
 def read_gguf(path: Path) -> tuple[dict, list[GGUFTensor]]:
@@ -126,7 +128,7 @@ def read_gguf(path: Path) -> tuple[dict, list[GGUFTensor]]:
     for name, qtype, shape, offset, n in infos:
         if offset < 0 or n < 0 or offset + n > size:
             raise LoadError(f"{path}: tensor {name} lies past the end of the file (truncated or corrupt GGUF)")
-        tensors.append(GGUFTensor(name, qtype, shape, whole[offset : offset + n]))
+        tensors.append(GGUFTensor(name, qtype, shape, whole[offset : offset + n], offset))
     return fields, tensors
 
 
@@ -179,8 +181,7 @@ def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: boo
 
         t, raw = raw_of[ours]
         if ours == "embed_tokens.weight":
-            # NOTE: copied out of the memory map so the file can be unmapped after loading.
-            mod = QuantEmbedding.from_gguf(np.array(raw), t.qtype, t.shape, dtype, device)
+            mod = QuantEmbedding.from_gguf(raw, t.qtype, t.shape, dtype, device)
             kinds[f"embedding {_type_name(t.qtype)}"] = 1
             return mod
         bias = raw_of.get(ours.removesuffix("weight") + "bias")
@@ -206,7 +207,10 @@ def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: boo
     file_type = sorted({_type_name(t.qtype) for t, ours in todo if len(t.shape) == 2})
     fmt = f"gguf {'/'.join(file_type)} " + ("quantized: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
                                            if quantized else f"dequantized to {str(dtype).removeprefix('torch.')}")
-    del tensors, tensor_list, todo, raw_of
+    emb = tensors.get("token_embd.weight")
+    if quantized and emb is not None and device.type == "cpu":
+        _remap_embedding(model, path, emb)
+    del tensors, tensor_list, todo, raw_of, emb
     release_memory()  # NOTE: load-time temporaries (fp32 dequantized rows) go back to the OS
     return Pipeline(
         name=name or str(path),
@@ -219,6 +223,21 @@ def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: boo
         summary={"format": fmt, "params": cfg.num_parameters(), "weights_bytes": memory_bytes(model),
                  "file_bytes": path.stat().st_size},
     )
+
+
+def _remap_embedding(model, path: Path, t: GGUFTensor) -> None:
+    """Points the quantized embedding at a fresh memory map of its own bytes in the file.
+
+    NOTE: like llama.cpp's mmap: loading touched every page of the file (all of them count as
+    resident while that mapping lives); a fresh mapping of the table alone is resident only for the
+    rows that lookups actually touch, and the rest of the file is unmapped."""
+    import warnings
+
+    rows = np.memmap(path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.data.shape[0],))
+    with warnings.catch_warnings():  # read-only memory map; never written
+        warnings.simplefilter("ignore")
+        raw = torch.from_numpy(rows).view(t.shape[0], -1)
+    model.embed_tokens.raw = raw
 
 
 def release_memory() -> None:
@@ -260,17 +279,8 @@ def _raw_rows(t: GGUFTensor, ours: str, cfg: ModelConfig) -> np.ndarray:
 def _tied_head(model, kinds: dict):
     # NOTE: the output head tolerates per-row int8 (llama.cpp also rounds activations to 8 bits
     # for its Q8_0 dot products); a dense bf16 copy of a large vocabulary would double its memory.
-    from ..models.quant import Int8RowEmbedding
-
     head = model.embed_tokens.as_linear(prefer="fast", keep_raw=False)
     kinds[f"tied head {head.kind}"] = 1
-    shared = Int8RowEmbedding.sharing(head)
-    if shared is not None:
-        # NOTE: one copy of the vocabulary matrix: embedding rows come from the head's int8 rows
-        # (per-row rounding, the size of bf16's own rounding of the embedding output).
-        model.embed_tokens = shared
-        kinds[f"tied head {head.kind}"] = 1
-        kinds["embedding shares the head's int8 rows"] = 1
     return head
 
 

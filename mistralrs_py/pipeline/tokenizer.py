@@ -120,6 +120,40 @@ def render_template(template: str, **context) -> str:
         raise ChatTemplateError(f"chat template could not render these messages: {type(e).__name__}: {e}") from None
 
 
+def load_chat_template(path: str | Path) -> str:
+    """The template of a --chat-template FILE: a jinja file, or JSON holding `chat_template` (a
+    tokenizer_config.json or chat_template.json, as transformers writes them) or a JSON string.
+
+    NOTE: parsed here, before the (slow) weight load, so a typo fails in a second with its line."""
+    from jinja2 import TemplateSyntaxError
+
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LoadError(f"--chat-template {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(f"--chat-template {path}: cannot read it ({type(e).__name__}: {e})") from None
+    template = text
+    if p.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LoadError(f"--chat-template {path}: not valid JSON ({e})") from None
+        template = data.get("chat_template") if isinstance(data, dict) else data
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), template[0].get("template"))
+        if not isinstance(template, str):
+            raise LoadError(f"--chat-template {path}: a JSON file must hold a \"chat_template\" string")
+    if not template.strip():
+        raise LoadError(f"--chat-template {path}: the file is empty")
+    try:
+        _environment().parse(template)
+    except TemplateSyntaxError as e:
+        raise LoadError(f"--chat-template {path}: line {e.lineno}: {e.message}") from None
+    return template
+
+
 # ---- loading ------------------------------------------------------------------------------------
 def load_hf_tokenizer(directory: Path, extra_eos_ids: Sequence[int] = ()) -> Tokenizer:
     """tokenizer.json (+ tokenizer_config.json, chat_template.jinja/json) from a model directory."""

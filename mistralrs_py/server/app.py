@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 from pydantic import ValidationError
@@ -16,8 +17,10 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.middleware import Middleware
+from starlette.responses import JSONResponse, RedirectResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from .. import __version__
 from ..engine.engine import Engine
@@ -25,10 +28,12 @@ from ..engine.request import Delta, Done, SamplingParams
 from ..pipeline.base import Pipeline
 from ..pipeline.tokenizer import ChatTemplateError
 from . import protocol as P
+from .metrics import HTTPMetricsMiddleware, Metrics, NoMetrics
 from .streaming import (Choice, GenerationError, chat_chunk, chat_logprobs, completion_chunk, completion_logprobs,
                         generate, new_id, now, usage)
 
 log = logging.getLogger("mistralrs.server")
+UI_DIR = Path(__file__).with_name("ui")
 
 
 @dataclass
@@ -37,6 +42,8 @@ class ServerConfig:
     truncate_sequence: bool = False
     repeat_last_n: int = 64
     log_file: Optional[str] = None
+    metrics: bool = True  # GET /metrics (Prometheus); --no-metrics turns it off
+    ui: bool = True  # the chat page at /ui; --no-ui turns it off
 
 
 class RequestLog:
@@ -60,6 +67,7 @@ class Server:
         self.engine, self.pipe, self.cfg = engine, pipeline, cfg
         self.tok = pipeline.tokenizer
         self.reqlog = RequestLog(cfg.log_file)
+        self.metrics = Metrics(engine, cfg.served_model_name) if cfg.metrics else NoMetrics()
 
     # ---- request preparation ---------------------------------------------------------------------
     def check_model(self, name: str) -> None:
@@ -100,7 +108,7 @@ class Server:
         ids = self.fit_context(ids, req.wanted_max_tokens())
         params = self.sampling(req, req.logprobs, req.top_logprobs or 0)
         rid, created = new_id("chatcmpl"), now()
-        events = generate(self.engine, ids, params, rid)
+        events = self.metrics.track(generate(self.engine, ids, params, rid), len(ids), params.n)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self.sse(self.chat_stream(events, rid, created, ids, params, include_usage, req), body, "chat")
@@ -159,7 +167,8 @@ class Server:
         rid, created = new_id("cmpl"), now()
         n = params.n
         echo = [self.tok.decode(ids) if req.echo else "" for ids in prompts]
-        streams = [generate(self.engine, ids, params, f"{rid}-{k}") for k, ids in enumerate(prompts)]
+        streams = [self.metrics.track(generate(self.engine, ids, params, f"{rid}-{k}"), len(ids), n)
+                   for k, ids in enumerate(prompts)]
         events = merge(streams, n)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -383,6 +392,10 @@ def openapi_document() -> dict:
     }
 
 
+async def to_ui(request: Request):
+    return RedirectResponse("ui/")  # NOTE: relative, so it also works behind a path prefix
+
+
 def create_app(engine: Engine, pipeline: Pipeline, cfg: ServerConfig) -> Starlette:
     srv = Server(engine, pipeline, cfg)
 
@@ -416,7 +429,16 @@ def create_app(engine: Engine, pipeline: Pipeline, cfg: ServerConfig) -> Starlet
         Route("/detokenize", srv.detokenize, methods=["POST"]),
         Route("/openapi.json", srv.openapi, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
+    middleware = []
+    if isinstance(srv.metrics, Metrics):
+        routes.append(Route("/metrics", srv.metrics.endpoint, methods=["GET"]))
+        middleware.append(Middleware(HTTPMetricsMiddleware, metrics=srv.metrics))
+    if cfg.ui:
+        # NOTE: plain files shipped in the package (no build step, no CDN); `/` leads there, as in
+        # llama.cpp's server, and the page calls the API with relative URLs.
+        routes.append(Mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui"))
+        routes.append(Route("/", to_ui, methods=["GET"]))
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
                     exception_handlers={P.InvalidRequest: invalid, HTTPException: http_error, Exception: server_error})
     app.state.server = srv
     return app

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shlex
 import socket
 import sys
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True)
 
@@ -33,45 +36,97 @@ def check_port(host: str, port: int) -> None:
             fail(f"cannot listen on {host}:{port} ({e.strerror}); pick another port with --port")
 
 
-def run_server(opts, spec) -> None:
+def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False, markup=False)])
-    check_port(opts.host, opts.port)
 
+
+def load_engine(opts, spec, max_seqs: int | None = None):
+    """The start-up shared by the HTTP server and the terminal chat (-i): torch threads, the
+    --chat-template override, the model under rich progress, the engine (not started).
+    Every failure is one line on stderr and exit status 2."""
     import torch
 
     from ..engine.engine import Engine
     from ..pipeline.base import LoadError, load_pipeline
-    from .app import ServerConfig, create_app
+    from ..pipeline.tokenizer import load_chat_template
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, transient=True)
+    if getattr(opts, "chat_template", None):
+        spec.chat_template = str(opts.chat_template)
+    progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=True)
     try:
+        template = load_chat_template(spec.chat_template) if spec.chat_template else None
         with progress:
+            # NOTE: an open-ended task first, so a hub download or a large file's index read shows
+            # activity before the loader knows how many tensors there are.
+            task = progress.add_task(f"loading {model_label(spec)}", total=None)
             pipeline = load_pipeline(spec, progress)
+            progress.update(task, total=1, completed=1)
     except LoadError as e:
         fail(str(e))
     except (OSError, ValueError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         fail(f"could not load the model: {type(e).__name__}: {first}")
+    if template is not None:
+        pipeline.tokenizer.chat_template = template
+    max_seqs = max_seqs or opts.max_seqs
     try:
-        engine = Engine(pipeline, max_seqs=opts.max_seqs, policy=opts.scheduler, prefill_chunk=opts.prefill_chunk)
+        engine = Engine(pipeline, max_seqs=max_seqs, policy=opts.scheduler, prefill_chunk=opts.prefill_chunk)
     except RuntimeError as e:
         fail(f"could not allocate the KV cache: {e}; lower --max-seqs or --max-model-len")
-    name = opts.served_model_name or pipeline.name
-    cfg = ServerConfig(served_model_name=name, truncate_sequence=opts.truncate_sequence,
-                       repeat_last_n=spec.repeat_last_n, log_file=str(opts.log) if opts.log else None)
-    app = create_app(engine, pipeline, cfg)
+    return pipeline, engine
+
+
+def model_label(spec) -> str:
+    name = spec.model_id or spec.quantized_model_id
+    if spec.quantized_filename:
+        name = f"{name}/{spec.quantized_filename}" if name else spec.quantized_filename
+    return name or "the embedded model"
+
+
+def summary(pipeline, name: str, max_seqs: int, scheduler: str) -> str:
+    """The ready line's model part: name | format | dtype | device | params | memory | context."""
     s = pipeline.summary
     mem = s.get("weights_bytes", 0) / 2**20
-    url = f"http://{opts.host if ':' not in opts.host else f'[{opts.host}]'}:{opts.port}"
-    console.print(
-        f"[bold green]ready[/] {name} | {s.get('format', '?')} | {str(pipeline.dtype).removeprefix('torch.')} | "
-        f"{pipeline.device} | {s.get('params', 0) / 1e6:.0f}M params | {mem:.0f} MiB weights | "
-        f"ctx {pipeline.max_model_len} x {opts.max_seqs} seqs | {opts.scheduler} | {url}/v1",
-        highlight=False, soft_wrap=True)
+    return (f"[bold green]ready[/] {escape(name)} | {s.get('format', '?')} | {str(pipeline.dtype).removeprefix('torch.')} | "
+            f"{pipeline.device} | {s.get('params', 0) / 1e6:.0f}M params | {mem:.0f} MiB weights | "
+            f"ctx {pipeline.max_model_len} x {max_seqs} seqs | {scheduler}")
+
+
+def public_url(host: str, port: int) -> str:
+    """NOTE: a wildcard bind address is not something a browser can open; show loopback instead."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://{shown if ':' not in shown else f'[{shown}]'}:{port}"
+
+
+def example_curl(url: str, model: str) -> str:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]}, ensure_ascii=False)
+    return (f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}")
+
+
+def run_server(opts, spec) -> None:
+    setup_logging()
+    check_port(opts.host, opts.port)
+    pipeline, engine = load_engine(opts, spec)
+
+    from .app import ServerConfig, create_app
+
+    name = opts.served_model_name or pipeline.name
+    ui, metrics = getattr(opts, "ui", True), getattr(opts, "metrics", True)
+    cfg = ServerConfig(served_model_name=name, truncate_sequence=opts.truncate_sequence,
+                       repeat_last_n=spec.repeat_last_n, log_file=str(opts.log) if opts.log else None,
+                       metrics=metrics, ui=ui)
+    app = create_app(engine, pipeline, cfg)
+    url = public_url(opts.host, opts.port)
+    if not pipeline.tokenizer.chat_template:
+        console.print("[bold yellow]note:[/] this model has no chat template: /v1/chat/completions answers 400 "
+                      "(use /v1/completions, or restart with --chat-template FILE)", highlight=False, soft_wrap=True)
+    console.print(f"{summary(pipeline, name, opts.max_seqs, opts.scheduler)} | {url}{'/ui' if ui else '/v1'}",
+                  highlight=False, soft_wrap=True)
+    console.print(f"[dim]try:[/] {escape(example_curl(url, name))}", highlight=False, soft_wrap=True)
     import uvicorn
 
     uvicorn.run(app, host=opts.host, port=opts.port, log_level="info", timeout_graceful_shutdown=10)

@@ -1,0 +1,180 @@
+"""Prometheus metrics for `GET /metrics`: HTTP requests, token latencies and counts, engine load.
+
+Names follow Prometheus conventions (`_total` counters, `_seconds` histograms) under `mistralrs_`;
+the set mirrors what vLLM and TGI export, so existing dashboards translate one name at a time.
+Every app gets its own registry, so two apps in one process (tests) never share counts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .. import __version__
+from ..engine.engine import Engine
+from ..engine.request import Delta, Done, Event
+
+# NOTE: the classic text format, which every Prometheus version (and VictoriaMetrics, Grafana
+# Agent...) reads; our names are plain ASCII, so the newer 1.0.0 format would add nothing.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# NOTE: no `*_created` series: they double the output and no dashboard reads them (vLLM does the same).
+disable_created_metrics()
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    """The server's metrics; `track()` wraps one engine request's event stream."""
+
+    def __init__(self, engine: Engine, model_name: str):
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        Info("mistralrs_build", "Server version and served model", registry=r).info(
+            {"version": __version__, "model": model_name})
+        self.http_requests = Counter("mistralrs_http_requests", "HTTP requests by route, method and status code",
+                                     ["route", "method", "status"], registry=r)
+        self.http_duration = Histogram("mistralrs_http_request_duration_seconds",
+                                       "Time from request to the end of the response (streams included)",
+                                       ["route"], buckets=HTTP_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("mistralrs_prompt_tokens", "Prompt tokens processed (once per prompt)", registry=r)
+        self.generation_tokens = Counter("mistralrs_generation_tokens", "Tokens generated, every choice counted", registry=r)
+        self.ttft = Histogram("mistralrs_time_to_first_token_seconds",
+                              "Time from submitting a request to the first token of each choice", buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("mistralrs_time_per_output_token_seconds",
+                              "Inter-token latency: time between a choice's consecutive tokens", buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("mistralrs_e2e_request_latency_seconds",
+                             "Time from submitting a generation request to its last event", buckets=E2E_BUCKETS, registry=r)
+        self.finished = Counter("mistralrs_sequences_finished", "Choices finished, by reason (stop, length, abort, error)",
+                                ["finish_reason"], registry=r)
+        r.register(EngineCollector(engine))
+
+    async def track(self, events: AsyncIterator[Event], prompt_tokens: int, n: int) -> AsyncIterator[Event]:
+        """Passes `events` through, timing tokens and counting them.
+
+        NOTE: a Delta may carry several token ids (text held back for an incomplete character or a
+        possible stop string); they reached the client together, so the first token of a choice is
+        its time to first token and the rest of that delta count as 0 s apart; a later delta of k
+        tokens after a gap g counts k tokens g/k apart. So the per-token histogram's count is
+        exactly generated tokens minus one per choice."""
+        start = time.perf_counter()
+        last: dict[int, float] = {}
+        done: set[int] = set()
+        counted_prompt = False
+        reason = "abort"
+        try:
+            async for ev in events:
+                if not counted_prompt:  # NOTE: the first event means the engine took the prompt
+                    self.prompt_tokens.inc(prompt_tokens)
+                    counted_prompt = True
+                if isinstance(ev, Delta) and ev.token_ids:
+                    t, k = time.perf_counter(), len(ev.token_ids)
+                    self.generation_tokens.inc(k)
+                    if ev.index not in last:
+                        self.ttft.observe(t - start)
+                        gaps, gap = k - 1, 0.0
+                    else:
+                        gaps, gap = k, (t - last[ev.index]) / k
+                    for _ in range(gaps):
+                        self.tpot.observe(gap)
+                    last[ev.index] = t
+                elif isinstance(ev, Done):
+                    done.add(ev.index)
+                    self.finished.labels(ev.finish_reason).inc()
+                yield ev
+        except Exception:
+            reason = "error"
+            raise
+        finally:
+            # NOTE: closing this wrapper (client gone, cancelled) must close the engine stream now:
+            # its own finally is what aborts the request in the engine and frees the cache slot.
+            await events.aclose()
+            self.e2e.observe(time.perf_counter() - start)
+            if n - len(done) > 0:
+                self.finished.labels(reason).inc(n - len(done))
+
+    async def endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE)
+
+
+class NoMetrics:
+    """--no-metrics: nothing is measured and the streams pass through untouched."""
+
+    def track(self, events: AsyncIterator[Event], prompt_tokens: int, n: int) -> AsyncIterator[Event]:
+        return events
+
+
+class EngineCollector(Collector):
+    """Load gauges read from the engine at scrape time (no bookkeeping on the hot path)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def describe(self):
+        return []  # NOTE: values are computed per scrape; nothing to describe up front
+
+    def collect(self):
+        e = self.engine
+        snap = e.snapshot()
+        pool = e.pool
+        capacity = pool.bytes_in_use(pool.num_slots * pool.max_len)
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, value=value)
+
+        yield gauge("mistralrs_engine_up", "1 while the engine thread is running", 1.0 if e.alive else 0.0)
+        yield gauge("mistralrs_num_sequences_running", "Sequences decoding or prefilling now", snap["running"])
+        yield gauge("mistralrs_num_sequences_waiting", "Sequences queued for a KV cache slot", snap["waiting"])
+        yield gauge("mistralrs_kv_cache_slots_used", "KV cache slots held by sequences", snap["kv_slots_in_use"])
+        yield gauge("mistralrs_kv_cache_slots_total", "KV cache slots (--max-seqs)", pool.num_slots)
+        yield gauge("mistralrs_kv_cache_bytes_used", "Bytes of KV cache holding running sequences' tokens",
+                    snap["kv_cache_bytes_in_use"])
+        yield gauge("mistralrs_kv_cache_usage_ratio", "KV cache use: cached tokens / (slots x context length)",
+                    snap["kv_cache_bytes_in_use"] / capacity if capacity else 0.0)
+        yield CounterMetricFamily("mistralrs_engine_steps", "Engine steps (one forward pass each)", value=snap["steps"])
+
+
+class HTTPMetricsMiddleware:
+    """Pure ASGI middleware (it never buffers, so SSE streams pass through as they are written).
+
+    NOTE: the route label is the matched route's template (`/v1/chat/completions`, `/ui`), never
+    the raw path, so scanners probing random URLs cannot blow up the label set: they all count
+    under `unmatched`. The request is counted when its status line is sent, so a client that has
+    read a response always sees itself in the next scrape."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status: int | None = None
+
+        async def send_and_count(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                self.metrics.http_requests.labels(route_of(scope), scope["method"], str(status)).inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_count)
+        except BaseException:
+            if status is None:  # NOTE: the error middleware outside us answers 500
+                self.metrics.http_requests.labels(route_of(scope), scope["method"], "500").inc()
+            raise
+        finally:
+            self.metrics.http_duration.labels(route_of(scope)).observe(time.perf_counter() - start)
+
+
+def route_of(scope) -> str:
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"

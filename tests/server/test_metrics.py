@@ -1,0 +1,170 @@
+"""GET /metrics through prometheus-client's own parser: counters move by exactly what was served."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from mistralrs_py.engine.engine import Engine
+from mistralrs_py.engine.request import Delta, Done, Request, SamplingParams
+from mistralrs_py.pipeline.base import ModelSpec
+from mistralrs_py.pipeline.hf import load_safetensors_dir
+from mistralrs_py.server.metrics import Metrics
+
+from .conftest import client, running_server
+
+MSG = [{"role": "user", "content": "Count the rivers of France."}]
+
+
+def parse(text: str) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def scrape(url: str) -> dict:
+    r = httpx.get(f"{url}/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return parse(r.text)
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_counters_move_by_what_was_served(tiny_server):
+    url, _ = tiny_server
+    c = client(url)
+    before = scrape(url)
+    r1 = c.chat.completions.create(model="default", messages=MSG, temperature=0, max_tokens=5, extra_body={"ignore_eos": True})
+    chunks = list(c.chat.completions.create(model="default", messages=MSG, max_tokens=7, stream=True, seed=3,
+                                            stream_options={"include_usage": True}))
+    r3 = c.completions.create(model="default", prompt="Rivers:", n=2, max_tokens=4, seed=1)
+    assert httpx.post(f"{url}/v1/chat/completions", json={"messages": MSG, "temperature": 5}).status_code == 400
+    assert httpx.get(f"{url}/no/such/page").status_code == 404
+    after = scrape(url)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    usages = [r1.usage, chunks[-1].usage, r3.usage]
+    generated = sum(u.completion_tokens for u in usages)
+    assert generated >= 5 + 1 + 2
+    assert delta("mistralrs_prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert delta("mistralrs_generation_tokens_total") == generated
+
+    chat = dict(route="/v1/chat/completions", method="POST")
+    assert delta("mistralrs_http_requests_total", **chat, status="200") == 2
+    assert delta("mistralrs_http_requests_total", **chat, status="400") == 1
+    assert delta("mistralrs_http_requests_total", route="/v1/completions", method="POST", status="200") == 1
+    assert delta("mistralrs_http_requests_total", route="unmatched", method="GET", status="404") == 1
+    assert delta("mistralrs_http_requests_total", route="/metrics", method="GET", status="200") == 1  # the first scrape
+    assert delta("mistralrs_http_request_duration_seconds_count", route="/v1/chat/completions") == 3
+
+    # 4 choices: each has one first token; every later token is one inter-token interval
+    assert delta("mistralrs_time_to_first_token_seconds_count") == 4
+    assert delta("mistralrs_time_per_output_token_seconds_count") == generated - 4
+    assert delta("mistralrs_time_to_first_token_seconds_sum") > 0
+    assert delta("mistralrs_e2e_request_latency_seconds_count") == 3
+    reasons = [r1.choices[0].finish_reason, next(ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason),
+               *(ch.finish_reason for ch in r3.choices)]
+    for reason in ("stop", "length"):
+        assert delta("mistralrs_sequences_finished_total", finish_reason=reason) == reasons.count(reason)
+
+    # engine gauges at rest, and the build info
+    assert value(after, "mistralrs_engine_up") == 1
+    assert value(after, "mistralrs_num_sequences_running") == 0 and value(after, "mistralrs_num_sequences_waiting") == 0
+    assert value(after, "mistralrs_kv_cache_slots_total") == 4 and value(after, "mistralrs_kv_cache_slots_used") == 0
+    assert value(after, "mistralrs_kv_cache_usage_ratio") == 0
+    assert any(name == "mistralrs_build_info" and dict(labels).get("model") for name, labels in after)
+
+
+def test_engine_gauges_show_a_running_sequence(tiny_llama):
+    """The scrape-time gauges, on a real engine stepped by hand, between two steps of a request."""
+    pipe = load_safetensors_dir(tiny_llama, ModelSpec(model_id=str(tiny_llama)), torch.device("cpu"), torch.float32)
+    engine = Engine(pipe, max_seqs=2, prefill_chunk=8)
+    metrics = Metrics(engine, "tiny")
+    engine.add_request(Request("r", list(range(5, 25)), SamplingParams(temperature=0, max_tokens=50), lambda ev: None))
+    engine.add_request(Request("q", list(range(5, 25)), SamplingParams(temperature=0, max_tokens=50), lambda ev: None))
+    engine.add_request(Request("w", list(range(5, 9)), SamplingParams(temperature=0, max_tokens=50), lambda ev: None))
+    engine._drain(block=False)
+    engine.step()
+    from prometheus_client import generate_latest
+
+    m = parse(generate_latest(metrics.registry).decode())
+    assert value(m, "mistralrs_num_sequences_running") == 2
+    assert value(m, "mistralrs_num_sequences_waiting") == 1  # no third slot
+    assert value(m, "mistralrs_kv_cache_slots_used") == 2
+    cached = sum(s.num_cached for s in engine.scheduler.running)
+    assert cached > 0
+    per_token = value(m, "mistralrs_kv_cache_bytes_used") / cached
+    assert per_token == pipe.config.num_layers * 2 * pipe.config.num_kv_heads * pipe.config.head_dim * 4  # K and V, fp32
+    assert value(m, "mistralrs_kv_cache_usage_ratio") == pytest.approx(cached / (2 * engine.max_len))
+    assert value(m, "mistralrs_engine_up") == 0  # stepped by hand: no engine thread
+    assert value(m, "mistralrs_engine_steps_total") == 1
+
+
+def test_closing_a_tracked_stream_aborts_it_and_counts_abort():
+    """The wrapper must close the engine stream at once: that stream's own finally aborts the request."""
+    metrics = Metrics(_NoEngine(), "x")
+    closed = []
+
+    async def events():
+        try:
+            yield Delta(0, "a", [1, 2])
+            yield Delta(0, "b", [3])
+            yield Done(0, "length", 4, 3)
+        finally:
+            closed.append(True)
+
+    async def go():
+        tracked = metrics.track(events(), prompt_tokens=4, n=1)
+        assert (await tracked.__anext__()).text == "a"
+        await tracked.aclose()
+
+    asyncio.run(go())
+    assert closed == [True]
+    m = parse(_latest(metrics))
+    assert value(m, "mistralrs_sequences_finished_total", finish_reason="abort") == 1
+    assert value(m, "mistralrs_prompt_tokens_total") == 4 and value(m, "mistralrs_generation_tokens_total") == 2
+    assert value(m, "mistralrs_time_to_first_token_seconds_count") == 1
+    assert value(m, "mistralrs_time_per_output_token_seconds_count") == 1  # the 2nd token of the first delta
+
+
+def test_no_metrics_and_no_ui_turn_the_routes_off(tiny_llama):
+    with running_server(["--no-metrics", "--no-ui", "--max-model-len", "64", "--max-seqs", "1"], ["mistral", "-m", str(tiny_llama)]) as url:
+        assert httpx.get(f"{url}/metrics").status_code == 404
+        assert httpx.get(f"{url}/ui/").status_code == 404
+        assert httpx.get(f"{url}/").status_code == 404
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": MSG, "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+class _NoEngine:
+    """Just enough engine for the collector."""
+
+    alive = False
+
+    class pool:
+        num_slots, max_len = 1, 8
+
+        @staticmethod
+        def bytes_in_use(tokens):
+            return tokens * 10
+
+    @staticmethod
+    def snapshot():
+        return {"running": 0, "waiting": 0, "kv_slots_in_use": 0, "kv_cache_bytes_in_use": 0, "steps": 0}
+
+
+def _latest(metrics: Metrics) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(metrics.registry).decode()
