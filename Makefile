@@ -11,8 +11,9 @@ PORT ?= 1234
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+XLORA_DEMO ?= build/xlora-demo
 
-.PHONY: install browser serve test bench bench-peers clean
+.PHONY: install browser serve test bench bench-peers xlora-demo serve-xlora clean
 
 install: $(STAMP)
 
@@ -32,6 +33,14 @@ browser:
 
 serve: install
 	$(BIN)/mistralrs --port $(PORT) $(SERVE_ARGS) mistral
+
+# demo X-LoRA checkpoint for the embedded SmolLM2: 3 random rank-8 experts + a random layerwise
+# classifier (untrained; offline, ~2 s)
+xlora-demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m mistralrs_py.lora.demo $(XLORA_DEMO)
+
+serve-xlora: xlora-demo
+	$(BIN)/mistralrs --port $(PORT) $(SERVE_ARGS) x-lora-mistral -x $(XLORA_DEMO) -o $(XLORA_DEMO)/ordering.json
 
 test: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)

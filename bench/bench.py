@@ -290,7 +290,7 @@ def main() -> None:
 
     # X-LoRA vs its base, when the X-LoRA demo is available
     try:
-        from mistralrs_py.lora.demo import bench_pipelines  # type: ignore
+        from mistralrs_py.pipeline.xlora import bench_pipelines
 
         xl, base = bench_pipelines()
         speeds = {}

@@ -44,6 +44,11 @@ class GlobalOptions:
     ui: bool = True
     chat_template: Optional[Path] = None
     no_xlora_kv_cache: bool = False
+    api_key: Optional[str] = None
+    allowed_origins: tuple[str, ...] = ()
+    max_waiting: int = 256
+    max_body_bytes: int = 2 * 1024 * 1024
+    shutdown_timeout: float = 10.0
 
 
 @app.callback()
@@ -69,6 +74,14 @@ def main_options(
         False, "--interactive", "-i", help="Chat with the model in this terminal instead of serving HTTP (/help inside for commands)."),
     no_metrics: bool = typer.Option(False, "--no-metrics", help="Do not serve Prometheus metrics at /metrics."),
     no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the web chat page at /ui."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="MISTRALRS_API_KEY", show_envvar=True,
+        help="Require `Authorization: Bearer KEY` on /v1/*, /tokenize, /detokenize and /metrics."),
+    allowed_origins: Optional[str] = typer.Option(
+        None, "--allowed-origins", help="Enable CORS for these origins (comma-separated, e.g. http://localhost:3000). Off by default."),
+    max_waiting: int = typer.Option(256, "--max-waiting", min=0, help="Sequences that may wait for a slot; beyond that requests get 503 with Retry-After."),
+    max_body_bytes: int = typer.Option(2 * 1024 * 1024, "--max-body-bytes", min=1024, help="Largest request body accepted (413 beyond)."),
+    shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout", min=0, help="On SIGTERM, seconds in-flight requests may finish before they are ended with an error."),
     chat_template: Optional[Path] = typer.Option(
         None, "--chat-template", exists=True, dir_okay=False, readable=True, metavar="FILE",
         help="Chat template overriding the model's: a jinja file, or JSON with a \"chat_template\" key (tokenizer_config.json)."),
@@ -82,7 +95,9 @@ def main_options(
         raise typer.BadParameter(f"{device!r} is not one of auto, cpu, cuda, cuda:N", param_hint="--device")
     ctx.obj = GlobalOptions(port, host, log, truncate_sequence, max_seqs, device, dtype, threads, scheduler,
                             prefill_chunk, max_model_len, served_model_name, interactive, not no_metrics, not no_ui,
-                            chat_template, no_xlora_kv_cache=no_xlora_kv_cache)
+                            chat_template, no_xlora_kv_cache=no_xlora_kv_cache, api_key=api_key,
+                            allowed_origins=tuple(o.strip() for o in (allowed_origins or "").split(",") if o.strip()),
+                            max_waiting=max_waiting, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout)
 
 
 REPEAT_LAST_N = typer.Option(64, "--repeat-last-n", min=0, help="Tokens the repetition penalty looks back over.")
@@ -146,9 +161,6 @@ def x_lora_mistral(
     if model_id and (quantized_model_id or quantized_filename):
         raise typer.BadParameter("give the base either with --model-id or with --quantized-model-id/--quantized-filename",
                                  param_hint="--model-id")
-    # NOTE: importing the module registers the X-LoRA loader (load_pipeline imports only hf and gguf).
-    from .pipeline import xlora as _xlora  # noqa: F401
-
     opts: GlobalOptions = ctx.obj
     serve(opts, ModelSpec(ModelKind.XLORA, model_id=model_id, revision=revision, tokenizer_id=tokenizer_id,
                           quantized_model_id=quantized_model_id, quantized_filename=quantized_filename,
@@ -193,11 +205,6 @@ def ordering(
     else:
         output.write_text(made.to_json())
         typer.echo(f"wrote {output}: {len(names)} adapters, {len(made.layers)} wrapped linears", err=True)
-
-
-def _not_built(name: str) -> None:
-    typer.echo(f"error: `mistralrs {name}` is not built yet; use `mistralrs mistral` for now", err=True)
-    raise typer.Exit(2)
 
 
 def serve(opts: GlobalOptions, spec: ModelSpec) -> None:

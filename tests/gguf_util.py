@@ -89,3 +89,41 @@ def write_gguf(hf_dir: Path, out: Path, qtypes=(Q.Q4_0, Q.Q4_1, Q.Q8_0)) -> Path
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+# ---- hand-made (possibly malformed) files ----------------------------------------------------------
+def _gguf_str(s: bytes, declared_len: int | None = None) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(s) if declared_len is None else declared_len) + s
+
+
+def raw_gguf(kvs: list[bytes], tensors: list[tuple[str, list[int], int, int]], data: bytes = b"", alignment: int = 32) -> bytes:
+    """A GGUF v3 file from pre-encoded key/value records and (name, dims, ggml type, offset) infos."""
+    import struct
+
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs)) + b"".join(kvs)
+    for name, dims, qtype, offset in tensors:
+        out += _gguf_str(name.encode()) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        out += struct.pack("<IQ", qtype, offset)
+    out += b"\0" * (-len(out) % alignment)
+    return out + data
+
+
+def kv_str(key: str, value: bytes, declared_len: int | None = None) -> bytes:
+    import struct
+
+    return _gguf_str(key.encode()) + struct.pack("<I", 8) + _gguf_str(value, declared_len)
+
+
+def kv_u32(key: str, value: int) -> bytes:
+    import struct
+
+    return _gguf_str(key.encode()) + struct.pack("<II", 4, value)
+
+
+def kv_str_array(key: str, items: list[bytes], declared_count: int | None = None) -> bytes:
+    import struct
+
+    n = len(items) if declared_count is None else declared_count
+    return _gguf_str(key.encode()) + struct.pack("<IIQ", 9, 8, n) + b"".join(_gguf_str(i) for i in items)

@@ -42,12 +42,6 @@ def test_bad_global_values(args):
     assert r.exit_code == 2
 
 
-def test_not_built_subcommands_exit_2_without_traceback():
-    for sub in ("x-lora-mistral",):
-        r = runner.invoke(cli.app, [sub])
-        assert r.exit_code == 2 and "not built yet" in r.output and "Traceback" not in r.output
-
-
 def _load_error(args):
     r = runner.invoke(cli.app, ["--port", "0", "mistral", *args])
     assert r.exit_code == 2, r.output

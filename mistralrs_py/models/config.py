@@ -102,8 +102,9 @@ class ModelConfig:
         """Reads llama.cpp's GGUF metadata keys (`{arch}.block_count`, ...)."""
         arch = fields.get("general.architecture")
         if arch not in SUPPORTED_MODEL_TYPES:
+            shown = repr(arch)[:40] + ("..." if len(repr(arch)) > 40 else "")
             raise ConfigError(
-                f"unsupported GGUF architecture {arch!r}; this server runs {', '.join(SUPPORTED_MODEL_TYPES)} models"
+                f"unsupported GGUF architecture {shown}; this server runs {', '.join(SUPPORTED_MODEL_TYPES)} models"
             )
 
         def get(key: str, default: Any = None) -> Any:

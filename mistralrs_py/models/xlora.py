@@ -31,6 +31,10 @@ class AdapterStack:
     index: int  # X-LoRA layer index (from the ordering)
 
 
+# NOTE: fused projections (llama.fuse_projections) and their parts, in output order.
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 class XLoraModel(nn.Module):
     def __init__(self, base: CausalLM, cfg: XLoraConfig, classifier: XLoraClassifier, stacks: list[AdapterStack],
                  ranks: list[int]):
@@ -38,20 +42,34 @@ class XLoraModel(nn.Module):
         self.base, self.cfg, self.classifier = base, cfg, classifier
         self.n, self.L = len(ranks), len(stacks)
         self.scalings = Scalings()
-        g = cfg.global_scaling_weight
         self.wrapped: list[XLoraLinear] = []
-        for st in stacks:
-            *path, leaf = st.module.split(".")
-            owner = base.get_submodule(".".join(path))
-            lin = XLoraLinear(getattr(owner, leaf), st.lora_a, st.lora_b * g, self.scalings,
-                              row=st.index if cfg.layerwise_scalings else 0, index=st.index)
-            setattr(owner, leaf, lin)
-            self.wrapped.append(lin)
+        for owner, leaf, parts in _groups(base, stacks):
+            self.wrapped.append(self._wrap(owner, leaf, parts))
         # NOTE: adapter i owns ranks [sum r_<i, sum r_<=i) of the stacked A/B; scalings are expanded
         # to rank space once per pass with this index instead of per wrapped linear.
         dev = stacks[0].lora_a.device if stacks else None
+        self.lora_dtype = stacks[0].lora_a.dtype if stacks else classifier.last.weight.dtype
         self.register_buffer("rank_index", torch.repeat_interleave(torch.arange(self.n), torch.tensor(ranks)).to(dev),
                              persistent=False)
+
+    def _wrap(self, owner: nn.Module, leaf: str, parts: list[tuple[int, int, AdapterStack | None]]) -> XLoraLinear:
+        """parts: (row offset, rows, stack or None when not adapted) covering the module's output."""
+        g = self.cfg.global_scaling_weight
+        adapted = [(off, st) for off, _, st in parts if st is not None]
+        a = torch.cat([st.lora_a for _, st in adapted])
+        if len(parts) == 1:
+            b = parts[0][2].lora_b * g
+        else:
+            R = adapted[0][1].lora_a.shape[0]
+            out = sum(rows for _, rows, _ in parts)
+            b = a.new_zeros(out, R * len(adapted))
+            for j, (off, st) in enumerate(adapted):
+                b[off : off + st.lora_b.shape[0], j * R : (j + 1) * R] = st.lora_b * g
+        idx = [st.index for _, st in adapted]
+        lin = XLoraLinear(getattr(owner, leaf), a, b, self.scalings, rows=idx if self.cfg.layerwise_scalings else [0] * len(idx),
+                          indices=idx)
+        setattr(owner, leaf, lin)
+        return lin
 
     # ---- the two passes ------------------------------------------------------------------------
     def scaling_hidden(self, input_ids: Tensor, view: BatchView, cache) -> Tensor:
@@ -72,7 +90,7 @@ class XLoraModel(nn.Module):
             # NOTE: top-k acts on the classifier's scalings only, the dummy ones stay constant (§4.4);
             # like PEFT, what is reported (get_latest_scalings) is the classifier's output before it.
             scalings = top_k_scalings(scalings, self.cfg.top_k_lora, self.cfg.enable_softmax_topk)
-        self.scalings.set_rank(scalings.index_select(-1, self.rank_index))  # [N, rows, R]
+        self.scalings.set_rank(scalings.to(self.lora_dtype).index_select(-1, self.rank_index))  # [N, rows, R]
         try:
             h = self.base.hidden_states(input_ids, view, cache)
         finally:
@@ -83,3 +101,25 @@ class XLoraModel(nn.Module):
         """One step with a cache per pass: (logits [S, V], scalings [N, rows, n])."""
         s = self.classify(self.scaling_hidden(input_ids, view, scaling_cache))
         return self.real_logits(input_ids, view, cache, s), s
+
+
+def _groups(base: CausalLM, stacks: list[AdapterStack]):
+    """(owner module, attribute, parts) per module to wrap; a fused projection gathers its parts."""
+    cfg = base.cfg
+    size = {"q_proj": cfg.num_heads * cfg.head_dim, "k_proj": cfg.kv_dim, "v_proj": cfg.kv_dim,
+            "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
+    fused: dict[tuple[str, str], dict[str, AdapterStack]] = {}
+    for st in stacks:
+        owner_path, leaf = st.module.rsplit(".", 1)
+        owner = base.get_submodule(owner_path)
+        if isinstance(getattr(owner, leaf, None), nn.Module):
+            yield owner, leaf, [(0, st.lora_b.shape[0], st)]
+            continue
+        name = next(f for f, members in FUSED_PARTS.items() if leaf in members)
+        fused.setdefault((owner_path, name), {})[leaf] = st
+    for (owner_path, name), by_leaf in fused.items():
+        parts, off = [], 0
+        for leaf in FUSED_PARTS[name]:
+            parts.append((off, size[leaf], by_leaf.get(leaf)))
+            off += size[leaf]
+        yield base.get_submodule(owner_path), name, parts

@@ -89,7 +89,7 @@ def register(kind: ModelKind):
 
 def load_pipeline(spec: ModelSpec, progress=None) -> Pipeline:
     # NOTE: importing the loader modules registers them; done here so `--help` never imports torch.
-    from . import gguf, hf  # noqa: F401
+    from . import gguf, hf, xlora  # noqa: F401
 
     if spec.kind not in LOADERS:
         raise LoadError(f"`{spec.kind.value}` is not built yet")

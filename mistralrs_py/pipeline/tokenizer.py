@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -86,10 +88,44 @@ class Tokenizer:
 _ENV = None
 
 
+# NOTE: limits for templates from untrusted model files: wall time, output size, and the size of
+# values built by `*`/`+` (so `'x' * 10**9` or nested range loops fail fast instead of hanging).
+TEMPLATE_SECONDS = 2.0
+TEMPLATE_MAX_CHARS = 16 * 1024 * 1024
+_budget = threading.local()
+
+
+def _check_budget() -> None:
+    deadline = getattr(_budget, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline:
+        raise ChatTemplateError(f"chat template took longer than {TEMPLATE_SECONDS:.0f} s to render")
+
+
 def _environment():
     global _ENV
     if _ENV is None:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class BudgetedSandbox(ImmutableSandboxedEnvironment):
+            intercepted_binops = frozenset(["*", "**", "+"])
+
+            def call(self, __context, __obj, *args, **kwargs):
+                _check_budget()
+                return super().call(__context, __obj, *args, **kwargs)
+
+            def call_binop(self, context, operator, left, right):
+                _check_budget()
+                if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                    raise ChatTemplateError("chat template computes an oversized power")
+                if operator == "*" and isinstance(left, (str, list, tuple)) != isinstance(right, (str, list, tuple)):
+                    count = right if isinstance(left, (str, list, tuple)) else left
+                    seq = left if isinstance(left, (str, list, tuple)) else right
+                    if isinstance(count, int) and count * max(len(seq), 1) > TEMPLATE_MAX_CHARS:
+                        raise ChatTemplateError("chat template builds an oversized value")
+                if operator == "+" and isinstance(left, (str, list)) and isinstance(right, (str, list)):
+                    if len(left) + len(right) > TEMPLATE_MAX_CHARS:
+                        raise ChatTemplateError("chat template builds an oversized value")
+                return super().call_binop(context, operator, left, right)
 
         def raise_exception(message: str):
             raise ChatTemplateError(f"chat template error: {message}")
@@ -97,12 +133,19 @@ def _environment():
         def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
+        def budget_range(*args):
+            for i, v in enumerate(range(*args)):
+                if i % 1024 == 0:
+                    _check_budget()
+                yield v
+
         # NOTE: an immutable sandbox: templates come from model files written by strangers; they may
         # not reach Python internals or mutate the messages they are given.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = BudgetedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.globals["range"] = budget_range
         _ENV = env
     return _ENV
 
@@ -110,14 +153,24 @@ def _environment():
 def render_template(template: str, **context) -> str:
     from jinja2 import TemplateError
 
+    _budget.deadline = time.monotonic() + TEMPLATE_SECONDS
     try:
-        return _environment().from_string(template).render(**context)
+        parts, size = [], 0
+        for piece in _environment().from_string(template).generate(**context):
+            size += len(piece)
+            if size > TEMPLATE_MAX_CHARS:
+                raise ChatTemplateError("chat template output is too large")
+            _check_budget()
+            parts.append(piece)
+        return "".join(parts)
     except ChatTemplateError:
         raise
     except TemplateError as e:
         raise ChatTemplateError(f"chat template error: {type(e).__name__}: {e}") from None
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError, MemoryError, RecursionError) as e:
         raise ChatTemplateError(f"chat template could not render these messages: {type(e).__name__}: {e}") from None
+    finally:
+        _budget.deadline = None
 
 
 def load_chat_template(path: str | Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import threading
@@ -18,6 +19,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -29,7 +31,7 @@ from ..pipeline.base import Pipeline
 from ..pipeline.tokenizer import ChatTemplateError
 from . import protocol as P
 from .metrics import HTTPMetricsMiddleware, Metrics, NoMetrics
-from .streaming import (Choice, GenerationError, chat_chunk, chat_logprobs, completion_chunk, completion_logprobs,
+from .streaming import (Accounting, Choice, GenerationError, chat_chunk, chat_logprobs, completion_chunk, completion_logprobs,
                         generate, new_id, now, usage)
 
 log = logging.getLogger("mistralrs.server")
@@ -44,6 +46,12 @@ class ServerConfig:
     log_file: Optional[str] = None
     metrics: bool = True  # GET /metrics (Prometheus); --no-metrics turns it off
     ui: bool = True  # the chat page at /ui; --no-ui turns it off
+    max_seqs: int = 16
+    max_waiting: int = 256  # sequences that may wait for a slot; more get 503 + Retry-After
+    max_body_bytes: int = 2 * 1024 * 1024
+    api_key: Optional[str] = None
+    allowed_origins: tuple[str, ...] = ()
+    shutdown_timeout: float = 10.0  # SIGTERM: in-flight requests may finish for this long
 
 
 class RequestLog:
@@ -68,6 +76,24 @@ class Server:
         self.tok = pipeline.tokenizer
         self.reqlog = RequestLog(cfg.log_file)
         self.metrics = Metrics(engine, cfg.served_model_name) if cfg.metrics else NoMetrics()
+        self.acct = Accounting()
+        self.shutting_down = False
+
+    def admit(self, sequences: int) -> None:
+        """NOTE: a bounded queue: past --max-waiting, answer 503 at once (with Retry-After) rather
+        than let requests pile up behind a busy engine."""
+        if self.shutting_down:
+            raise P.InvalidRequest("the server is shutting down", None, 503, "server_error", "shutting_down")
+        if not self.engine.alive:
+            raise P.InvalidRequest("the engine is not running", None, 503, "server_error", "engine_unavailable")
+        # NOTE: counted in sequences (n > 1 takes n slots); an idle server admits any one request.
+        if self.acct.outstanding and self.acct.outstanding + sequences > self.cfg.max_seqs + self.cfg.max_waiting:
+            self.acct.rejected += 1
+            raise P.InvalidRequest("the server is overloaded: too many requests are waiting; retry shortly",
+                                   None, 503, "server_error", "server_overloaded", headers={"Retry-After": "1"})
+
+    def submit(self, ids: list[int], params: SamplingParams, rid: str):
+        return self.metrics.track(generate(self.engine, ids, params, rid, self.acct), len(ids), params.n)
 
     # ---- request preparation ---------------------------------------------------------------------
     def check_model(self, name: str) -> None:
@@ -108,7 +134,8 @@ class Server:
         ids = self.fit_context(ids, req.wanted_max_tokens())
         params = self.sampling(req, req.logprobs, req.top_logprobs or 0)
         rid, created = new_id("chatcmpl"), now()
-        events = self.metrics.track(generate(self.engine, ids, params, rid), len(ids), params.n)
+        self.admit(params.n)
+        events = self.submit(ids, params, rid)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self.sse(self.chat_stream(events, rid, created, ids, params, include_usage, req), body, "chat")
@@ -167,7 +194,8 @@ class Server:
         rid, created = new_id("cmpl"), now()
         n = params.n
         echo = [self.tok.decode(ids) if req.echo else "" for ids in prompts]
-        streams = [self.metrics.track(generate(self.engine, ids, params, f"{rid}-{k}"), len(ids), n)
+        self.admit(n * len(prompts))
+        streams = [self.submit(ids, params, f"{rid}-{k}")
                    for k, ids in enumerate(prompts)]
         events = merge(streams, n)
         if req.stream:
@@ -233,7 +261,9 @@ class Server:
                               "response": {"choices": [{"index": i, "text": t} for i, t in sorted(texts.items())]}})
             yield {"data": "[DONE]"}
 
-        return EventSourceResponse(frames(), sep="\n", ping=15)
+        # NOTE: on shutdown, streams keep going for the grace period: by then the engine has ended
+        # them with an error event (see launch.GracefulServer), so clients see a clean end.
+        return EventSourceResponse(frames(), sep="\n", ping=15, shutdown_grace_period=self.cfg.shutdown_timeout + 2)
 
     async def models(self, request: Request):
         return JSONResponse({"object": "list", "data": [{
@@ -243,7 +273,9 @@ class Server:
     async def health(self, request: Request):
         if not self.engine.alive:
             return JSONResponse(P.error_body("the engine is not running", "server_error", None, "engine_unavailable"), 503)
-        return JSONResponse({"status": "ok", **self.engine.snapshot()})
+        if self.shutting_down:
+            return JSONResponse(P.error_body("the server is shutting down", "server_error", None, "shutting_down"), 503)
+        return JSONResponse({"status": "ok", **self.engine.snapshot(), "requests": self.acct.as_dict()})
 
     async def version(self, request: Request):
         return JSONResponse({"version": __version__})
@@ -282,7 +314,21 @@ def extras(choice: Choice, req: P.SamplingFields) -> dict:
 
 
 async def read_json(request: Request) -> dict:
-    raw = await request.body()
+    """The body as a JSON object. NOTE: the size limit is checked on Content-Length and again while
+    reading, so an oversized body is refused without being buffered whole."""
+    limit = request.app.state.server.cfg.max_body_bytes
+    declared = request.headers.get("content-length")
+    too_big = P.InvalidRequest(f"request body is larger than {limit} bytes", None, 413, "invalid_request_error",
+                               "request_too_large")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -297,8 +343,16 @@ def validate(model, body: dict):
         return model.model_validate(body)
     except ValidationError as e:
         err = e.errors(include_url=False, include_input=False)[0]
-        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "list[", "str", "int")))
+        loc = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
         raise P.InvalidRequest(f"{loc or 'body'}: {err['msg']}", loc or None) from None
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic puts the member type of a union into error locations ('str', 'list[int]', ...)."""
+    if not isinstance(part, str):
+        return False
+    return part in ("str", "int", "float", "bool", "none") or part.startswith(
+        ("list[", "dict[", "tuple[", "function-", "constrained-", "tagged-union"))
 
 
 async def collect(request: Request, events: AsyncIterator, n: int) -> list[Choice]:
@@ -392,6 +446,28 @@ def openapi_document() -> dict:
     }
 
 
+class APIKeyMiddleware:
+    """`Authorization: Bearer KEY` on the API routes and /metrics; /health, /version and the UI's
+    static files stay open. NOTE: compared in constant time; the key is never logged."""
+
+    PROTECTED = ("/v1/", "/metrics", "/tokenize", "/detokenize")
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") == "OPTIONS" or not scope["path"].startswith(self.PROTECTED):
+            return await self.app(scope, receive, send)
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        body = P.error_body("Incorrect or missing API key: send it as `Authorization: Bearer KEY`.",
+                            "authentication_error", None, "invalid_api_key")
+        resp = JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
+        await resp(scope, receive, send)
+
+
 async def to_ui(request: Request):
     return RedirectResponse("ui/")  # NOTE: relative, so it also works behind a path prefix
 
@@ -409,7 +485,7 @@ def create_app(engine: Engine, pipeline: Pipeline, cfg: ServerConfig) -> Starlet
             await asyncio.to_thread(engine.stop)
 
     async def invalid(request, exc: P.InvalidRequest):
-        return JSONResponse(P.error_body(exc.message, exc.type, exc.param, exc.code), exc.status)
+        return JSONResponse(P.error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=exc.headers)
 
     async def http_error(request, exc: HTTPException):
         kind = {401: "authentication_error", 404: "not_found_error"}.get(exc.status_code, "invalid_request_error")
@@ -430,6 +506,11 @@ def create_app(engine: Engine, pipeline: Pipeline, cfg: ServerConfig) -> Starlet
         Route("/openapi.json", srv.openapi, methods=["GET"]),
     ]
     middleware = []
+    if cfg.allowed_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_methods=["*"],
+                                     allow_headers=["*"]))
+    if cfg.api_key:
+        middleware.append(Middleware(APIKeyMiddleware, key=cfg.api_key))
     if isinstance(srv.metrics, Metrics):
         routes.append(Route("/metrics", srv.metrics.endpoint, methods=["GET"]))
         middleware.append(Middleware(HTTPMetricsMiddleware, metrics=srv.metrics))

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import signal
 import socket
 import sys
+import threading
+
+import uvicorn
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -118,7 +122,9 @@ def run_server(opts, spec) -> None:
     ui, metrics = getattr(opts, "ui", True), getattr(opts, "metrics", True)
     cfg = ServerConfig(served_model_name=name, truncate_sequence=opts.truncate_sequence,
                        repeat_last_n=spec.repeat_last_n, log_file=str(opts.log) if opts.log else None,
-                       metrics=metrics, ui=ui)
+                       metrics=metrics, ui=ui, max_seqs=opts.max_seqs, max_waiting=opts.max_waiting,
+                       max_body_bytes=opts.max_body_bytes, api_key=opts.api_key or None,
+                       allowed_origins=tuple(opts.allowed_origins), shutdown_timeout=opts.shutdown_timeout)
     app = create_app(engine, pipeline, cfg)
     url = public_url(opts.host, opts.port)
     if not pipeline.tokenizer.chat_template:
@@ -127,7 +133,32 @@ def run_server(opts, spec) -> None:
     console.print(f"{summary(pipeline, name, opts.max_seqs, opts.scheduler)} | {url}{'/ui' if ui else '/v1'}",
                   highlight=False, soft_wrap=True)
     console.print(f"[dim]try:[/] {escape(example_curl(url, name))}", highlight=False, soft_wrap=True)
-    import uvicorn
-
-    uvicorn.run(app, host=opts.host, port=opts.port, log_level="info", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="info",
+                            timeout_graceful_shutdown=opts.shutdown_timeout + 5)
+    GracefulServer(config, app.state.server, engine, opts.shutdown_timeout).run()
     sys.exit(0)
+
+
+class GracefulServer(uvicorn.Server):
+    """SIGTERM/SIGINT: stop accepting (uvicorn closes the listener), answer 503 to requests on open
+    connections, let in-flight requests finish for `shutdown_timeout` seconds, then end the rest
+    with an error event (streams) or an error response, join the engine thread, exit 0."""
+
+    def __init__(self, config, server, engine, shutdown_timeout: float):
+        super().__init__(config)
+        self.srv, self.engine, self.shutdown_timeout = server, engine, shutdown_timeout
+        self._timer: threading.Timer | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        self.srv.shutting_down = True
+        if self._timer is None:
+            # NOTE: a plain timer thread: engine.stop() fails whatever is left, and those error
+            # events let uvicorn's wait for open responses end before its own hard timeout.
+            self._timer = threading.Timer(self.shutdown_timeout, self.engine.stop)
+            self._timer.daemon = True
+            self._timer.start()
+        super().handle_exit(sig, frame)
+        # NOTE: uvicorn re-raises a captured signal once shut down (so the process dies of it);
+        # a graceful SIGTERM shutdown is a normal exit here: status 0.
+        if sig == signal.SIGTERM:
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]

@@ -194,9 +194,10 @@ class InvalidRequest(Exception):
     """A request the server refuses; mapped to OpenAI's error JSON by the app."""
 
     def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
-                 type: str = "invalid_request_error", code: Optional[str] = None):
+                 type: str = "invalid_request_error", code: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)
         self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
+        self.headers = headers
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None) -> dict:

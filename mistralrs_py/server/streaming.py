@@ -23,39 +23,83 @@ class GenerationError(Exception):
         self.message, self.code = message, code
 
 
-async def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[Event]:
-    """Submits one request and yields its events until every choice is done.
+@dataclass
+class Accounting:
+    """Server-side request counts: every accepted request ends exactly once as completed, errored
+    or aborted. `outstanding` counts sequences accepted and not yet ended (admission control)."""
 
-    NOTE: leaving the iteration early (client gone, task cancelled) aborts the request in the
-    engine, which frees its cache slot within a step."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Event] = asyncio.Queue()
+    accepted: int = 0
+    completed: int = 0
+    errored: int = 0
+    aborted: int = 0
+    rejected: int = 0
+    outstanding: int = 0
 
-    def emit(ev: Event) -> None:  # engine thread
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class EngineStream:
+    """One request submitted to the engine (at construction, so a dead engine is an error before
+    any response byte), iterated as its events until every choice is done.
+
+    NOTE: aclose() before the end (client gone, task cancelled) aborts the request in the engine,
+    which frees its cache slot within a step."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                 accounting: Accounting | None = None):
+        loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.engine, self.request_id, self.n = engine, request_id, params.n
+        self.acct = accounting or Accounting()
+
+        def emit(ev: Event) -> None:  # engine thread
+            try:
+                loop.call_soon_threadsafe(self._queue.put_nowait, ev)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
+
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+            engine.add_request(Request(request_id, prompt_ids, params, emit))
+        except EngineDead:
+            raise GenerationError("the engine is not running", "engine_unavailable") from None
+        self._remaining, self._ended = params.n, False
+        self.acct.accepted += 1
+        self.acct.outstanding += self.n
 
-    try:
-        engine.add_request(Request(request_id, prompt_ids, params, emit))
-    except EngineDead:
-        raise GenerationError("the engine is not running", "engine_unavailable") from None
-    remaining = params.n
-    finished = False
-    try:
-        while remaining:
-            ev = await queue.get()
-            if isinstance(ev, Error):
-                finished = True
-                raise GenerationError(ev.message, ev.code)
-            if isinstance(ev, Done):
-                remaining -= 1
-            yield ev
-        finished = True
-    finally:
-        if not finished:
-            engine.abort(request_id)
+    def _end(self, outcome: str) -> None:
+        if not self._ended:
+            self._ended = True
+            self.acct.outstanding -= self.n
+            setattr(self.acct, outcome, getattr(self.acct, outcome) + 1)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._ended or not self._remaining:
+            self._end("completed")
+            raise StopAsyncIteration
+        ev = await self._queue.get()
+        if isinstance(ev, Error):
+            self._end("errored")
+            raise GenerationError(ev.message, ev.code)
+        if isinstance(ev, Done):
+            self._remaining -= 1
+        return ev
+
+    async def aclose(self) -> None:
+        if not self._ended:
+            if self._remaining:
+                self.engine.abort(self.request_id)
+                self._end("aborted")
+            else:
+                self._end("completed")
+
+
+def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams, request_id: str,
+             accounting: Accounting | None = None) -> EngineStream:
+    return EngineStream(engine, prompt_ids, params, request_id, accounting)
 
 
 @dataclass

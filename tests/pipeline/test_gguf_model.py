@@ -101,3 +101,39 @@ def test_gguf_mistral_resolves_directory_and_file(tiny_gguf):
         assert load_pipeline(spec).config.num_layers == 2
     with pytest.raises(LoadError, match="quantized-filename"):
         load_pipeline(ModelSpec(ModelKind.GGUF, quantized_model_id="org/repo-GGUF", device="cpu"))
+
+
+def _malformed_cases():
+    from tests.gguf_util import kv_str, kv_str_array, kv_u32, raw_gguf
+
+    base = [kv_str("general.architecture", b"llama")]
+    return {
+        "absurd_dims": raw_gguf(base, [("token_embd.weight", [1 << 40, 1 << 40], 0, 0)], b"\0" * 64),
+        "wrapping_dims": raw_gguf(base, [("token_embd.weight", [1 << 63, 2], 0, 0)], b"\0" * 64),
+        "offset_past_end": raw_gguf(base, [("token_embd.weight", [4, 4], 0, 1 << 30)], b"\0" * 64),
+        "huge_string": raw_gguf([kv_str("general.architecture", b"llama", declared_len=1 << 60)], []),
+        "bad_alignment": raw_gguf(base + [kv_u32("general.alignment", 3)], [("token_embd.weight", [4, 4], 0, 0)], b"\0" * 64),
+        "huge_array": raw_gguf(base + [kv_str_array("tokenizer.ggml.tokens", [b"a", b"b"], declared_count=1 << 50)], []),
+        "not_gguf": b"PK\x03\x04" + b"\0" * 100,
+    }
+
+
+@pytest.mark.parametrize("case", list(_malformed_cases()))
+def test_malformed_gguf_is_a_quick_one_line_error(tmp_path, case):
+    import resource
+    import time
+
+    p = tmp_path / f"{case}.gguf"
+    p.write_bytes(_malformed_cases()[case])
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    t = time.monotonic()
+    try:
+        # NOTE: a memory cap makes an attempted huge allocation fail here instead of swapping
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, hard))
+        with pytest.raises(LoadError) as e:
+            load_gguf_file(p, ModelSpec(), torch.device("cpu"), torch.float32, quantized=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert time.monotonic() - t < 10
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 400 and "\x00" not in msg

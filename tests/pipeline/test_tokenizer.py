@@ -57,3 +57,25 @@ def test_chat_template_renders_and_adds_no_double_bos(smollm):
 def test_hostile_or_broken_templates_are_clean_errors(template):
     with pytest.raises(ChatTemplateError):
         render_template(template, messages=[{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("template", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "{{ 'x' * 1000000000 }}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+    "{{ 2 ** 100000000 }}",
+    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+])
+def test_runaway_templates_fail_fast(template):
+    import time
+
+    t = time.monotonic()
+    with pytest.raises(ChatTemplateError):
+        render_template(template, messages=[{"role": "user", "content": "x"}])
+    assert time.monotonic() - t < 10
+
+
+def test_normal_templates_still_render():
+    out = render_template("{% for m in messages %}{{ m['role'] }}:{{ m['content'] * 2 }}|{% endfor %}{{ range(3) | list }}",
+                          messages=[{"role": "user", "content": "ab"}])
+    assert out == "user:abab|[0, 1, 2]"

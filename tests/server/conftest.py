@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -24,13 +25,17 @@ def running_server(global_args: list[str], model_args: list[str], timeout: float
     port = free_port()
     cmd = [sys.executable, "-m", "mistralrs_py", "--port", str(port), "--threads", "1", *global_args, *model_args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    # NOTE: output goes to a file, not a pipe: a pipe nobody reads fills up (access logs) and
+    # blocks the server mid-test.
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
+                log.seek(0)
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read()}")
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
@@ -47,6 +52,7 @@ def running_server(global_args: list[str], model_args: list[str], timeout: float
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 @pytest.fixture(scope="session")
