@@ -23,7 +23,7 @@ from .engine.request import Delta, Done, Error, Event, Request, SamplingParams
 from .pipeline.base import ModelKind, ModelSpec, Pipeline, load_pipeline
 from .pipeline.tokenizer import ChatTemplateError, load_chat_template
 from .server import protocol as P
-from .server.streaming import Choice, chat_chunk, chat_logprobs, completion_logprobs, new_id, now, usage
+from .server.streaming import Choice, chat_chunk, chat_completion, chat_logprobs, completion_logprobs, new_id, now, usage
 
 class GenerationFailed(RuntimeError):
     """The engine failed a request (forward error, engine stopped)."""
@@ -109,17 +109,7 @@ class Runner:
         ids, params, req = self._prepare_chat(messages, sampling)
         rid = new_id("chatcmpl")
         choices = self._collect(ids, params, rid)
-        return {
-            "id": rid, "object": "chat.completion", "created": now(), "model": self.model,
-            "system_fingerprint": f"mistralrs-py-{__version__}",
-            "choices": [{
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(self.tokenizer, c.logprobs) if params.logprobs else None,
-                "finish_reason": c.finish_reason,
-            } for c in choices],
-            "usage": usage(len(ids), sum(c.completion_tokens for c in choices)),
-        }
+        return chat_completion(rid, now(), self.model, choices, self.tokenizer, params.logprobs, len(ids))
 
     def stream_chat(self, messages: Iterable[dict], **sampling: Any) -> Iterator[dict]:
         """chat.completion.chunk dicts as tokens arrive; the last one carries `usage`.
@@ -192,17 +182,11 @@ class Runner:
             raise ValueError(e.message) from None
 
     def _fit(self, ids: list[int], max_tokens: Optional[int]) -> list[int]:
-        """The server's context rule: too long is an error, unless truncate_sequence (then the
-        prompt loses tokens from the left so max_tokens, or 10 tokens, still fit)."""
-        limit = self.engine.max_len
-        room = max_tokens or 0
-        if len(ids) + room <= limit and len(ids) < limit:
-            return ids
-        keep = limit - (max_tokens or 10)
-        if self.truncate_sequence and keep > 0:
-            return ids[-keep:]
-        raise ContextTooLong(f"the prompt has {len(ids)} tokens and {room} more were asked for, but the context holds "
-                             f"{limit}; shorten the conversation or lower max_tokens", len(ids), limit)
+        """The server's context rule (protocol.fit_context), raised as ContextTooLong."""
+        try:
+            return P.fit_context(ids, max_tokens, self.engine.max_len, self.truncate_sequence)
+        except P.InvalidRequest as e:
+            raise ContextTooLong(e.message, len(ids), self.engine.max_len) from None
 
     def _collect(self, ids: list[int], params: SamplingParams, rid: str) -> list[Choice]:
         choices: dict[int, Choice] = {}

@@ -69,3 +69,22 @@ def test_pickle_only_directory_is_refused(tiny_llama, tmp_path):
     (tmp_path / "config.json").write_text((tiny_llama / "config.json").read_text())
     (tmp_path / "pytorch_model.bin").write_bytes(b"not really a pickle")
     assert "pickle" in _load_error(["-m", str(tmp_path)])
+
+
+def test_hub_downloads_use_rich_progress(monkeypatch, tmp_path):
+    """The hub path (no network here): snapshot_download gets the patterns and a rich tqdm."""
+    import huggingface_hub
+
+    from mistralrs_py.pipeline import hub
+
+    seen = {}
+
+    def fake(repo_id, **kw):
+        seen.update(kw, repo_id=repo_id)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert hub.resolve("org/model", "v1") == tmp_path
+    assert seen["repo_id"] == "org/model" and seen["revision"] == "v1"
+    assert "*.safetensors" in seen["allow_patterns"] and not any(p.endswith(".bin") for p in seen["allow_patterns"])
+    assert seen["tqdm_class"].__module__ == "tqdm.rich"

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from ..models.layers import BatchView, PrefillSegment, decode_mask, prefill_mask
 

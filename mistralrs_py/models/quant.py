@@ -246,7 +246,7 @@ class QuantLinear(torch.nn.Module):
         if qtype in _DENSE or prefer == "dense":
             self._set_dense(t, device, f"{name}->dense {dt}")
         elif device.type != "cpu":
-            self._build_gpu(t, device)
+            self._build_gpu(t, device, keep_raw)
         elif not fast_dtype:
             self._set_dense(t, device, f"{name}->dense {dt} (exact; cpu int kernels have no fast {dt} path)")
         elif qtype in _INT4_OFFSET and N % 16 == 0 and _HAS_INT4_CPU:
@@ -300,7 +300,7 @@ class QuantLinear(torch.nn.Module):
             r += n
         self._mode, self.kind = "dense", kind
 
-    def _build_gpu(self, t: torch.Tensor, device: torch.device) -> None:
+    def _build_gpu(self, t: torch.Tensor, device: torch.device, keep_raw: bool = True) -> None:
         N, K, cdt, name = self.out_features, self.in_features, self.compute_dtype, _name(self._qtype)
         self._raw = t.to(device)
         if device.type == "cuda" and self._qtype in _INT4_OFFSET and cdt == torch.bfloat16 and N % 8 == 0:

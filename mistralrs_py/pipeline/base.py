@@ -14,6 +14,8 @@ from ..models.layers import BatchView
 
 if TYPE_CHECKING:
     from ..models.llama import CausalLM
+    from rich.progress import Progress
+
     from .tokenizer import Tokenizer
 
 

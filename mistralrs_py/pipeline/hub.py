@@ -59,13 +59,28 @@ def resolve(model_id: str, revision: str | None = None, patterns: list[str] | No
 def download(repo_id: str, revision: str | None, patterns: list[str], what: str = "model") -> Path:
     from huggingface_hub import snapshot_download
 
-    return _hub_call(lambda: snapshot_download(repo_id, revision=revision, allow_patterns=patterns), repo_id, revision, what)
+    return _hub_call(lambda: snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                               tqdm_class=_rich_tqdm()), repo_id, revision, what)
 
 
 def download_file(repo_id: str, filename: str, revision: str | None, what: str = "model") -> Path:
+    import inspect
+
     from huggingface_hub import hf_hub_download
 
-    return _hub_call(lambda: hf_hub_download(repo_id, filename, revision=revision), repo_id, revision, what)
+    kw = {"tqdm_class": _rich_tqdm()} if "tqdm_class" in inspect.signature(hf_hub_download).parameters else {}
+    return _hub_call(lambda: hf_hub_download(repo_id, filename, revision=revision, **kw), repo_id, revision, what)
+
+
+def _rich_tqdm():
+    """Download progress drawn by rich (tqdm's rich front end), like the rest of the loading UX."""
+    import warnings
+
+    from tqdm import TqdmExperimentalWarning
+    from tqdm.rich import tqdm_rich
+
+    warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)
+    return tqdm_rich
 
 
 def _hub_call(fetch, repo_id: str, revision: str | None, what: str) -> Path:

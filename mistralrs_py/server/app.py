@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import AsyncIterator, Optional
 
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
@@ -31,7 +31,7 @@ from ..pipeline.base import Pipeline
 from ..pipeline.tokenizer import ChatTemplateError
 from . import protocol as P
 from .metrics import HTTPMetricsMiddleware, Metrics, NoMetrics
-from .streaming import (Accounting, Choice, GenerationError, chat_chunk, chat_logprobs, completion_chunk, completion_logprobs,
+from .streaming import (Accounting, Choice, chat_completion, GenerationError, chat_chunk, chat_logprobs, completion_chunk, completion_logprobs,
                         generate, new_id, now, usage)
 
 log = logging.getLogger("mistralrs.server")
@@ -102,19 +102,7 @@ class Server:
                                    "model", 404, "not_found_error", "model_not_found")
 
     def fit_context(self, ids: list[int], max_tokens: Optional[int]) -> list[int]:
-        """NOTE: the seed's --truncate-sequence: an over-long prompt loses tokens from the left so
-        that max_tokens (or 10 tokens when absent) still fit; without the flag it is a 400."""
-        limit = self.engine.max_len
-        room = max_tokens or 0
-        if len(ids) + room <= limit and len(ids) < limit:
-            return ids
-        keep = limit - (max_tokens or 10)
-        if self.cfg.truncate_sequence and keep > 0:
-            return ids[-keep:]
-        raise P.InvalidRequest(
-            f"This model's maximum context length is {limit} tokens. However, you requested {len(ids) + room} tokens "
-            f"({len(ids)} in the prompt, {room} in the completion). Reduce the prompt or max_tokens, "
-            "or start the server with --truncate-sequence.", "messages", code="context_length_exceeded")
+        return P.fit_context(ids, max_tokens, self.engine.max_len, self.cfg.truncate_sequence)
 
     def sampling(self, req: P.SamplingFields, logprobs: bool, top: int) -> SamplingParams:
         return req.to_sampling_params(repeat_last_n=self.cfg.repeat_last_n, vocab_size=self.tok.vocab_size,
@@ -140,18 +128,8 @@ class Server:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self.sse(self.chat_stream(events, rid, created, ids, params, include_usage, req), body, "chat")
         choices = await collect(request, events, params.n)
-        resp = {
-            "id": rid, "object": "chat.completion", "created": created, "model": self.cfg.served_model_name,
-            "system_fingerprint": f"mistralrs-py-{__version__}",
-            "choices": [{
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(self.tok, c.logprobs) if params.logprobs else None,
-                "finish_reason": c.finish_reason,
-                **extras(c, req),
-            } for c in choices],
-            "usage": usage(len(ids), sum(c.completion_tokens for c in choices)),
-        }
+        resp = chat_completion(rid, created, self.cfg.served_model_name, choices, self.tok, params.logprobs, len(ids),
+                               lambda c: extras(c, req))
         self.reqlog.write({"endpoint": "/v1/chat/completions", "request": body, "response": resp})
         return JSONResponse(resp)
 

@@ -200,5 +200,20 @@ class InvalidRequest(Exception):
         self.headers = headers
 
 
+def fit_context(ids: list[int], max_tokens: Optional[int], limit: int, truncate: bool) -> list[int]:
+    """The context rule. NOTE: the seed's --truncate-sequence: an over-long prompt loses tokens
+    from the left so that max_tokens (or 10 tokens when absent) still fit; without it, an error."""
+    room = max_tokens or 0
+    if len(ids) + room <= limit and len(ids) < limit:
+        return ids
+    keep = limit - (max_tokens or 10)
+    if truncate and keep > 0:
+        return ids[-keep:]
+    raise InvalidRequest(
+        f"This model's maximum context length is {limit} tokens. However, you requested {len(ids) + room} tokens "
+        f"({len(ids)} in the prompt, {room} in the completion). Reduce the prompt or max_tokens, "
+        "or start the server with --truncate-sequence.", "messages", code="context_length_exceeded")
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}

@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import Optional
 
 from ..engine.engine import Engine, EngineDead
 from ..engine.request import Delta, Done, Error, Event, Request, SamplingParams, TokenLogprob
@@ -155,6 +155,25 @@ def completion_logprobs(tok: Tokenizer, lps: list[TokenLogprob], text_start: int
         offsets.append(pos)
         pos += len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_completion(rid: str, created: int, model: str, choices: list[Choice], tok: Tokenizer, logprobs: bool,
+                    prompt_tokens: int, extra=lambda c: {}) -> dict:
+    """A non-streaming chat.completion body (the server's and the Python API's)."""
+    from .. import __version__
+
+    return {
+        "id": rid, "object": "chat.completion", "created": created, "model": model,
+        "system_fingerprint": f"mistralrs-py-{__version__}",
+        "choices": [{
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": chat_logprobs(tok, c.logprobs) if logprobs else None,
+            "finish_reason": c.finish_reason,
+            **extra(c),
+        } for c in choices],
+        "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices)),
+    }
 
 
 # ---- chunks -------------------------------------------------------------------------------------
