@@ -112,46 +112,56 @@ def decode_speed(run: Run, tok, repeats: int, n_tokens=128) -> float:
     return median([run.generate([prompt], n_tokens)["tok_s"] for _ in range(repeats)])
 
 
-def prefill_speed(run: Run, repeats: int, n=512, vocab=49152) -> float:
+class HF:
+    """transformers on the same weights: bf16 `generate` and a 512-token forward."""
+
+    def __init__(self, path: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        self.ids = self.tok("Write a long story about a lighthouse keeper.", return_tensors="pt")["input_ids"]
+        self.decode(4)
+
+    @torch.inference_mode()
+    def decode(self, n_tokens=128) -> float:
+        t = time.perf_counter()
+        self.model.generate(self.ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False)
+        return n_tokens / (time.perf_counter() - t)
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> float:
+        t = time.perf_counter()
+        self.model(torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+        return len(ids) / (time.perf_counter() - t)
+
+    @torch.inference_mode()
+    def batch(self, bs=8, n_tokens=64) -> float:
+        x = torch.randint(100, 49000, (bs, 16), generator=torch.Generator().manual_seed(0))
+        t = time.perf_counter()
+        self.model.generate(x, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False, pad_token_id=0)
+        return bs * n_tokens / (time.perf_counter() - t)
+
+
+def compare_with_hf(hf_dir: Path, reps: int) -> tuple[dict, dict]:
+    """NOTE: transformers and our engine run alternately, repeat by repeat, so a machine that slows
+    down or speeds up during the run (shared cores) biases neither side."""
+    hf = HF(hf_dir)
+    eng, pipe = engine_for(ModelSpec(ModelKind.PLAIN, model_id=str(hf_dir), device="cpu", dtype="bfloat16"), max_seqs=16)
+    run = Run(eng)
+    prompt = pipe.tokenizer.encode("Write a long story about a lighthouse keeper.")
+    run.generate([prompt], 4)
     g = torch.Generator().manual_seed(0)
-    outs = []
-    for _ in range(repeats):
-        ids = torch.randint(100, vocab - 1, (n,), generator=g).tolist()
-        r = run.generate([ids], 1)
-        outs.append(n / r["ttft"][0])
-    return median(outs)
-
-
-def hf_speeds(path: Path, repeats: int, n_tokens=128) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    ids = tok("Write a long story about a lighthouse keeper.", return_tensors="pt")["input_ids"]
-    out = {}
-    with torch.inference_mode():
-        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model.generate(ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False)
-            times.append(n_tokens / (time.perf_counter() - t))
-        out["decode_bf16"] = median(times)
-        g = torch.Generator().manual_seed(0)
-        pre = []
-        for _ in range(repeats):
-            x = torch.randint(100, 49000, (1, 512), generator=g)
-            t = time.perf_counter()
-            model(x, use_cache=False, logits_to_keep=1)
-            pre.append(512 / (time.perf_counter() - t))
-        out["prefill_bf16"] = median(pre)
-        for bs in (8,):
-            x = torch.randint(100, 49000, (bs, 16), generator=g)
-            t = time.perf_counter()
-            model.generate(x, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
-            out[f"batch{bs}_bf16"] = bs * 64 / (time.perf_counter() - t)
-    del model
-    return out
+    ours, theirs = {"decode": [], "prefill": []}, {"decode": [], "prefill": []}
+    for _ in range(reps):
+        theirs["decode"].append(hf.decode())
+        ours["decode"].append(run.generate([prompt], 128)["tok_s"])
+        ids = torch.randint(100, 49000, (512,), generator=g).tolist()
+        theirs["prefill"].append(hf.prefill(ids))
+        ours["prefill"].append(512 / run.generate([ids], 1)["ttft"][0])
+    eng.stop()
+    hf_out = {"decode_bf16": median(theirs["decode"]), "prefill_bf16": median(theirs["prefill"]), "batch8_bf16": hf.batch()}
+    return {k: median(v) for k, v in ours.items()}, hf_out
 
 
 def llama_cpp_speed(gguf: Path, repeats: int, threads: int, n_tokens=128) -> float | None:
@@ -177,9 +187,17 @@ def llama_cpp_speed(gguf: Path, repeats: int, threads: int, n_tokens=128) -> flo
 def gguf_load_stats(threads: int) -> dict:
     """Load time and RSS growth of gguf-mistral's default model in a process of its own (torch
     imported first, so the delta is the model: weights, tokenizer, what loading leaves behind)."""
+    # NOTE: the baseline is taken after the server's code is imported and torch's int4 kernel has
+    # run once, so the delta is the model (weights, tokenizer, what loading leaves behind), not
+    # Python modules that any model would need.
     code = (
         "import json,time,torch,sys; sys.path.insert(0, %r); torch.set_num_threads(%d)\n"
         "from bench.bench import rss_mb\n"
+        "import mistralrs_py.server.app, mistralrs_py.pipeline.gguf, mistralrs_py.pipeline.gguf_tokenizer, tokenizers, gguf\n"
+        "import jinja2.sandbox, numpy as np\n"
+        "from mistralrs_py.models.quant import QuantLinear\n"
+        "w=gguf.quants.quantize(np.random.randn(64,256).astype(np.float32), gguf.GGMLQuantizationType.Q4_1)\n"
+        "QuantLinear.from_gguf(w, 3, (64,256), torch.bfloat16, torch.device('cpu'))(torch.randn(2,256).bfloat16())\n"
         "from mistralrs_py.pipeline.base import load_pipeline, ModelSpec, ModelKind\n"
         "b=rss_mb(); t=time.perf_counter(); p=load_pipeline(ModelSpec(ModelKind.GGUF, device='cpu'))\n"
         "print(json.dumps({'gguf_load_s': time.perf_counter()-t, 'gguf_rss_delta_mb': rss_mb()-b}))"
@@ -259,15 +277,9 @@ def main() -> None:
     print(f"bench: {a.threads} threads, medians of {reps}", flush=True)
 
     hf_dir = export_hf(CACHE / "smollm2-bf16")
-    R["hf"] = hf_speeds(hf_dir, reps)
-    print("  transformers:", R["hf"], flush=True)
-
-    # mistral (bf16, same weights as transformers)
-    eng, pipe = engine_for(ModelSpec(ModelKind.PLAIN, model_id=str(hf_dir), device="cpu", dtype="bfloat16"), max_seqs=16)
-    run = Run(eng)
-    R["mistral_decode_bf16"] = decode_speed(run, pipe.tokenizer, reps)
-    R["mistral_prefill_bf16"] = prefill_speed(run, reps)
-    eng.stop()
+    ours, R["hf"] = compare_with_hf(hf_dir, reps)
+    R["mistral_decode_bf16"], R["mistral_prefill_bf16"] = ours["decode"], ours["prefill"]
+    print("  transformers:", R["hf"], "ours:", ours, flush=True)
     # scheduler policies on mixed lengths
     R["scheduler"] = {}
     for policy in ("continuous", "catch-up"):
@@ -276,7 +288,7 @@ def main() -> None:
         Run(eng).generate(prompts[:2], 4)
         R["scheduler"][policy] = median([Run(eng).generate(prompts, 64)["tok_s"] for _ in range(reps)])
         eng.stop()
-    print("  mistral:", R["mistral_decode_bf16"], R["mistral_prefill_bf16"], R["scheduler"], flush=True)
+    print("  scheduler:", R["scheduler"], flush=True)
 
     # gguf-mistral: load time and RSS in a fresh process, then decode in process
     R.update(gguf_load_stats(a.threads))

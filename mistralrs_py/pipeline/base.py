@@ -100,7 +100,10 @@ def load_pipeline(spec: ModelSpec, progress=None) -> Pipeline:
         from ..models.fusion import fuse_linears
         from ..models.llama import fuse_projections
 
+        from .weights import release_memory
+
         pipeline.summary["fused"] = fuse_projections(pipeline.model, fuse_linears)
+        release_memory()
     return pipeline
 
 

@@ -11,7 +11,7 @@ import torch
 from ..models.config import ConfigError, ModelConfig
 from . import hub
 from .base import LoadError, ModelKind, ModelSpec, Pipeline, register, resolve_device, resolve_dtype
-from .weights import build_empty, load_tensors, memory_bytes
+from .weights import build_empty, load_tensors, memory_bytes, release_memory
 
 # NOTE: llama.cpp's tensor names -> ours; `{i}` is the layer index.
 _GGUF_NAMES = {
@@ -238,19 +238,6 @@ def _remap_embedding(model, path: Path, t: GGUFTensor) -> None:
         warnings.simplefilter("ignore")
         raw = torch.from_numpy(rows).view(t.shape[0], -1)
     model.embed_tokens.raw = raw
-
-
-def release_memory() -> None:
-    """NOTE: gguf's reader builds many small numpy objects for the vocabulary (~150 MB for 49k
-    tokens); once they are dropped, return the freed heap to the OS so RSS reflects the model."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _supported() -> frozenset[int]:
