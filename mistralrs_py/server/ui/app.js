@@ -110,10 +110,14 @@ async function send(text) {
   try {
     const response = await fetch(new URL("chat/completions", API), {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify(requestBody()),
       signal: controller.signal,
     });
+    if (response.status === 401 && askForKey()) {
+      els.status.textContent = "API key saved: send again";
+      return;
+    }
     if (!response.ok) {
       let message = `HTTP ${response.status}`;
       try { message = (await response.json()).error.message || message; } catch (e) { /* not JSON */ }
@@ -187,7 +191,20 @@ document.addEventListener("keydown", (e) => { if (e.key === "Escape" && controll
 
 loadSettings();
 setBusy(false);
-fetch(new URL("models", API))
+// A server started with --api-key wants `Authorization: Bearer KEY`; the key is asked for once
+// (on the first 401) and kept in this browser's localStorage.
+function authHeaders() {
+  const key = localStorage.getItem("mistralrs-api-key");
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+function askForKey() {
+  const key = window.prompt("This server needs an API key (--api-key):");
+  if (!key) return false;
+  localStorage.setItem("mistralrs-api-key", key.trim());
+  return true;
+}
+
+fetch(new URL("models", API), { headers: authHeaders() })
   .then((r) => r.json())
   .then((j) => { model = j.data[0].id; els.model.textContent = model; document.title = `${model} · mistralrs-py`; })
   .catch(() => { els.model.textContent = "(model list unavailable)"; });
