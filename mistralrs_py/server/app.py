@@ -157,6 +157,10 @@ class Server:
         self.check_model(req.model)
         if req.suffix:
             raise P.InvalidRequest("suffix is not supported", "suffix")
+        if req.echo and req.logprobs is not None:
+            # NOTE: OpenAI would also return the prompt tokens' logprobs; rather than a silently
+            # partial answer, say so (prefill keeps only the last row's logits today).
+            raise P.InvalidRequest("echo together with logprobs is not supported yet; use one or the other", "echo")
         prompts = []
         for p in req.prompts():
             if isinstance(p, str):

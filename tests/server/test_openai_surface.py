@@ -75,6 +75,8 @@ def test_completions_prompt_forms_echo_and_n(tiny_server):
     assert a.choices[0].text == b.choices[0].text
     e = c.completions.create(model="default", prompt="Hello world", echo=True, temperature=0, max_tokens=5, extra_body=EXTRA)
     assert e.choices[0].text == "Hello world" + a.choices[0].text
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "echo": True, "logprobs": 1, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
     m = c.completions.create(model="default", prompt=["Hello world", "The fox"], n=2, temperature=0, max_tokens=4, extra_body=EXTRA)
     assert [ch.index for ch in m.choices] == [0, 1, 2, 3]
     assert m.choices[0].text == m.choices[1].text == a.choices[0].text[: len(m.choices[0].text)]
