@@ -117,12 +117,18 @@ class Engine:
                 return True
 
     def _admit(self, req: Request) -> None:
+        first = None
         for i in range(req.params.n):
             gen = torch.Generator(device=self.pipe.device)
             seed = req.params.seed
             gen.manual_seed(seed + i if seed is not None else random.getrandbits(63))
             detok = IncrementalDetokenizer(self.pipe.tokenizer, req.prompt_ids, req.params.skip_special_tokens)
-            self.scheduler.add(Sequence(req, i, detok, gen))
+            seq = Sequence(req, i, detok, gen)
+            if first is None:
+                first = seq
+            elif self.pipe.shares_prefixes:
+                seq.share_from = first  # NOTE: the prompt is processed once for all n choices
+            self.scheduler.add(seq)
 
     def _abort(self, request_id: str) -> None:
         for seq in self.scheduler.sequences_of(request_id):
@@ -158,6 +164,8 @@ class Engine:
         out = self.scheduler.schedule(self.pool.num_free)
         for seq in out.admitted:
             seq.slot = self.pool.allocate()
+        for src, dst, n in out.copies:
+            self.pool.copy_prefix(src.slot, dst.slot, n)
         if out.empty:
             return
         try:

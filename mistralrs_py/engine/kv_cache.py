@@ -77,6 +77,12 @@ class KVCachePool(KVStream):
             self._used.remove(slot)
             self._free.append(slot)
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copies the first n cached positions of slot `src` into slot `dst` (every stream, layer)."""
+        for stream in self.streams:
+            for t in (*stream.k, *stream.v):
+                t[dst, :, :n].copy_(t[src, :, :n])
+
     def bytes_in_use(self, tokens_in_use: int) -> int:
         return tokens_in_use * self.shape.bytes_per_token(self.dtype) * len(self.streams)
 

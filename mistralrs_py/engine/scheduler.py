@@ -23,6 +23,7 @@ class SchedulerOutput:
     admitted: list[Sequence] = field(default_factory=list)  # need a cache slot before the step runs
     decode: list[Sequence] = field(default_factory=list)
     prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, prompt tokens this step)
+    copies: list[tuple[Sequence, Sequence, int]] = field(default_factory=list)  # (from, to, positions) before the step
 
     @property
     def empty(self) -> bool:
@@ -65,6 +66,8 @@ class Scheduler:
             free_slots -= 1
         budget = self.prefill_chunk
         for seq in self.running:
+            if seq.share_from is not None and seq.num_cached == 0 and not self._share(seq, out):
+                continue  # waits for its sibling's prompt
             if seq.num_uncached > 1 and budget > 0:
                 # NOTE: only a chunk that reaches the end of the prompt yields logits (those of the
                 # first output token); earlier chunks just fill the cache.
@@ -80,3 +83,18 @@ class Scheduler:
                 ready = [s for s in ready if len(s.tokens) == shortest]
         out.decode = sorted(ready, key=lambda s: s.slot if s.slot is not None else -1)
         return out
+
+    def _share(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        """n > 1: choice i > 0 takes choice 0's cached prompt instead of prefilling it again.
+
+        NOTE: all but the last prompt token are copied; that token then runs as a decode row, which
+        gives this choice its own first-token logits. Returns False while the source is not ready."""
+        src, n = seq.share_from, seq.prompt_len - 1
+        if src is None or n < 1 or src.status is SeqStatus.FINISHED:
+            seq.share_from = None  # nothing to share: prefill normally
+            return True
+        if src.status is not SeqStatus.RUNNING or src.num_cached < n:
+            return False
+        out.copies.append((src, seq, n))
+        seq.num_cached, seq.share_from = n, None
+        return True

@@ -39,6 +39,7 @@ class Sequence:
         self.pending_ids: list[int] = []  # token ids not yet emitted with text
         self.pending_logprobs: list[TokenLogprob] = []
         self.max_stop = max((len(s) for s in request.params.stop), default=0)
+        self.share_from: Sequence | None = None  # choice 0 of the same request: copy its prompt cache
 
     @property
     def params(self):

@@ -66,6 +66,9 @@ class Pipeline:
     # NOTE: KV streams each sequence needs: 1, or 2 for X-LoRA (scaling pass + real pass). The
     # engine's pool allocates them together; forward() receives the pool and picks its streams.
     cache_streams: int = 1
+    # NOTE: whether the engine may fill a slot by copying another slot's cached prefix (n > 1
+    # choices share their prompt). Pipelines with per-slot state of their own (X-LoRA) say no.
+    shares_prefixes: bool = True
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, view: BatchView, cache) -> Tensor:

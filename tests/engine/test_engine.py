@@ -123,3 +123,19 @@ def test_abort_frees_slot(pipe):
         assert run(e, [PROMPTS[2]], [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)])[0].final().completion_tokens == 3
     finally:
         e.stop()
+
+
+def test_n_choices_share_one_prompt_prefill(pipe):
+    """n > 1: the prompt is processed once; the other choices copy its cache and match it exactly."""
+    e = make_engine(pipe, max_seqs=4, prefill_chunk=8)
+    try:
+        prompt = PROMPTS[1]  # 23 tokens: three prefill chunks
+        greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+        alone = run(e, [prompt], [greedy])[0].tokens()
+        before = e.snapshot()["prompt_tokens"]
+        c = run(e, [prompt], [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, n=3)])[0]
+        assert e.snapshot()["prompt_tokens"] - before == len(prompt)
+        assert c.tokens(0) == c.tokens(1) == c.tokens(2) == alone
+        assert e.snapshot()["kv_slots_in_use"] == 0
+    finally:
+        e.stop()
