@@ -88,3 +88,15 @@ def test_hub_downloads_use_rich_progress(monkeypatch, tmp_path):
     assert seen["repo_id"] == "org/model" and seen["revision"] == "v1"
     assert "*.safetensors" in seen["allow_patterns"] and not any(p.endswith(".bin") for p in seen["allow_patterns"])
     assert seen["tqdm_class"].__module__ == "tqdm.rich"
+
+
+def test_max_model_len_beyond_the_model_is_capped_with_a_warning(tiny_llama, caplog):
+    import torch
+
+    from mistralrs_py.pipeline.base import ModelSpec
+    from mistralrs_py.pipeline.hf import load_safetensors_dir
+
+    with caplog.at_level("WARNING"):
+        pipe = load_safetensors_dir(tiny_llama, ModelSpec(model_id=str(tiny_llama), max_model_len=100000), torch.device("cpu"), torch.float32)
+    assert pipe.max_model_len == 256
+    assert any("more than this model's context" in r.getMessage() for r in caplog.records)

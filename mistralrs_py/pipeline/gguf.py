@@ -11,7 +11,7 @@ import torch
 from ..models.config import ConfigError, ModelConfig
 from . import hub
 from .base import LoadError, ModelKind, ModelSpec, Pipeline, register, resolve_device, resolve_dtype
-from .weights import build_empty, load_tensors, memory_bytes, release_memory
+from .weights import build_empty, load_tensors, memory_bytes, release_memory, serving_length
 
 # NOTE: llama.cpp's tensor names -> ours; `{i}` is the layer index.
 _GGUF_NAMES = {
@@ -156,7 +156,7 @@ def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: boo
     fields, tensor_list = read_gguf(path)
     tensors = {t.name: t for t in tensor_list}
     cfg = config_from_gguf(fields, set(tensors), path)
-    max_len = min(spec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    max_len = serving_length(spec, cfg)
     model = build_empty(cfg, max_len, dtype)
     todo = [(t, gguf_to_ours(n)) for n, t in tensors.items() if n not in _IGNORED]
     unknown = [t.name for t, ours in todo if ours is None]

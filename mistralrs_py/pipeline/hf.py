@@ -9,7 +9,7 @@ from ..models.config import ConfigError, ModelConfig
 from . import hub
 from .base import LoadError, ModelKind, ModelSpec, Pipeline, register, resolve_device, resolve_dtype
 from .tokenizer import load_hf_tokenizer
-from .weights import build_empty, load_tensors, memory_bytes
+from .weights import build_empty, load_tensors, memory_bytes, serving_length
 
 # NOTE: checkpoint naming is data: transformers' names -> ours (we drop the `model.` prefix).
 _PREFIX = "model."
@@ -70,7 +70,7 @@ def load_safetensors_dir(path: Path, spec: ModelSpec, device, dtype, progress=No
 
     cfg = read_config(path)
     files = safetensors_files(path)
-    max_len = min(spec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    max_len = serving_length(spec, cfg)
     model = build_empty(cfg, max_len, dtype)
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
     names = [(h, k) for h in handles for k in h.keys() if not k.endswith(_IGNORED_SUFFIXES)]

@@ -16,6 +16,17 @@ from ..models.llama import CausalLM
 from .base import LoadError
 
 
+def serving_length(spec, cfg: ModelConfig) -> int:
+    """--max-model-len, or the model's context; never more than the model was trained for."""
+    if spec.max_model_len and spec.max_model_len > cfg.max_position_embeddings:
+        import logging
+
+        logging.getLogger("mistralrs.loader").warning(
+            "--max-model-len %d is more than this model's context (%d); serving %d",
+            spec.max_model_len, cfg.max_position_embeddings, cfg.max_position_embeddings)
+    return min(spec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+
+
 def build_empty(cfg: ModelConfig, max_positions: int, dtype: torch.dtype) -> CausalLM:
     # NOTE: parameters on meta (no memory); the rotary tables are computed on the CPU and moved later.
     return CausalLM(cfg, max_positions, device=torch.device("meta"), dtype=dtype)
