@@ -80,3 +80,17 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mistral(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny_mistral"), "mistral")
+
+
+@pytest.fixture(scope="session")
+def no_template_model(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny model with the chat template taken out of its tokenizer_config.json."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("no_template")
+    for f in tiny_llama.iterdir():
+        shutil.copy(f, d / f.name)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -26,18 +25,6 @@ BRACKETS = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endf
 def runner(tiny_llama):
     with Runner(model_id=str(tiny_llama), dtype="float32", max_seqs=2, max_model_len=128) as r:
         yield r
-
-
-@pytest.fixture(scope="module")
-def no_template_model(tiny_llama, tmp_path_factory) -> Path:
-    """The tiny model with the chat template taken out of its tokenizer_config.json."""
-    d = tmp_path_factory.mktemp("no_template")
-    for f in tiny_llama.iterdir():
-        shutil.copy(f, d / f.name)
-    cfg = json.loads((d / "tokenizer_config.json").read_text())
-    del cfg["chat_template"]
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return d
 
 
 def test_import_does_not_pull_in_torch():

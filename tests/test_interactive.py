@@ -4,10 +4,8 @@ context rules on a tiny model in-process, and the --chat-template flag."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
-import shutil
 import sys
 import time
 
@@ -90,17 +88,6 @@ def test_terminal_chat_on_the_embedded_model():
     finally:
         child.close(force=True)
     assert child.exitstatus == 0, screen(child)
-
-
-@pytest.fixture(scope="module")
-def no_template_model(tiny_llama, tmp_path_factory):
-    d = tmp_path_factory.mktemp("no_template")
-    for f in tiny_llama.iterdir():
-        shutil.copy(f, d / f.name)
-    cfg = json.loads((d / "tokenizer_config.json").read_text())
-    del cfg["chat_template"]
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return d
 
 
 def test_model_without_template_is_refused_naming_the_flag(no_template_model, tmp_path):

@@ -95,11 +95,18 @@ def _meta_params(model: nn.Module, module_name: str):
 
 
 def memory_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's tensors: parameters, buffers, and tensors kept as plain module
+    attributes (quantized layers store their packed weights that way), each storage once."""
     seen, total = set(), 0
-    for t in (*model.parameters(), *model.buffers()):
-        if t.data_ptr() not in seen and t.device.type != "meta":
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+    for m in model.modules():
+        tensors = [*m._parameters.values(), *m._buffers.values(), *(v for v in vars(m).values() if isinstance(v, Tensor))]
+        for t in tensors:
+            if t is None or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
     return total
 
 

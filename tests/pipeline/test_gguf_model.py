@@ -137,3 +137,11 @@ def test_malformed_gguf_is_a_quick_one_line_error(tmp_path, case):
     assert time.monotonic() - t < 10
     msg = str(e.value)
     assert "\n" not in msg and len(msg) < 400 and "\x00" not in msg
+
+
+def test_load_summary_counts_quantized_weights(tiny_gguf):
+    _, path = tiny_gguf
+    q = load_gguf_file(path, ModelSpec(), torch.device("cpu"), torch.bfloat16, quantized=True)
+    d = load_gguf_file(path, ModelSpec(), torch.device("cpu"), torch.bfloat16, quantized=False)
+    # quantized blocks are counted (not just the norms), and they are smaller than dense bf16
+    assert 0.2 * d.summary["weights_bytes"] < q.summary["weights_bytes"] < d.summary["weights_bytes"]
