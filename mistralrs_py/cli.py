@@ -49,6 +49,9 @@ class GlobalOptions:
     max_waiting: int = 256
     max_body_bytes: int = 2 * 1024 * 1024
     shutdown_timeout: float = 10.0
+    kv_cache_mb: Optional[float] = None
+    cuda_graphs: bool = True
+    compile: bool = False
 
 
 @app.callback()
@@ -67,6 +70,16 @@ def main_options(
     scheduler: str = typer.Option("continuous", "--scheduler", help="continuous (mixed lengths in one batch) | catch-up (the seed's method)."),
     prefill_chunk: int = typer.Option(512, "--prefill-chunk", min=1, help="Most prompt tokens processed in one engine step."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=16, help="Context length to serve (default: the model's)."),
+    kv_cache_mb: Optional[float] = typer.Option(
+        None, "--kv-cache-mb", min=0.001,
+        help="KV cache budget in MiB shared by all running sequences (default: half the free RAM on the CPU, 90% of free "
+             "GPU memory on a GPU). When full, new requests wait and the newest running ones are preempted and recomputed."),
+    compile: bool = typer.Option(
+        False, "--compile",
+        help="Compile decode steps with torch.compile: ~1.3-1.8x faster decoding on the CPU, after 1-3 minutes of "
+             "compiling at start-up (less on later starts: torch caches the result on disk). Needs a C++ compiler."),
+    no_cuda_graphs: bool = typer.Option(
+        False, "--no-cuda-graphs", help="On a GPU, run decode steps eagerly instead of replaying captured CUDA graphs."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id shown by /v1/models (default: the model id)."),
     no_xlora_kv_cache: bool = typer.Option(
         False, "--no-xlora-kv-cache", help="X-LoRA: no KV cache for the scaling pass; rerun it over the whole sequence each step."),
@@ -97,7 +110,8 @@ def main_options(
                             prefill_chunk, max_model_len, served_model_name, interactive, not no_metrics, not no_ui,
                             chat_template, no_xlora_kv_cache=no_xlora_kv_cache, api_key=api_key,
                             allowed_origins=tuple(o.strip() for o in (allowed_origins or "").split(",") if o.strip()),
-                            max_waiting=max_waiting, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout)
+                            max_waiting=max_waiting, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout,
+                            kv_cache_mb=kv_cache_mb, cuda_graphs=not no_cuda_graphs, compile=compile)
 
 
 REPEAT_LAST_N = typer.Option(64, "--repeat-last-n", min=0, help="Tokens the repetition penalty looks back over.")

@@ -53,7 +53,7 @@ def run_interactive(opts, spec) -> None:
     runner = Runner.from_engine(pipeline, engine, repeat_last_n=spec.repeat_last_n,
                                 truncate_sequence=opts.truncate_sequence)
     name = opts.served_model_name or pipeline.name
-    err_console.print(f"{summary(pipeline, name, 1, opts.scheduler)} | interactive", highlight=False, soft_wrap=True)
+    err_console.print(f"{summary(pipeline, engine, name, opts.scheduler)} | interactive", highlight=False, soft_wrap=True)
     try:
         code = Chat(runner, Console(highlight=False)).loop()
     finally:

@@ -28,11 +28,11 @@ def test_help(args, expect):
 def test_options_map_to_spec(monkeypatch):
     seen = {}
     monkeypatch.setattr("mistralrs_py.server.launch.run_server", lambda opts, spec: seen.update(opts=opts, spec=spec))
-    r = runner.invoke(cli.app, ["-p", "4321", "--truncate-sequence", "--max-seqs", "3", "--dtype", "float32", "--device", "cpu",
+    r = runner.invoke(cli.app, ["-p", "4321", "--truncate-sequence", "--max-seqs", "3", "--kv-cache-mb", "512", "--dtype", "float32", "--device", "cpu",
                                 "mistral", "-m", "some/model", "--revision", "v2", "--repeat-last-n", "16"])
     assert r.exit_code == 0, r.output
     o, s = seen["opts"], seen["spec"]
-    assert (o.port, o.truncate_sequence, o.max_seqs) == (4321, True, 3)
+    assert (o.port, o.truncate_sequence, o.max_seqs, o.kv_cache_mb) == (4321, True, 3, 512)
     assert (s.model_id, s.revision, s.repeat_last_n, s.dtype, s.device) == ("some/model", "v2", 16, "float32", "cpu")
 
 

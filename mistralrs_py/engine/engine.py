@@ -13,7 +13,8 @@ import torch
 from .. import sampling
 from ..pipeline.base import Pipeline
 from ..pipeline.tokenizer import IncrementalDetokenizer
-from .kv_cache import CacheShape, KVCachePool
+from .graphs import DecodeGraphs
+from .kv_cache import CacheShape, KVCachePool, plan_pool
 from .request import Delta, Done, Error, Request, TokenLogprob
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SeqStatus
@@ -33,22 +34,54 @@ class EngineStats:
     finished: int = 0
     aborted: int = 0
     errors: int = 0
+    preempted: int = 0
 
 
 class Engine:
-    def __init__(self, pipeline: Pipeline, *, max_seqs: int = 16, policy: str = "continuous", prefill_chunk: int = 512):
+    def __init__(self, pipeline: Pipeline, *, max_seqs: int = 16, policy: str = "continuous", prefill_chunk: int = 512,
+                 kv_cache_mb: float | None = None, cuda_graphs: bool = True, compile: bool = False):
         self.pipe = pipeline
         c = pipeline.config
-        self.max_len = pipeline.max_model_len
-        self.pool = KVCachePool(CacheShape(c.num_layers, c.num_kv_heads, c.head_dim), max_seqs, self.max_len,
-                                pipeline.dtype, pipeline.device, streams=pipeline.cache_streams)
-        self.scheduler = Scheduler(max_seqs, policy, prefill_chunk)
+        shape = CacheShape(c.num_layers, c.num_kv_heads, c.head_dim)
+        plan = plan_pool(shape, pipeline.dtype, pipeline.device, max_seqs, pipeline.max_model_len,
+                         pipeline.cache_streams, kv_cache_mb)
+        # NOTE: the served context never exceeds what the cache can hold, so one sequence alone
+        # always fits and preemption can always make progress.
+        self.max_len = min(pipeline.max_model_len, plan.slot_len, plan.capacity_tokens)
+        graphs = cuda_graphs and pipeline.device.type == "cuda" and pipeline.graphable
+        self.pool = KVCachePool(shape, plan.slots, plan.slot_len, pipeline.dtype, pipeline.device,
+                                streams=pipeline.cache_streams, capacity_tokens=plan.capacity_tokens,
+                                scratch_slot=graphs)
+        self.graphs = DecodeGraphs(pipeline.forward, self.pool, plan.slots, c.sliding_window) if graphs else None
+        self.scheduler = Scheduler(plan.slots, policy, prefill_chunk, capacity_tokens=plan.capacity_tokens)
+        if compile:
+            self._compile_decode()
         self.eos_ids = list(pipeline.tokenizer.eos_ids)
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.dead: BaseException | None = None
+
+    def _compile_decode(self) -> None:
+        """--compile: builds the compiled decode graphs now (about a minute each on a small CPU, less
+        once torch's on-disk cache holds them), not in the middle of the first requests."""
+        try:
+            self.pipe.compile_decode()
+            slots = [self.pool.allocate() for _ in range(min(2, self.pool.num_slots))]
+            try:
+                for b in range(1, len(slots) + 1):
+                    # NOTE: position 1 (length 2): lengths and batch sizes of 0 or 1 would be baked
+                    # into the graph as constants; the batch of one is its own graph on purpose.
+                    view = self.pool.build_view([(s, 1) for s in slots[:b]], [], self.pipe.config.sliding_window, [],
+                                                tensor_indexed=True)
+                    self.pipe.forward(torch.zeros(b, dtype=torch.long, device=self.pipe.device), view, self.pool)
+            finally:
+                for s in slots:
+                    self.pool.free(s)
+        except Exception as e:  # noqa: BLE001 - no compiler, unsupported op...: serve eagerly
+            log.warning("--compile failed (%s: %s); decoding eagerly", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.pipe.compiled_decode = None
 
     # ---- thread-safe API ------------------------------------------------------------------------
     def start(self) -> None:
@@ -136,8 +169,10 @@ class Engine:
             self._release(seq)
             self.stats.aborted += 1
 
-    def _release(self, seq: Sequence) -> dict | None:
-        self.scheduler.remove(seq)
+    def _release(self, seq: Sequence, preempted: bool = False) -> dict | None:
+        """Frees the sequence's cache slot; unless it was preempted, it also leaves the scheduler."""
+        if not preempted:
+            self.scheduler.remove(seq)
         extra = None
         if seq.slot is not None:
             extra = self.pipe.release_slot(seq.slot)
@@ -162,6 +197,9 @@ class Engine:
     # ---- one step ----------------------------------------------------------------------------------
     def step(self) -> None:
         out = self.scheduler.schedule(self.pool.num_free)
+        for seq in out.preempted:
+            self._release(seq, preempted=True)
+            self.stats.preempted += 1
         for seq in out.admitted:
             seq.slot = self.pool.allocate()
         for src, dst, n in out.copies:
@@ -188,10 +226,14 @@ class Engine:
             ids.extend(seq.tokens[seq.num_cached : seq.num_cached + n])
             prefill.append((seq.slot, seq.num_cached, n))
             want.append(seq.num_cached + n == len(seq.tokens))
-        view = self.pool.build_view([(s.slot, len(s.tokens) - 1) for s in out.decode], prefill,
-                                    self.pipe.config.sliding_window, want)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.pipe.device)
-        logits = self.pipe.forward(input_ids, view, self.pool)  # [rows, V] float32
+        decode = [(s.slot, len(s.tokens) - 1) for s in out.decode]
+        if self.graphs is not None and not prefill and self.graphs.fits(len(decode), max(p for _, p in decode) + 1):
+            logits = self.graphs.run(ids, decode)  # NOTE: a decode-only step replays a captured graph
+        else:
+            view = self.pool.build_view(decode, prefill, self.pipe.config.sliding_window, want,
+                                        tensor_indexed=self.pipe.compiled_decode is not None and not prefill)
+            input_ids = torch.tensor(ids, dtype=torch.long, device=self.pipe.device)
+            logits = self.pipe.forward(input_ids, view, self.pool)  # [rows, V] float32
         for seq in out.decode:
             seq.num_cached += 1
         for seq, n in out.prefill:
@@ -201,14 +243,16 @@ class Engine:
 
     def _update(self, out: SchedulerOutput, logits: torch.Tensor) -> None:
         rows = [*out.decode, *(s for s, _ in out.prefill if s.num_cached == len(s.tokens))]
-        fast = all(not sampling.needs_processing(s.params) and not s.params.logprobs for s in rows)
-        greedy_tokens = logits.argmax(-1).tolist() if fast else None  # NOTE: the step's one host sync
+        try:
+            batch = self._sample_batch(rows, logits)
+        except Exception:  # noqa: BLE001 - one bad row must not fail the others: retry row by row
+            log.warning("batched sampling failed; sampling this step row by row", exc_info=True)
+            batch = [None] * len(rows)
         for r, seq in enumerate(rows):
             try:
-                if greedy_tokens is not None:
-                    token, lp = greedy_tokens[r], None
-                else:
-                    token, lp = self._sample(seq, logits[r])
+                # NOTE: a row the batch could not sample (None) is sampled alone, where a bad
+                # setup raises and fails this sequence only.
+                token, lp = batch[r] if batch[r] is not None else self._sample(seq, logits[r])
             except Exception as e:  # noqa: BLE001 - a bad sampling setup fails this sequence alone
                 log.exception("sampling failed")
                 self.stats.errors += 1
@@ -222,7 +266,28 @@ class Engine:
             self.stats.generated_tokens += 1
             self._emit(seq)
 
+    def _sample_batch(self, rows: list[Sequence], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None] | None]:
+        """Samples every row of the step in one batched call (greedy without penalties is a plain
+        argmax); None for a row whose distribution is empty or not finite."""
+        if not rows:
+            return []
+        logits = logits[: len(rows)]
+        params = [s.params for s in rows]
+        # NOTE: output ids are copied out only for rows with presence/frequency penalties.
+        outputs = [s.output_ids if p.presence_penalty or p.frequency_penalty else [] for s, p in zip(rows, params)]
+        tokens = sampling.sample_batch(logits, params, outputs, [s.tokens for s in rows], [s.generator for s in rows])
+        want = [r for r, p in enumerate(params) if p.logprobs]
+        lps = {}
+        if want:
+            idx = torch.tensor(want, dtype=torch.long, device=logits.device)
+            top_ns = [params[r].top_logprobs for r in want]
+            got = sampling.batch_token_logprobs(logits[idx], tokens[idx].clamp(min=0), top_ns)
+            lps = dict(zip(want, got))
+        ids = tokens.tolist()  # NOTE: the step's one host read of the sampled tokens
+        return [None if t < 0 else (t, TokenLogprob(t, *lps[r]) if r in lps else None) for r, t in enumerate(ids)]
+
     def _sample(self, seq: Sequence, row: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        """One row alone: the fallback when the batch fails, so a bad row fails by itself."""
         p = seq.params
         processed = sampling.process_logits(row, p, seq.output_ids, seq.tokens)
         token = sampling.sample(processed, sampling.is_greedy(p), seq.generator)

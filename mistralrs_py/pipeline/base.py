@@ -69,9 +69,23 @@ class Pipeline:
     # NOTE: whether the engine may fill a slot by copying another slot's cached prefix (n > 1
     # choices share their prompt). Pipelines with per-slot state of their own (X-LoRA) say no.
     shares_prefixes: bool = True
+    # NOTE: whether decode steps may run as captured CUDA graphs (static shapes, no host-side state
+    # that changes per step). X-LoRA's two passes keep per-slot state: no.
+    graphable: bool = True
+
+    # NOTE: --compile: decode-only steps run the model through torch.compile (one graph for a single
+    # sequence, one for a batch; dynamic lengths); steps with prompt tokens stay eager.
+    compiled_decode: Callable | None = field(default=None, repr=False)
+
+    def compile_decode(self) -> None:
+        if not self.graphable:
+            raise LoadError("--compile is not available for this model kind (it keeps per-step state)")
+        self.compiled_decode = torch.compile(self.model.forward, dynamic=True)
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, view: BatchView, cache) -> Tensor:
+        if self.compiled_decode is not None and not view.prefills:
+            return self.compiled_decode(input_ids, view, cache)
         return self.model(input_ids, view, cache)
 
     def release_slot(self, slot: int) -> dict | None:

@@ -272,6 +272,7 @@ class XLoraPipeline(Pipeline):
     def __post_init__(self) -> None:
         self.cache_streams = 1 if self.no_kv_cache else 2
         self.shares_prefixes = False  # per-slot token records and scaling state
+        self.graphable = False
         self.last_scalings: Tensor | None = None  # [N, rows, n] of the latest step (reports, tests)
         self._pool = lambda: None  # weak reference to the pool the per-slot state belongs to
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shlex
@@ -52,7 +53,6 @@ def load_engine(opts, spec, max_seqs: int | None = None):
     Every failure is one line on stderr and exit status 2."""
     import torch
 
-    from ..engine.engine import Engine
     from ..pipeline.base import LoadError, load_pipeline
     from ..pipeline.tokenizer import load_chat_template
 
@@ -78,11 +78,23 @@ def load_engine(opts, spec, max_seqs: int | None = None):
     if template is not None:
         pipeline.tokenizer.chat_template = template
     max_seqs = max_seqs or opts.max_seqs
-    try:
-        engine = Engine(pipeline, max_seqs=max_seqs, policy=opts.scheduler, prefill_chunk=opts.prefill_chunk)
-    except RuntimeError as e:
-        fail(f"could not allocate the KV cache: {e}; lower --max-seqs or --max-model-len")
+    compile_ = getattr(opts, "compile", False)
+    status = console.status("compiling decode steps with torch.compile (1-3 minutes; faster on later starts)") \
+        if compile_ else contextlib.nullcontext()
+    with status:
+        engine = _engine(pipeline, opts, max_seqs, compile_)
     return pipeline, engine
+
+
+def _engine(pipeline, opts, max_seqs: int, compile_: bool):
+    from ..engine.engine import Engine
+
+    try:
+        return Engine(pipeline, max_seqs=max_seqs, policy=opts.scheduler, prefill_chunk=opts.prefill_chunk,
+                      kv_cache_mb=getattr(opts, "kv_cache_mb", None), cuda_graphs=getattr(opts, "cuda_graphs", True),
+                      compile=compile_)
+    except RuntimeError as e:
+        fail(f"could not allocate the KV cache: {e}; lower --max-seqs or --max-model-len, or set --kv-cache-mb")
 
 
 def model_label(spec) -> str:
@@ -92,13 +104,16 @@ def model_label(spec) -> str:
     return name or "the embedded model"
 
 
-def summary(pipeline, name: str, max_seqs: int, scheduler: str) -> str:
-    """The ready line's model part: name | format | dtype | device | params | memory | context."""
+def summary(pipeline, engine, name: str, scheduler: str) -> str:
+    """The ready line's model part: name | format | dtype | device | params | memory | context | cache."""
     s = pipeline.summary
     mem = s.get("weights_bytes", 0) / 2**20
+    pool = engine.pool
+    kv = pool.bytes_in_use(pool.capacity_tokens) / 2**20
     return (f"[bold green]ready[/] {escape(name)} | {s.get('format', '?')} | {str(pipeline.dtype).removeprefix('torch.')} | "
             f"{pipeline.device} | {s.get('params', 0) / 1e6:.0f}M params | {mem:.0f} MiB weights | "
-            f"ctx {pipeline.max_model_len} x {max_seqs} seqs | {scheduler}")
+            f"ctx {engine.max_len} x {pool.num_slots} seqs | KV cache {pool.capacity_tokens} tokens ({kv:.0f} MiB) | {scheduler}"
+            + (" | compiled" if pipeline.compiled_decode is not None else ""))
 
 
 def public_url(host: str, port: int) -> str:
@@ -131,7 +146,7 @@ def run_server(opts, spec) -> None:
     if not pipeline.tokenizer.chat_template:
         console.print("[bold yellow]note:[/] this model has no chat template: /v1/chat/completions answers 400 "
                       "(use /v1/completions, or restart with --chat-template FILE)", highlight=False, soft_wrap=True)
-    console.print(f"{summary(pipeline, name, opts.max_seqs, opts.scheduler)} | {url}{'/ui' if ui else '/v1'}",
+    console.print(f"{summary(pipeline, engine, name, opts.scheduler)} | {url}{'/ui' if ui else '/v1'}",
                   highlight=False, soft_wrap=True)
     console.print(f"[dim]try:[/] {escape(example_curl(url, name))}", highlight=False, soft_wrap=True)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="info",

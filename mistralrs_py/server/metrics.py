@@ -124,7 +124,7 @@ class EngineCollector(Collector):
         e = self.engine
         snap = e.snapshot()
         pool = e.pool
-        capacity = pool.bytes_in_use(pool.num_slots * pool.max_len)
+        capacity = pool.bytes_in_use(pool.capacity_tokens)
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, value=value)
@@ -136,9 +136,13 @@ class EngineCollector(Collector):
         yield gauge("mistralrs_kv_cache_slots_total", "KV cache slots (--max-seqs)", pool.num_slots)
         yield gauge("mistralrs_kv_cache_bytes_used", "Bytes of KV cache holding running sequences' tokens",
                     snap["kv_cache_bytes_in_use"])
-        yield gauge("mistralrs_kv_cache_usage_ratio", "KV cache use: cached tokens / (slots x context length)",
+        yield gauge("mistralrs_kv_cache_usage_ratio", "KV cache use: cached tokens / capacity (--kv-cache-mb)",
                     snap["kv_cache_bytes_in_use"] / capacity if capacity else 0.0)
+        yield gauge("mistralrs_kv_cache_capacity_tokens", "Tokens the KV cache holds at most (--kv-cache-mb)",
+                    pool.capacity_tokens)
         yield CounterMetricFamily("mistralrs_engine_steps", "Engine steps (one forward pass each)", value=snap["steps"])
+        yield CounterMetricFamily("mistralrs_num_preemptions", "Sequences whose cache was dropped to make room "
+                                  "(recomputed later)", value=snap["preempted"])
 
 
 class HTTPMetricsMiddleware:

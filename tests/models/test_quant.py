@@ -113,15 +113,18 @@ def test_linear_bf16(qt, shape):
     raw, (N, K) = make_raw(qt, shape), shape
     W = ref_dequant(raw, qt, shape)
     ql = QuantLinear.from_gguf(raw, qt, shape, torch.bfloat16, CPU)
-    x = torch.randn(3, K).to(torch.bfloat16)
-    xf = x.float()
-    y = ql(x)
-    assert y.dtype == torch.bfloat16 and y.shape == (3, N)
-    y = y.float()
     Weff = ql.dequantized()
-    ref_eff = xf @ Weff.T
-    # forward == x @ dequantized().T up to bf16 output rounding + fp32 accumulation
-    assert ((y - ref_eff).abs() <= 2**-8 * ref_eff.abs() + 1e-5 * (xf.abs() @ Weff.abs().T) + 1e-6).all()
+    for M in (3, 16):  # a decode row or two, and a batch (int8 weights take their by-blocks path)
+        x = torch.randn(M, K).to(torch.bfloat16)
+        xf = x.float()
+        y = ql(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+        y = y.float()
+        ref_eff = xf @ Weff.T
+        # forward == x @ dequantized().T up to bf16 output rounding + fp32 accumulation (int8 by
+        # blocks rounds twice: the bf16 product, then the per-row scale)
+        rel = 2**-7 if M >= 8 and "int8" in ql.kind else 2**-8
+        assert ((y - ref_eff).abs() <= rel * ref_eff.abs() + 1e-5 * (xf.abs() @ Weff.abs().T) + 1e-6).all()
     # effective weight vs exact gguf weight
     if qt in (T.Q4_0, T.Q4_1, T.Q4_K):
         assert "int4pack(g32)" in ql.kind
@@ -215,3 +218,19 @@ def test_bad_sizes():
         dequantize(raw, T.Q4_0, (32, 512))
     with pytest.raises(NotImplementedError):
         dequantize(raw, T.IQ2_XXS, (32, 256))
+
+
+def test_int8_by_blocks_spans_block_edges():
+    """16 rows through an int8 weight taller than one conversion block: equals the int8 kernel."""
+    from mistralrs_py.models import quant
+
+    N, K = quant._INT8_BLOCK_ROWS + 48, 64
+    raw = make_raw(T.Q5_0, (N, K))
+    ql = QuantLinear.from_gguf(raw, T.Q5_0, (N, K), torch.bfloat16, CPU, prefer="fast")
+    assert "int8" in ql.kind
+    x = torch.randn(16, K, dtype=torch.bfloat16)
+    kernel = torch.ops.aten._weight_int8pack_mm(x, ql._w8, ql._s8).float()
+    ref = x.float() @ ql.dequantized().T
+    got = ql(x).float()
+    assert ((got - ref).abs() <= 2**-7 * ref.abs() + 1e-2).all()
+    assert ((got - kernel).abs() <= 2**-7 * kernel.abs() + 1e-2).all()

@@ -53,6 +53,18 @@ def test_a_failing_sequence_fails_alone(live, monkeypatch):
         return real(self, seq, row)
 
     monkeypatch.setattr(Engine, "_sample", flaky)
+    # the batched sampler fails the whole step when a bad row is in it; the engine then samples
+    # row by row, where the fault above hits the one bad sequence
+    from mistralrs_py import sampling
+
+    real_batch = sampling.sample_batch
+
+    def batch(logits, params, *rest):
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("injected batch fault")
+        return real_batch(logits, params, *rest)
+
+    monkeypatch.setattr(sampling, "sample_batch", batch)
 
     async def go():
         async with httpx.AsyncClient(timeout=60) as c:

@@ -153,7 +153,7 @@ class _NoEngine:
     alive = False
 
     class pool:
-        num_slots, max_len = 1, 8
+        num_slots, max_len, capacity_tokens = 1, 8, 8
 
         @staticmethod
         def bytes_in_use(tokens):
@@ -161,7 +161,7 @@ class _NoEngine:
 
     @staticmethod
     def snapshot():
-        return {"running": 0, "waiting": 0, "kv_slots_in_use": 0, "kv_cache_bytes_in_use": 0, "steps": 0}
+        return {"running": 0, "waiting": 0, "kv_slots_in_use": 0, "kv_cache_bytes_in_use": 0, "steps": 0, "preempted": 0}
 
 
 def _latest(metrics: Metrics) -> str:
