@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from . import __version__
 from .engine.engine import Engine, EngineDead
 from .engine.request import Delta, Done, Error, Event, Request, SamplingParams
+from .engine.worker import TorchThread
 from .pipeline.base import ModelKind, ModelSpec, Pipeline, load_pipeline
 from .pipeline.tokenizer import ChatTemplateError, load_chat_template
 from .server import protocol as P
@@ -57,18 +58,21 @@ class Runner:
             import torch
 
             torch.set_num_threads(threads)
+        # NOTE: loading and the engine loop share one thread (see engine/worker.py)
+        worker = TorchThread(threads=threads)
         template = load_chat_template(spec.chat_template) if spec.chat_template else None
         if progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           transient=True) as bar:
-                pipeline = load_pipeline(spec, bar)
+                pipeline = worker.call(load_pipeline, spec, bar)
         else:
-            pipeline = load_pipeline(spec)
+            pipeline = worker.call(load_pipeline, spec)
         if template is not None:
             pipeline.tokenizer.chat_template = template
-        engine = Engine(pipeline, max_seqs=max_seqs, policy=scheduler, prefill_chunk=prefill_chunk)
+        engine = worker.call(Engine, pipeline, max_seqs=max_seqs, policy=scheduler, prefill_chunk=prefill_chunk,
+                             worker=worker)
         engine.start()
         self._setup(pipeline, engine, spec.repeat_last_n, truncate_sequence)
 

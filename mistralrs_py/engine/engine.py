@@ -18,6 +18,7 @@ from .kv_cache import CacheShape, KVCachePool, plan_pool
 from .request import Delta, Done, Error, Request, TokenLogprob
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SeqStatus
+from .worker import TorchThread
 
 log = logging.getLogger("mistralrs.engine")
 
@@ -39,8 +40,10 @@ class EngineStats:
 
 class Engine:
     def __init__(self, pipeline: Pipeline, *, max_seqs: int = 16, policy: str = "continuous", prefill_chunk: int = 512,
-                 kv_cache_mb: float | None = None, cuda_graphs: bool = True, compile: bool = False):
+                 kv_cache_mb: float | None = None, cuda_graphs: bool = True, compile: bool = False,
+                 worker: TorchThread | None = None):
         self.pipe = pipeline
+        self.worker = worker  # the thread that loaded the model runs the loop too (see worker.py)
         c = pipeline.config
         shape = CacheShape(c.num_layers, c.num_kv_heads, c.head_dim)
         plan = plan_pool(shape, pipeline.dtype, pipeline.device, max_seqs, pipeline.max_model_len,
@@ -61,38 +64,39 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._loop_done = threading.Event()
         self.dead: BaseException | None = None
 
     def _compile_decode(self) -> None:
-        """--compile: builds the compiled decode graphs now (about a minute each on a small CPU, less
-        once torch's on-disk cache holds them), not in the middle of the first requests."""
+        """--compile: builds the compiled single-sequence decode graph now (about a minute on a small
+        CPU, seconds once torch's on-disk cache holds it), not in the middle of the first request."""
         try:
             self.pipe.compile_decode()
-            slots = [self.pool.allocate() for _ in range(min(2, self.pool.num_slots))]
+            slot = self.pool.allocate()
             try:
-                for b in range(1, len(slots) + 1):
-                    # NOTE: position 1 (length 2): lengths and batch sizes of 0 or 1 would be baked
-                    # into the graph as constants; the batch of one is its own graph on purpose.
-                    view = self.pool.build_view([(s, 1) for s in slots[:b]], [], self.pipe.config.sliding_window, [],
-                                                tensor_indexed=True)
-                    self.pipe.forward(torch.zeros(b, dtype=torch.long, device=self.pipe.device), view, self.pool)
+                # NOTE: a cache length of 5: lengths of 0 or 1 would be baked into the graph.
+                view = self.pool.build_view([(slot, 4)], [], self.pipe.config.sliding_window, [], tensor_indexed=True)
+                self.pipe.forward(torch.zeros(1, dtype=torch.long, device=self.pipe.device), view, self.pool)
             finally:
-                for s in slots:
-                    self.pool.free(s)
+                self.pool.free(slot)
         except Exception as e:  # noqa: BLE001 - no compiler, unsupported op...: serve eagerly
             log.warning("--compile failed (%s: %s); decoding eagerly", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             self.pipe.compiled_decode = None
 
     # ---- thread-safe API ------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="mistralrs-engine", daemon=True)
-        self._thread.start()
+        if self.worker is not None:
+            self._thread = self.worker.thread
+            self.worker.start(self._run)
+        else:
+            self._thread = threading.Thread(target=self._run, name="mistralrs-engine", daemon=True)
+            self._thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
         self._stopping = True
         self._inbox.put(("stop", None))
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._loop_done.wait(timeout)
 
     def add_request(self, request: Request) -> None:
         if self.dead is not None or self._stopping:
@@ -104,7 +108,8 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self.dead is None and self._thread is not None and self._thread.is_alive()
+        return (self.dead is None and self._thread is not None and self._thread.is_alive()
+                and not self._loop_done.is_set())
 
     def snapshot(self) -> dict:
         """Counts for /health and tests (read without locks: approximate while running)."""
@@ -129,6 +134,7 @@ class Engine:
             self._fail_all(f"the engine stopped: {type(e).__name__}")
         finally:
             self._fail_all("the server is shutting down", drain=True)
+            self._loop_done.set()
 
     def _drain(self, block: bool) -> bool:
         """Applies queued adds and aborts; returns False when asked to stop."""
@@ -231,7 +237,8 @@ class Engine:
             logits = self.graphs.run(ids, decode)  # NOTE: a decode-only step replays a captured graph
         else:
             view = self.pool.build_view(decode, prefill, self.pipe.config.sliding_window, want,
-                                        tensor_indexed=self.pipe.compiled_decode is not None and not prefill)
+                                        tensor_indexed=self.pipe.compiled_decode is not None and len(decode) == 1
+                                        and not prefill)
             input_ids = torch.tensor(ids, dtype=torch.long, device=self.pipe.device)
             logits = self.pipe.forward(input_ids, view, self.pool)  # [rows, V] float32
         for seq in out.decode:

@@ -220,8 +220,9 @@ class KVCachePool(KVStream):
         Logits are wanted for every decode row and for the last row of each prefill chunk whose
         flag in `want_prefill_logits` is set (the chunk that ends the prompt).
 
-        tensor_indexed: slots and positions reach the model only as tensors (no slice by a Python
-        int), for torch.compile: it would specialize on such ints and recompile for every slot."""
+        tensor_indexed: slots, positions and lengths reach the model only as tensors (a mask even
+        for one sequence; no slice by a Python int), for torch.compile, which would bake such ints
+        into the graph and recompile for every new value."""
         dev = self.device
         positions: list[int] = [p for _, p in decode]
         row_slots: list[int] = [s for s, _ in decode]
@@ -257,10 +258,10 @@ class KVCachePool(KVStream):
             view.decode_len = L
             view.decode_slots = torch.tensor(slots, dtype=torch.long, device=dev)
             view.decode_slot_range = (lo, hi) if contiguous and not tensor_indexed else None
-            if len(decode) == 1 and not (tensor_indexed and window):
+            if len(decode) == 1 and not tensor_indexed:
                 # NOTE: one sequence needs no mask: it reads exactly its own keys (the last W of
                 # them under a sliding window), which also lets attention take its unmasked path.
-                view.decode_start = max(0, L - window) if window and not tensor_indexed else 0
+                view.decode_start = max(0, L - window) if window else 0
             else:
                 view.decode_mask = decode_mask(torch.tensor(lengths, device=dev), L, window)
         if len(decode) + len(prefill) == 1 and not tensor_indexed:

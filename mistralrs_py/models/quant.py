@@ -336,7 +336,9 @@ class QuantLinear(torch.nn.Module):
         if m == "int4":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self._qweight, 32, self._sz)
         if m == "int8":
-            if x.shape[0] >= _INT8_DENSE_ROWS and x.device.type == "cpu":
+            # NOTE: not inside torch.compile (--compile): a branch on the row count would split
+            # the decode graph in two by batch size.
+            if x.shape[0] >= _INT8_DENSE_ROWS and x.device.type == "cpu" and not torch.compiler.is_compiling():
                 return self._int8_by_chunks(x)
             return torch.ops.aten._weight_int8pack_mm(x, self._w8, self._s8)
         if m == "int4cuda":

@@ -73,19 +73,36 @@ class Pipeline:
     # that changes per step). X-LoRA's two passes keep per-slot state: no.
     graphable: bool = True
 
-    # NOTE: --compile: decode-only steps run the model through torch.compile (one graph for a single
-    # sequence, one for a batch; dynamic lengths); steps with prompt tokens stay eager.
+    # NOTE: --compile: single-sequence decode steps run the model through torch.compile; batches
+    # and steps with prompt tokens stay eager. torch's int4 CPU kernel fixes the row count of a
+    # compiled graph, so each batch size would be a graph of its own (about a minute each to build).
     compiled_decode: Callable | None = field(default=None, repr=False)
 
     def compile_decode(self) -> None:
         if not self.graphable:
             raise LoadError("--compile is not available for this model kind (it keeps per-step state)")
-        self.compiled_decode = torch.compile(self.model.forward, dynamic=True)
+        model = self.model
+
+        def decode(input_ids: Tensor, positions: Tensor, slots: Tensor, mask: Tensor, logit_rows: Tensor, cache) -> Tensor:
+            # NOTE: the cache length reaches the graph only as a tensor size: Python ints (a view's
+            # decode_len, slot numbers) would be baked in as constants and every new value would
+            # compile again.
+            view = BatchView(positions=positions, row_slots=slots, logit_rows=logit_rows, num_decode=input_ids.shape[0],
+                             decode_slots=slots, decode_len=mask.shape[-1], decode_mask=mask)
+            return model(input_ids, view, cache)
+
+        self.compiled_decode = torch.compile(decode)
+
+    def uses_compiled(self, view: BatchView) -> bool:
+        return self.compiled_decode is not None and view.num_decode == 1 and not view.prefills
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, view: BatchView, cache) -> Tensor:
-        if self.compiled_decode is not None and not view.prefills:
-            return self.compiled_decode(input_ids, view, cache)
+        if self.uses_compiled(view) and view.decode_mask is not None:
+            mask = view.decode_mask
+            if mask.shape[-1] > 1:
+                torch._dynamo.maybe_mark_dynamic(mask, 3)  # NOTE: one graph for every cache length
+            return self.compiled_decode(input_ids, view.positions, view.decode_slots, mask, view.logit_rows, cache)
         return self.model(input_ids, view, cache)
 
     def release_slot(self, slot: int) -> dict | None:

@@ -53,11 +53,14 @@ def load_engine(opts, spec, max_seqs: int | None = None):
     Every failure is one line on stderr and exit status 2."""
     import torch
 
+    from ..engine.worker import TorchThread
     from ..pipeline.base import LoadError, load_pipeline
     from ..pipeline.tokenizer import load_chat_template
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    # NOTE: the model is loaded, the engine built and its loop run on one thread (see worker.py)
+    worker = TorchThread(threads=opts.threads)
     if getattr(opts, "chat_template", None):
         spec.chat_template = str(opts.chat_template)
     progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -68,7 +71,7 @@ def load_engine(opts, spec, max_seqs: int | None = None):
             # NOTE: an open-ended task first, so a hub download or a large file's index read shows
             # activity before the loader knows how many tensors there are.
             task = progress.add_task(f"loading {model_label(spec)}", total=None)
-            pipeline = load_pipeline(spec, progress)
+            pipeline = worker.call(load_pipeline, spec, progress)
             progress.update(task, total=1, completed=1)
     except LoadError as e:
         fail(str(e))
@@ -82,17 +85,17 @@ def load_engine(opts, spec, max_seqs: int | None = None):
     status = console.status("compiling decode steps with torch.compile (1-3 minutes; faster on later starts)") \
         if compile_ else contextlib.nullcontext()
     with status:
-        engine = _engine(pipeline, opts, max_seqs, compile_)
+        engine = _engine(pipeline, opts, max_seqs, compile_, worker)
     return pipeline, engine
 
 
-def _engine(pipeline, opts, max_seqs: int, compile_: bool):
+def _engine(pipeline, opts, max_seqs: int, compile_: bool, worker):
     from ..engine.engine import Engine
 
     try:
-        return Engine(pipeline, max_seqs=max_seqs, policy=opts.scheduler, prefill_chunk=opts.prefill_chunk,
-                      kv_cache_mb=getattr(opts, "kv_cache_mb", None), cuda_graphs=getattr(opts, "cuda_graphs", True),
-                      compile=compile_)
+        return worker.call(Engine, pipeline, max_seqs=max_seqs, policy=opts.scheduler, prefill_chunk=opts.prefill_chunk,
+                           kv_cache_mb=getattr(opts, "kv_cache_mb", None), cuda_graphs=getattr(opts, "cuda_graphs", True),
+                           compile=compile_, worker=worker)
     except RuntimeError as e:
         fail(f"could not allocate the KV cache: {e}; lower --max-seqs or --max-model-len, or set --kv-cache-mb")
 

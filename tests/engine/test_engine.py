@@ -61,14 +61,19 @@ def make_engine(pipe, **kw):
 PROMPTS = [[5, 9, 14], list(range(20, 43)), [7] * 11, list(range(100, 106))]
 
 
+def tokens_alone(pipe, prompts, params) -> list[list[int]]:
+    """The reference: each prompt run by itself on an engine with one slot."""
+    alone = make_engine(pipe, max_seqs=1)
+    try:
+        return [run(alone, [p], [params])[0].tokens() for p in prompts]
+    finally:
+        alone.stop()
+
+
 @pytest.mark.parametrize("policy", ["continuous", "catch-up"])
 def test_batched_equals_alone(pipe, policy):
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    alone = make_engine(pipe, max_seqs=1)
-    try:
-        ref = [run(alone, [p], [params])[0].tokens() for p in PROMPTS]
-    finally:
-        alone.stop()
+    ref = tokens_alone(pipe, PROMPTS, params)
     batched = make_engine(pipe, max_seqs=4, policy=policy, prefill_chunk=8)
     try:
         got = [c.tokens() for c in run(batched, PROMPTS, [params] * len(PROMPTS))]

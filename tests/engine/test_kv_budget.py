@@ -12,7 +12,7 @@ from mistralrs_py.engine.sequence import Sequence, SeqStatus
 from mistralrs_py.pipeline.base import ModelSpec
 from mistralrs_py.pipeline.hf import load_safetensors_dir
 
-from .test_engine import make_engine, run
+from .test_engine import make_engine, run, tokens_alone
 
 
 def seq(rid: str, prompt_len: int) -> Sequence:
@@ -97,11 +97,7 @@ def test_preempted_sequences_recompute_to_the_same_greedy_output(tiny_mistral):
     per_token = CacheShape(c.num_layers, c.num_kv_heads, c.head_dim).bytes_per_token(torch.float32)
     prompts = [list(range(10 + 7 * i, 30 + 7 * i)) for i in range(4)]
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
-    alone = make_engine(pipe, max_seqs=1)
-    try:
-        ref = [run(alone, [p], [params])[0].tokens() for p in prompts]
-    finally:
-        alone.stop()
+    ref = tokens_alone(pipe, prompts, params)
     # 4 sequences of 40 tokens need 160; the cache holds 64 (and serves at most 64-token contexts)
     tight = make_engine(pipe, max_seqs=4, prefill_chunk=16, kv_cache_mb=64 * per_token / 2**20)
     try:
