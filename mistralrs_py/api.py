@@ -43,11 +43,13 @@ class Runner:
 
     `Runner(spec)` takes the ModelSpec the CLI builds; `Runner(model_id=..., kind="gguf-mistral",
     quantized_filename=..., ...)` builds one from ModelSpec's fields. Engine options mirror the
-    CLI's global options (`--max-seqs`, `--scheduler`, `--prefill-chunk`, `--truncate-sequence`)."""
+    CLI's global options (`--max-seqs`, `--scheduler`, `--prefill-chunk`, `--truncate-sequence`,
+    `--kv-cache-mb`, `--compile`)."""
 
     def __init__(self, spec: Optional[ModelSpec] = None, *, max_seqs: int = 4, scheduler: str = "continuous",
                  prefill_chunk: int = 512, truncate_sequence: bool = False, threads: Optional[int] = None,
-                 progress: bool = False, **spec_fields: Any):
+                 progress: bool = False, kv_cache_mb: Optional[float] = None, compile: bool = False,
+                 **spec_fields: Any):
         if spec is None:
             if "kind" in spec_fields:
                 spec_fields["kind"] = ModelKind(spec_fields["kind"])
@@ -72,7 +74,7 @@ class Runner:
         if template is not None:
             pipeline.tokenizer.chat_template = template
         engine = worker.call(Engine, pipeline, max_seqs=max_seqs, policy=scheduler, prefill_chunk=prefill_chunk,
-                             worker=worker)
+                             kv_cache_mb=kv_cache_mb, compile=compile, worker=worker)
         engine.start()
         self._setup(pipeline, engine, spec.repeat_last_n, truncate_sequence)
 
