@@ -218,12 +218,13 @@ def start_server(args: list[str], port: int, threads: int) -> subprocess.Popen:
 
     cmd = [sys.executable, "-m", "mistralrs_py", "--port", str(port), "--threads", str(threads), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    for _ in range(600):
+    deadline = time.monotonic() + 900  # NOTE: --compile builds its graphs before the server listens
+    while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
-            time.sleep(0.2)
+            time.sleep(0.5)
     proc.kill()
     raise RuntimeError("server did not start")
 

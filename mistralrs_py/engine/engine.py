@@ -51,14 +51,21 @@ class Engine:
         # NOTE: the served context never exceeds what the cache can hold, so one sequence alone
         # always fits and preemption can always make progress.
         self.max_len = min(pipeline.max_model_len, plan.slot_len, plan.capacity_tokens)
-        graphs = cuda_graphs and pipeline.device.type == "cuda" and pipeline.graphable
+        cuda = pipeline.device.type == "cuda"
+        # NOTE: decode-only steps run on static, bucketed buffers (engine/graphs.py) for CUDA graphs,
+        # and for --compile: each batch bucket is one compiled graph (torch's int4 CPU kernel fixes
+        # a graph's row count, so padding to 1/2/4/8/16 rows bounds how many graphs exist).
+        graphs = pipeline.graphable and ((cuda_graphs and cuda) or compile)
         self.pool = KVCachePool(shape, plan.slots, plan.slot_len, pipeline.dtype, pipeline.device,
                                 streams=pipeline.cache_streams, capacity_tokens=plan.capacity_tokens,
                                 scratch_slot=graphs)
-        self.graphs = DecodeGraphs(pipeline.forward, self.pool, plan.slots, c.sliding_window) if graphs else None
+        self.graphs = DecodeGraphs(pipeline.forward, self.pool, plan.slots, c.sliding_window,
+                                   capture=cuda and cuda_graphs) if graphs else None
         self.scheduler = Scheduler(plan.slots, policy, prefill_chunk, capacity_tokens=plan.capacity_tokens)
-        if compile:
+        if compile and self.graphs is not None:
             self._compile_decode()
+        elif compile:
+            log.warning("--compile is not available for this model kind (it keeps per-step state); decoding eagerly")
         self.eos_ids = list(pipeline.tokenizer.eos_ids)
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -68,17 +75,15 @@ class Engine:
         self.dead: BaseException | None = None
 
     def _compile_decode(self) -> None:
-        """--compile: builds the compiled single-sequence decode graph now (about a minute on a small
-        CPU, seconds once torch's on-disk cache holds it), not in the middle of the first request."""
+        """--compile: builds a compiled decode graph for every batch bucket now (about a minute each on
+        a small CPU, seconds once torch's on-disk cache holds them), not during the first requests."""
         try:
             self.pipe.compile_decode()
-            slot = self.pool.allocate()
-            try:
-                # NOTE: a cache length of 5: lengths of 0 or 1 would be baked into the graph.
-                view = self.pool.build_view([(slot, 4)], [], self.pipe.config.sliding_window, [], tensor_indexed=True)
-                self.pipe.forward(torch.zeros(1, dtype=torch.long, device=self.pipe.device), view, self.pool)
-            finally:
-                self.pool.free(slot)
+            scratch = self.pool.scratch_slot
+            for b in self.graphs.buckets:
+                # NOTE: every row writes the scratch slot; a cache length of 5 (lengths of 0 or 1
+                # would be baked into the graph as constants)
+                self.graphs.run([0] * b, [(scratch, 4)] * b)
         except Exception as e:  # noqa: BLE001 - no compiler, unsupported op...: serve eagerly
             log.warning("--compile failed (%s: %s); decoding eagerly", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             self.pipe.compiled_decode = None
@@ -234,11 +239,9 @@ class Engine:
             want.append(seq.num_cached + n == len(seq.tokens))
         decode = [(s.slot, len(s.tokens) - 1) for s in out.decode]
         if self.graphs is not None and not prefill and self.graphs.fits(len(decode), max(p for _, p in decode) + 1):
-            logits = self.graphs.run(ids, decode)  # NOTE: a decode-only step replays a captured graph
+            logits = self.graphs.run(ids, decode)  # NOTE: a decode-only step: static buffers, a graph
         else:
-            view = self.pool.build_view(decode, prefill, self.pipe.config.sliding_window, want,
-                                        tensor_indexed=self.pipe.compiled_decode is not None and len(decode) == 1
-                                        and not prefill)
+            view = self.pool.build_view(decode, prefill, self.pipe.config.sliding_window, want)
             input_ids = torch.tensor(ids, dtype=torch.long, device=self.pipe.device)
             logits = self.pipe.forward(input_ids, view, self.pool)  # [rows, V] float32
         for seq in out.decode:

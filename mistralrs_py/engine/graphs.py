@@ -76,7 +76,7 @@ class DecodeGraphs:
         return BatchView(
             positions=self.positions[:b], row_slots=self.slots[:b], logit_rows=self.logit_rows[:b],
             num_decode=b, decode_slots=self.slots[:b], decode_slot_range=None, decode_len=length,
-            decode_mask=decode_mask(self.lengths[:b], length, self.window),
+            decode_mask=decode_mask(self.lengths[:b], length, self.window), static=True,
         )
 
     def _run_static(self, b: int, length: int) -> Tensor:

@@ -213,16 +213,11 @@ class KVCachePool(KVStream):
         prefill: list[tuple[int, int, int]],
         window: int | None,
         want_prefill_logits: list[bool],
-        tensor_indexed: bool = False,
     ) -> BatchView:
         """decode: (slot, position) per decoding sequence; prefill: (slot, start_pos, n) per chunk.
 
         Logits are wanted for every decode row and for the last row of each prefill chunk whose
-        flag in `want_prefill_logits` is set (the chunk that ends the prompt).
-
-        tensor_indexed: slots, positions and lengths reach the model only as tensors (a mask even
-        for one sequence; no slice by a Python int), for torch.compile, which would bake such ints
-        into the graph and recompile for every new value."""
+        flag in `want_prefill_logits` is set (the chunk that ends the prompt)."""
         dev = self.device
         positions: list[int] = [p for _, p in decode]
         row_slots: list[int] = [s for s, _ in decode]
@@ -257,13 +252,13 @@ class KVCachePool(KVStream):
             view.num_decode = len(decode)
             view.decode_len = L
             view.decode_slots = torch.tensor(slots, dtype=torch.long, device=dev)
-            view.decode_slot_range = (lo, hi) if contiguous and not tensor_indexed else None
-            if len(decode) == 1 and not tensor_indexed:
+            view.decode_slot_range = (lo, hi) if contiguous else None
+            if len(decode) == 1 and contiguous:
                 # NOTE: one sequence needs no mask: it reads exactly its own keys (the last W of
                 # them under a sliding window), which also lets attention take its unmasked path.
                 view.decode_start = max(0, L - window) if window else 0
             else:
                 view.decode_mask = decode_mask(torch.tensor(lengths, device=dev), L, window)
-        if len(decode) + len(prefill) == 1 and not tensor_indexed:
+        if len(decode) + len(prefill) == 1:
             view.write_run = (decode[0][0], decode[0][1]) if decode else (prefill[0][0], prefill[0][1])
         return view

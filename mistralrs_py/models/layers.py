@@ -108,6 +108,8 @@ class BatchView:
     # positions (single-stream decode, one prompt chunk): the cache write is then a slice copy
     # instead of an index scatter.
     write_run: tuple[int, int] | None = None
+    # NOTE: built by engine/graphs.py on static, bucketed buffers (the only views --compile runs)
+    static: bool = False
 
     @property
     def num_tokens(self) -> int:

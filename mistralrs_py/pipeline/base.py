@@ -73,14 +73,11 @@ class Pipeline:
     # that changes per step). X-LoRA's two passes keep per-slot state: no.
     graphable: bool = True
 
-    # NOTE: --compile: single-sequence decode steps run the model through torch.compile; batches
-    # and steps with prompt tokens stay eager. torch's int4 CPU kernel fixes the row count of a
-    # compiled graph, so each batch size would be a graph of its own (about a minute each to build).
+    # NOTE: --compile: decode-only steps (which the engine pads to batch buckets, engine/graphs.py)
+    # run the model through torch.compile, one graph per bucket; steps with prompt tokens stay eager.
     compiled_decode: Callable | None = field(default=None, repr=False)
 
     def compile_decode(self) -> None:
-        if not self.graphable:
-            raise LoadError("--compile is not available for this model kind (it keeps per-step state)")
         model = self.model
 
         def decode(input_ids: Tensor, positions: Tensor, slots: Tensor, mask: Tensor, logit_rows: Tensor, cache) -> Tensor:
@@ -93,12 +90,9 @@ class Pipeline:
 
         self.compiled_decode = torch.compile(decode)
 
-    def uses_compiled(self, view: BatchView) -> bool:
-        return self.compiled_decode is not None and view.num_decode == 1 and not view.prefills
-
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, view: BatchView, cache) -> Tensor:
-        if self.uses_compiled(view) and view.decode_mask is not None:
+        if self.compiled_decode is not None and view.static:
             mask = view.decode_mask
             if mask.shape[-1] > 1:
                 torch._dynamo.maybe_mark_dynamic(mask, 3)  # NOTE: one graph for every cache length
