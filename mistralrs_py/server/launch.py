@@ -82,7 +82,7 @@ def load_engine(opts, spec, max_seqs: int | None = None):
         pipeline.tokenizer.chat_template = template
     max_seqs = max_seqs or opts.max_seqs
     compile_ = getattr(opts, "compile", False)
-    status = console.status("compiling decode steps with torch.compile (1-3 minutes; faster on later starts)") \
+    status = console.status("compiling decode steps with torch.compile (a few minutes the first time, about a minute later on)") \
         if compile_ else contextlib.nullcontext()
     with status:
         engine = _engine(pipeline, opts, max_seqs, compile_, worker)
