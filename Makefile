@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 XLORA_DEMO ?= build/xlora-demo
 
-.PHONY: install browser serve test bench bench-peers xlora-demo serve-xlora clean
+.PHONY: install browser compiler serve test bench bench-peers xlora-demo serve-xlora clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) \
 	  || echo "chromium could not be installed: the browser test will skip"
 
+# a C++ compiler for --compile (torch.compile's CPU backend); best effort, as above
+compiler:
+	@command -v g++ >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends g++) \
+	  || echo "g++ could not be installed: --compile falls back to eager and its test will skip"
+
 serve: install
 	$(BIN)/mistralrs --port $(PORT) $(SERVE_ARGS) mistral
 
@@ -42,7 +47,7 @@ xlora-demo: install
 serve-xlora: xlora-demo
 	$(BIN)/mistralrs --port $(PORT) $(SERVE_ARGS) x-lora-mistral -x $(XLORA_DEMO) -o $(XLORA_DEMO)/ordering.json
 
-test: install browser
+test: install browser compiler
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install
