@@ -81,12 +81,12 @@ class Engine:
             self.pipe.compile_decode()
             scratch = self.pool.scratch_slot
             for b in self.graphs.buckets:
-                # NOTE: every row writes the scratch slot; a cache length of 5 (lengths of 0 or 1
-                # would be baked into the graph as constants)
-                self.graphs.run([0] * b, [(scratch, 4)] * b)
+                self.graphs.run([0] * b, [(scratch, 0)] * b)  # NOTE: every row writes the scratch slot
         except Exception as e:  # noqa: BLE001 - no compiler, unsupported op...: serve eagerly
             log.warning("--compile failed (%s: %s); decoding eagerly", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             self.pipe.compiled_decode = None
+            if not self.graphs.capture:
+                self.graphs = None  # NOTE: plain steps then (slice views, no padding)
 
     # ---- thread-safe API ------------------------------------------------------------------------
     def start(self) -> None:

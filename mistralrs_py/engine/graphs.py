@@ -115,7 +115,12 @@ class DecodeGraphs:
             host[0, n:], host[1, n:], host[2, n:], host[3, n:] = 0, 0, self.pool.scratch_slot, 1
         for dst, row in zip((self.ids, self.positions, self.slots, self.lengths), host):
             dst[:b].copy_(row, non_blocking=True)
-        self.pool.prepare_decode([s for s, _ in decode], [p for _, p in decode], length)
+        # NOTE: every row reads `length` positions of its slot (the scratch slot too, for padding
+        # rows): they must hold finite numbers, since masked keys still enter as 0 * value.
+        slots, positions = [s for s, _ in decode], [p for _, p in decode]
+        if pad:
+            slots, positions = [*slots, self.pool.scratch_slot], [*positions, 0]
+        self.pool.prepare_decode(slots, positions, length)
         if not self.capture:
             return self._run_static(b, length)[:n]
         graph, out = self._graph(b, length)

@@ -138,8 +138,6 @@ class KVCachePool(KVStream):
         super().__init__(shape, dims, dtype, self.device)
         self.streams: list[KVStream] = [self, *(KVStream(shape, dims, dtype, self.device) for _ in range(streams - 1))]
         self._zeroed = [0] * (num_slots + scratch_slot)
-        if scratch_slot:
-            self._ensure_zeroed([num_slots], [0], max_len)
         self._dirty: set[int] = set()  # slots written since they were last released
         self._free = list(range(num_slots))
         self._used: set[int] = set()
