@@ -12,8 +12,9 @@ and fixed addresses, so:
 The cache tensors themselves never move (the pool is allocated once), so graphs read and write
 them in place.
 
-`capture=False` runs the same static-buffer path eagerly: that is how the CPU tests check the
-padding, bucketing and masks that the GPU graphs rely on.
+`capture=False` runs the same static-buffer path without capturing: `--compile` uses it on the CPU
+(one compiled graph per batch bucket), and the CPU tests check through it the padding, bucketing
+and masks that the GPU graphs rely on.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class DecodeGraphs:
         key = (b, length)
         if key not in self.graphs:
             # NOTE: warm up on a side stream first (lazy inits, cuBLAS workspaces), as torch's docs
-            # ask; the buffers point every row at the scratch slot, so no sequence's cache changes.
+            # ask. The buffers hold this step's rows: warm-up and capture write the same keys at the
+            # same positions as the replay that follows, so the cache ends as after one step.
             stream = torch.cuda.Stream(self.pool.device)
             stream.wait_stream(torch.cuda.current_stream(self.pool.device))
             with torch.cuda.stream(stream):
