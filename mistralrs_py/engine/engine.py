@@ -51,6 +51,10 @@ class Engine:
         # NOTE: the served context never exceeds what the cache can hold, so one sequence alone
         # always fits and preemption can always make progress.
         self.max_len = min(pipeline.max_model_len, plan.slot_len, plan.capacity_tokens)
+        if self.max_len < pipeline.max_model_len:
+            log.warning("the KV cache holds %d tokens, so contexts are served up to %d tokens (the model's: %d); "
+                        "raise --kv-cache-mb or lower --max-seqs for more", plan.capacity_tokens, self.max_len,
+                        pipeline.max_model_len)
         cuda = pipeline.device.type == "cuda"
         # NOTE: decode-only steps run on static, bucketed buffers (engine/graphs.py) for CUDA graphs,
         # and for --compile: each batch bucket is one compiled graph (torch's int4 CPU kernel fixes

@@ -91,7 +91,7 @@ def test_a_recomputed_sequence_prefills_its_output_too():
 
 
 # ---- the engine on a tiny model ---------------------------------------------------------------------
-def test_preempted_sequences_recompute_to_the_same_greedy_output(tiny_mistral):
+def test_preempted_sequences_recompute_to_the_same_greedy_output(tiny_mistral, caplog):
     pipe = load_safetensors_dir(tiny_mistral, ModelSpec(model_id=str(tiny_mistral)), torch.device("cpu"), torch.float32)
     c = pipe.config
     per_token = CacheShape(c.num_layers, c.num_kv_heads, c.head_dim).bytes_per_token(torch.float32)
@@ -102,6 +102,7 @@ def test_preempted_sequences_recompute_to_the_same_greedy_output(tiny_mistral):
     tight = make_engine(pipe, max_seqs=4, prefill_chunk=16, kv_cache_mb=64 * per_token / 2**20)
     try:
         assert tight.pool.capacity_tokens == 64 and tight.max_len == 64
+        assert "contexts are served up to 64 tokens (the model's: 256)" in caplog.text
         got = [col.tokens() for col in run(tight, prompts, [params] * 4)]
         snap = tight.snapshot()
     finally:
