@@ -57,6 +57,8 @@ bench: install
 # from the llama.cpp sources that sdist vendors (web UI off). Slow: ~20 minutes on 2 cores.
 LLAMA_CPP_PY := llama-cpp-python==0.3.36
 bench-peers: install
+	@command -v cmake >/dev/null && command -v g++ >/dev/null || (apt-get update -qq && \
+	  apt-get install -y -qq --no-install-recommends cmake g++ make) || echo "cmake/g++ could not be installed"
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install "$(LLAMA_CPP_PY)"
 	test -x bench/.cache/llama.cpp/build/bin/llama-server || ( \
 	  mkdir -p bench/.cache/src && $(BIN)/pip download --no-deps --no-binary :all: -d bench/.cache/src "$(LLAMA_CPP_PY)" && \

@@ -214,19 +214,25 @@ def gguf_load_stats(threads: int) -> dict:
 
 # ---- HTTP server load ------------------------------------------------------------------------------------
 def start_server(args: list[str], port: int, threads: int) -> subprocess.Popen:
-    import httpx
-
     cmd = [sys.executable, "-m", "mistralrs_py", "--port", str(port), "--threads", str(threads), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 900  # NOTE: --compile builds its graphs before the server listens
-    while time.monotonic() < deadline:
+    # NOTE: --compile builds its graphs before the server listens
+    return wait_healthy(proc, f"http://127.0.0.1:{port}", 900)
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, timeout: float) -> subprocess.Popen:
+    """Returns proc once GET /health answers 200; kills it and raises after `timeout` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("server did not start")
+    raise RuntimeError(f"{proc.args[0]} did not become healthy at {base}")
 
 
 async def stream_load(base: str, concurrency: int, n_tokens: int, ignore_eos_field: str = "ignore_eos") -> dict:
@@ -356,19 +362,12 @@ def llama_server_load(gguf: Path, threads: int) -> dict | None:
     exe = CACHE / "llama.cpp" / "build" / "bin" / "llama-server"
     if not exe.exists():
         return None
-    import httpx
-
     port = 19000 + os.getpid() % 1000
     proc = subprocess.Popen([str(exe), "-m", str(gguf), "--port", str(port), "-t", str(threads), "-np", "16", "-cb",
                              "-c", str(16 * 512), "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(proc, base, 120)
         out = {}
         for conc in (1, 4, 16):
             out[conc] = asyncio.run(stream_load(base, conc, 128))
