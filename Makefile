@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 XLORA_DEMO ?= build/xlora-demo
 
-.PHONY: install browser compiler serve test bench bench-peers xlora-demo serve-xlora clean
+.PHONY: install browser compiler kernels serve test bench bench-peers xlora-demo serve-xlora clean
 
 install: $(STAMP)
 
@@ -36,7 +36,12 @@ compiler:
 	@command -v g++ >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends g++) \
 	  || echo "g++ could not be installed: --compile falls back to eager and its test will skip"
 
-serve: install
+# the hand-written quantized matmuls (mistralrs_py/models/qmatmul.cpp), compiled once per machine with
+# g++ and cached; prints whether they are on (without them, torch's int4/int8 kernels serve GGUF)
+kernels: install compiler
+	HF_HUB_OFFLINE=1 $(BIN)/python -m mistralrs_py.models.qmatmul
+
+serve: install kernels
 	$(BIN)/mistralrs --port $(PORT) $(SERVE_ARGS) mistral
 
 # demo X-LoRA checkpoint for the embedded SmolLM2: 3 random rank-8 experts + a random layerwise
@@ -47,7 +52,7 @@ xlora-demo: install
 serve-xlora: xlora-demo
 	$(BIN)/mistralrs --port $(PORT) $(SERVE_ARGS) x-lora-mistral -x $(XLORA_DEMO) -o $(XLORA_DEMO)/ordering.json
 
-test: install browser compiler
+test: install browser compiler kernels
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install

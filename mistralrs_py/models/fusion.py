@@ -53,6 +53,11 @@ def _fuse_quant(mods: list[QuantLinear]) -> QuantLinear | None:
         out._weight = torch.cat([m._weight for m in mods])
     elif mode == "int8":
         out._w8, out._s8 = torch.cat([m._w8 for m in mods]), torch.cat([m._s8 for m in mods])
+    elif mode == "qmm":
+        if any(m._bits != first._bits for m in mods):
+            return None
+        out._bits = first._bits  # NOTE: the packed layout keeps whole groups of 16 rows: rows concatenate
+        out._qs, out._qd, out._qmw = (torch.cat([getattr(m, a) for m in mods]) for a in ("_qs", "_qd", "_qmw"))
     elif mode in ("int4", "int4cuda"):
         # NOTE: packed rows are concatenated; _agrees() below proves the layout allows it.
         out._qweight = torch.cat([m._qweight for m in mods])

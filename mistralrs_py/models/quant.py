@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
+from . import qmatmul
+
 GGML_SUPPORTED: frozenset[int] = frozenset(int(t) for t in (
     T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
     T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
@@ -225,7 +227,7 @@ class QuantLinear(torch.nn.Module):
         self.compute_dtype = compute_dtype
         self.bias = None if bias is None else bias.detach().to(compute_dtype)
         self.kind = ""
-        self._mode = ""  # dense | int4 | int4cuda | int8 | deq
+        self._mode = ""  # dense | qmm | int4 | int4cuda | int8 | deq
 
     @classmethod
     def from_gguf(cls, raw: np.ndarray, qtype: int, shape: tuple[int, int],
@@ -251,6 +253,9 @@ class QuantLinear(torch.nn.Module):
             self._set_dense(t, device, f"{name}->dense {dt}")
         elif device.type != "cpu":
             self._build_gpu(t, device, keep_raw)
+        elif (prefer in ("auto", "fast") and cdt in (torch.bfloat16, torch.float16) and N % 16 == 0 and K % 32 == 0
+              and qmatmul.available() and self._build_qmm(t, prefer)):
+            pass  # NOTE: the hand-written kernels (qmatmul.cpp) are 4-5x torch's at decode sizes
         elif not fast_dtype:
             self._set_dense(t, device, f"{name}->dense {dt} (exact; cpu int kernels have no fast {dt} path)")
         elif qtype in _INT4_OFFSET and N % 16 == 0 and _HAS_INT4_CPU:
@@ -296,6 +301,45 @@ class QuantLinear(torch.nn.Module):
             self.kind = f"{name}->int8(per-channel, requantized; err {ratio:.2f}x own)"
         return self
 
+    def _build_qmm(self, t: torch.Tensor, prefer: str) -> bool:
+        """The hand-written VNNI kernels: Q4_0/Q4_1/Q4_K as 4-bit codes with a float16 scale and
+        offset per 32-block (exact for Q4_0/Q4_1); Q8_0 as its own int8 codes (exact); other
+        formats requantized to int8 per 32-block, if ("auto") that adds at most the format's own
+        rounding error. False when a scale does not fit float16 or the error check fails."""
+        qtype, N, K, name = self._qtype, self.out_features, self.in_features, _name(self._qtype)
+        bs, ts = GGML_QUANT_SIZES[T(qtype)]
+        parts, own_sq, err_sq = [], [0.0], 0.0
+        for n, tb in _row_chunks(t, qtype, N, K):
+            if qtype in _INT4_OFFSET:
+                v, S, Z = _decode(tb.view(-1, ts), qtype)  # w = S * v (+ Z), v + offset in 0..15
+                c = _INT4_OFFSET[qtype]
+                S = S.reshape(n, K // 32)
+                mw = (Z.reshape(n, K // 32) if Z is not None else torch.zeros_like(S)) - c * S  # exact for Q4_0/Q4_1
+                p = qmatmul.pack_q4((v + c).reshape(n, K), S, mw)
+            elif qtype == T.Q8_0:
+                v, S, _ = _decode(tb.view(-1, ts), qtype)
+                p = qmatmul.pack_q8(v.reshape(n, K).to(torch.int8), S.reshape(n, K // 32))
+            else:
+                W = _dequant_t(tb, qtype, n * K, own_sq).view(n, K // 32, 32)
+                # NOTE: round the scale to float16 *before* quantizing against it
+                s = (W.abs().amax(-1) / 127).half().float()
+                s = torch.where(s > 0, s, torch.ones_like(s))
+                q = torch.round(W / s[..., None]).clamp_(-128, 127)
+                err_sq += (q * s[..., None] - W).double().square().sum().item()
+                p = qmatmul.pack_q8(q.to(torch.int8).view(n, K), s)
+            if p is None:
+                return False
+            parts.append(p)
+        ratio = math.sqrt(err_sq / own_sq[0]) if own_sq[0] > 0 else (0.0 if err_sq == 0 else math.inf)
+        if prefer == "auto" and ratio > 1.0:
+            return False
+        self._qs, self._qd, self._qmw = (torch.cat([p[i] for p in parts]) for i in range(3))
+        self._bits = 4 if qtype in _INT4_OFFSET else 8
+        self._mode = "qmm"
+        how = "" if qtype in _INT4_OFFSET or qtype == T.Q8_0 else f"; requantized per 32-block, err {ratio:.2f}x own"
+        self.kind = f"{name}->qmm{self._bits} (avx512-vnni, int8 activations{how})"
+        return True
+
     def _set_dense(self, t: torch.Tensor, device: torch.device, kind: str) -> None:
         N, K, r = self.out_features, self.in_features, 0
         self._weight = torch.empty(N, K, dtype=self.compute_dtype, device=device)  # [N, K]
@@ -339,6 +383,8 @@ class QuantLinear(torch.nn.Module):
             if x.shape[0] >= _INT8_DENSE_ROWS and x.device.type == "cpu":
                 return self._int8_by_chunks(x)
             return torch.ops.aten._weight_int8pack_mm(x, self._w8, self._s8)
+        if m == "qmm":
+            return torch.ops.mistralrs.qmm(x, self._qs, self._qd, self._qmw, self._bits)
         if m == "int4cuda":
             return torch.ops.aten._weight_int4pack_mm(x, self._qweight, 32, self._sz)
         # deq: raw GGUF bytes live on the device; dequantize the whole weight each call
@@ -377,6 +423,8 @@ class QuantLinear(torch.nn.Module):
             return self._weight.float()
         if m == "int8":
             return self._w8.float() * self._s8.float()[:, None]
+        if m == "qmm":
+            return qmatmul.dequantize(self._qs, self._qd, self._qmw, self._bits)
         if m in ("int4", "int4cuda"):
             if self._raw is None:
                 raise RuntimeError("dequantized() needs the raw blocks: build with keep_raw=True")

@@ -1,5 +1,9 @@
 """Tests for mistralrs_py.models.quant (GGUF quantized weights + torch kernels).
 
+The hand-written kernels (models/qmatmul.cpp) are switched off here so that torch's int4/int8
+kernels, the fallback on machines without a compiler or AVX-512 VNNI, stay covered; they have their
+own tests in test_qmatmul.py.
+
 Tolerances (all derived, not tuned):
   * fp32 paths: |y - ref| <= 1e-5 * (|x| @ |W|.T).  fp32 dot products of length K=512 have a
     worst-case relative error ~K*eps = 3e-5 of that absolute sum and a typical one ~sqrt(K)*eps
@@ -17,13 +21,20 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from mistralrs_py.models import quant
+from mistralrs_py.models import qmatmul, quant
 from mistralrs_py.models.quant import GGML_SUPPORTED, QuantEmbedding, QuantLinear, dequantize
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
 TYPES = [T(t) for t in sorted(GGML_SUPPORTED)]
 SHAPES = [(64, 256), (32, 512)]
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels(monkeypatch):
+    monkeypatch.setattr(qmatmul, "available", lambda: False)
+
+
 # byte offsets of the fp16 super-block scales (d, dmin) of the types gguf cannot quantize
 _F16_POS = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
 

@@ -1,0 +1,219 @@
+// Quantized matmuls for the CPU: y[M, N] = x[M, K] @ W[N, K].T with W kept at 4 or 8 bits.
+//
+// The activations are quantized to int8 per block of 32 (as llama.cpp does), and AVX-512 VNNI's
+// vpdpbusd multiplies 4 bytes by 4 bytes and adds them into an int32 lane, 16 lanes at a time.
+// The weights are interleaved so that the 16 lanes are 16 *output rows*: one vpdpbusd takes 4
+// consecutive weights of 16 rows against the same 4 activations (broadcast), and the 8 of them
+// that cover a 32-block add into one int32 accumulator, scaled once per block. No horizontal sums.
+//
+// Each 32-block b of weight row n has a scale d[n, b] and an offset term mw[n, b]:
+//
+//   y[m, n] = sum_b d[n, b] * dx[m, b] * dot(wq[n, b], xq[m, b])  +  sum_b mw[n, b] * xs[m, b]
+//
+//   bits 4: wq = codes 0..15 (unsigned), xq signed int8;  mw = the block's min (Q4_1), -8 d (Q4_0)
+//           or a K-quant's Z;  xs = dx * sum(xq).  So w = d * q + mw exactly.
+//   bits 8: wq signed int8, xq stored as unsigned xq + 128 (vpdpbusd wants one unsigned side);
+//           mw = -128 * d * sum(wq) undoes the +128;  xs = dx.
+//
+// Weight layout (packed by mistralrs_py/models/qmatmul.py), rows in groups of 16 (N % 16 == 0):
+//   bits 4: qs uint8 [N/16, K/8, 64]: byte 4i+t holds w[16g+i, 8c+t] in its low nibble and
+//           w[16g+i, 8c+4+t] in its high nibble (one AND, one shift: two vpdpbusd operands).
+//   bits 8: qs int8 [N/16, K/4, 64]: byte 4i+t is w[16g+i, 4c+t].
+//   d: float16 [N/16, K/32, 16]; mw: float16 (bits 4) or float32 (bits 8, a large term that
+//   cancels against the +128: fp16 would lose it) [N/16, K/32, 16].
+// Row groups are split across torch's intra-op threads (at::parallel_for uses the same OpenMP pool
+// as every other op, so no second pool competes for the cores).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define MISTRALRS_VNNI 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int kTile = 8;  // rows of x sharing one pass over a weight group (2 registers per row)
+
+bool supported() {
+#ifdef MISTRALRS_VNNI
+  return true;
+#else
+  return false;
+#endif
+}
+
+// One row of activations quantized per 32-block: q (int8, or uint8 = q + 128 when bits == 8),
+// dx = amax / 127, and xs = dx * sum(q) (bits 4) or dx (bits 8).
+template <typename T>
+void quantize_row(const T* x, int64_t K, int8_t* q, float* dx, float* xs, int bits) {
+  float v[kBlock];
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    float amax = 0.f;
+    for (int i = 0; i < kBlock; ++i) {
+      v[i] = static_cast<float>(x[b * kBlock + i]);
+      amax = std::max(amax, std::fabs(v[i]));
+    }
+    const float d = amax / 127.f;
+    const float id = d > 0.f ? 1.f / d : 0.f;
+    int32_t sum = 0;
+    for (int i = 0; i < kBlock; ++i) {
+      const int r = static_cast<int>(std::nearbyint(v[i] * id));  // half to even
+      sum += r;
+      q[b * kBlock + i] = static_cast<int8_t>(bits == 8 ? (r ^ 0x80) : r);  // NOTE: ^0x80 == +128 as uint8
+    }
+    dx[b] = d;
+    xs[b] = bits == 8 ? d : d * static_cast<float>(sum);
+  }
+}
+
+#ifdef MISTRALRS_VNNI
+inline __m512i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// rows [m0, m0 + MT) of x against the 16 weight rows of one group; out: [MT][16] floats.
+template <int BITS, int MT>
+void group_rows(const uint8_t* wq, const at::Half* dw, const void* mw, int64_t K, const int8_t* xq,
+                const float* dx, const float* xs, int64_t m0, float* out) {
+  const int64_t NB = K / kBlock;
+  const __m512i lo4 = _mm512_set1_epi8(0x0f);
+  __m512 acc[MT];
+  for (int r = 0; r < MT; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < NB; ++b) {
+    __m512i ai[MT];
+    for (int r = 0; r < MT; ++r) ai[r] = _mm512_setzero_si512();
+    if (BITS == 4) {
+      const uint8_t* w = wq + b * 4 * 64;  // 4 chunks of 8 k per block
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(w + c * 64);
+        const __m512i lo = _mm512_and_si512(v, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+        for (int r = 0; r < MT; ++r) {
+          const int8_t* xr = xq + (m0 + r) * K + b * kBlock + c * 8;
+          ai[r] = _mm512_dpbusd_epi32(ai[r], lo, bcast4(xr));
+          ai[r] = _mm512_dpbusd_epi32(ai[r], hi, bcast4(xr + 4));
+        }
+      }
+    } else {
+      const uint8_t* w = wq + b * 8 * 64;  // 8 chunks of 4 k per block
+      for (int c = 0; c < 8; ++c) {
+        const __m512i v = _mm512_loadu_si512(w + c * 64);
+        for (int r = 0; r < MT; ++r)
+          ai[r] = _mm512_dpbusd_epi32(ai[r], bcast4(xq + (m0 + r) * K + b * kBlock + c * 4), v);
+      }
+    }
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dw + b * 16)));
+    const __m512 mv = BITS == 4 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                      static_cast<const at::Half*>(mw) + b * 16)))
+                                : _mm512_loadu_ps(static_cast<const float*>(mw) + b * 16);
+    for (int r = 0; r < MT; ++r) {
+      const int64_t i = (m0 + r) * NB + b;
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r]), _mm512_mul_ps(dv, _mm512_set1_ps(dx[i])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs[i]), acc[r]);
+    }
+  }
+  for (int r = 0; r < MT; ++r) _mm512_storeu_ps(out + r * 16, acc[r]);
+}
+
+template <int BITS>
+void group_tile(int mt, const uint8_t* wq, const at::Half* dw, const void* mw, int64_t K, const int8_t* xq,
+                const float* dx, const float* xs, int64_t m0, float* out) {
+  switch (mt) {  // NOTE: a compile-time tile keeps the accumulators in registers
+    case 1: return group_rows<BITS, 1>(wq, dw, mw, K, xq, dx, xs, m0, out);
+    case 2: return group_rows<BITS, 2>(wq, dw, mw, K, xq, dx, xs, m0, out);
+    case 3: return group_rows<BITS, 3>(wq, dw, mw, K, xq, dx, xs, m0, out);
+    case 4: return group_rows<BITS, 4>(wq, dw, mw, K, xq, dx, xs, m0, out);
+    case 5: return group_rows<BITS, 5>(wq, dw, mw, K, xq, dx, xs, m0, out);
+    case 6: return group_rows<BITS, 6>(wq, dw, mw, K, xq, dx, xs, m0, out);
+    case 7: return group_rows<BITS, 7>(wq, dw, mw, K, xq, dx, xs, m0, out);
+    default: return group_rows<BITS, 8>(wq, dw, mw, K, xq, dx, xs, m0, out);
+  }
+}
+#endif
+
+void check_weights(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& mw, int64_t bits, int64_t K) {
+  TORCH_CHECK(bits == 4 || bits == 8, "qmm: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(K % kBlock == 0, "qmm: in_features must be a multiple of 32, got ", K);
+  const int64_t G = qs.size(0);
+  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.size(1) == 16 * K * bits / 8 &&
+                  qs.scalar_type() == (bits == 4 ? at::kByte : at::kChar),
+              "qmm: bad packed weight");
+  TORCH_CHECK(d.sizes() == at::IntArrayRef({G, K / kBlock, 16}) && d.is_contiguous() && d.scalar_type() == at::kHalf,
+              "qmm: bad scales");
+  TORCH_CHECK(mw.sizes() == at::IntArrayRef({G, K / kBlock, 16}) && mw.is_contiguous() &&
+                  mw.scalar_type() == (bits == 4 ? at::kHalf : at::kFloat),
+              "qmm: bad offsets");
+}
+
+// x: [M, K] float/bfloat16/float16; qs: [N/16, 16 K bits/8]; d, mw: [N/16, K/32, 16] -> [M, N] in x's dtype
+at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& mw, int64_t bits) {
+  TORCH_CHECK(supported(), "qmm: built without AVX-512 VNNI");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "qmm: x must be a 2-D CPU tensor");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), G = qs.size(0), N = 16 * G, NB = K / kBlock;
+  check_weights(qs, d, mw, bits, K);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> dx(M * NB), xs(M * NB);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "qmm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t a, int64_t e) {
+      for (int64_t m = a; m < e; ++m)
+        quantize_row(xp + m * K, K, xq.data() + m * K, dx.data() + m * NB, xs.data() + m * NB, static_cast<int>(bits));
+    });
+#ifdef MISTRALRS_VNNI
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const uint8_t* wp = static_cast<const uint8_t*>(qs.data_ptr());
+    const int64_t group_bytes = 16 * K * bits / 8;
+    const at::Half* dp = d.data_ptr<at::Half>();
+    const char* mp = static_cast<const char*>(mw.data_ptr());
+    const int64_t mw_group = NB * 16 * (bits == 4 ? 2 : 4);
+    // NOTE: >= ~16 KB of weights (times the row tiles) per task keeps OpenMP's overhead small
+    const int64_t tiles = (M + kTile - 1) / kTile;
+    const int64_t grain = std::max<int64_t>(1, 16384 / group_bytes / tiles);
+    at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+      float tmp[kTile * 16];
+      for (int64_t g = g0; g < g1; ++g) {
+        for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+          const int mt = static_cast<int>(std::min<int64_t>(kTile, M - m0));
+          if (bits == 4)
+            group_tile<4>(mt, wp + g * group_bytes, dp + g * NB * 16, mp + g * mw_group, K, xq.data(), dx.data(),
+                          xs.data(), m0, tmp);
+          else
+            group_tile<8>(mt, wp + g * group_bytes, dp + g * NB * 16, mp + g * mw_group, K, xq.data(), dx.data(),
+                          xs.data(), m0, tmp);
+          for (int r = 0; r < mt; ++r)
+            for (int i = 0; i < 16; ++i) op[(m0 + r) * N + g * 16 + i] = static_cast<scalar_t>(tmp[r * 16 + i]);
+        }
+      }
+    });
+#endif
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mistralrs, m) {
+  m.def("qmm_supported() -> bool");
+  m.def("qmm(Tensor x, Tensor qs, Tensor d, Tensor mw, int bits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mistralrs, CPU, m) {
+  m.impl("qmm", &qmm);
+}
+
+TORCH_LIBRARY_IMPL(mistralrs, CompositeExplicitAutograd, m) {
+  m.impl("qmm_supported", []() { return supported(); });
+}
