@@ -1,4 +1,4 @@
-"""GGUF weights kept quantized in memory, with torch matmul kernels.
+"""GGUF weights kept quantized in memory, with our own or torch's quantized matmul kernels.
 
 Layers:
   * ``dequantize(raw, qtype, shape)`` -- vectorised torch port of ``gguf.quants.dequantize``
@@ -8,6 +8,11 @@ Layers:
   * ``QuantEmbedding`` -- embedding table kept as raw GGUF bytes; dequantizes gathered rows.
 
 Kernel choice on CPU (measured, torch 2.13, AVX512, 1 thread; see ``__main__``):
+  * compute bf16/fp16 on a CPU with AVX-512 VNNI (``qmatmul.available()``; prefer "auto"/"fast"):
+      our own kernels (qmatmul.cpp): int8 activations per 32-block against 4-bit codes (Q4_0/Q4_1/
+      Q4_K, exact) or int8 codes (Q8_0 exact; other formats requantized per 32-block under the
+      same error rule as below). 4-5x torch's int4 kernel at one row, ahead of dense bf16 up to
+      prompt-sized batches. Needs out_features % 16 == 0.  Otherwise torch's kernels:
   * compute bf16:
       Q4_0 / Q4_1 / Q4_K -> ``_weight_int4pack_mm_for_cpu`` (group 32).  The mapping is exact;
         only the per-group scale/zero are rounded to bf16 (the kernel wants them in x's dtype).
