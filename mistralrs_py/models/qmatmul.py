@@ -164,10 +164,6 @@ def _fits_half(x: torch.Tensor, h: torch.Tensor) -> bool:
     return bool(torch.isfinite(hf).all()) and bool(((hf - x).abs() <= x.abs() * 2.0**-10 + 2.0**-24).all())
 
 
-def qmm(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, mw: torch.Tensor, bits: int) -> torch.Tensor:
-    return torch.ops.mistralrs.qmm(x, qs, d, mw, bits)
-
-
-if __name__ == "__main__":  # `python -m mistralrs_py.models.qmatmul`: build now (make install runs it)
+if __name__ == "__main__":  # `python -m mistralrs_py.models.qmatmul`: build now (`make kernels` runs it)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print("quantized kernels:", "ready" if available() else f"off ({why_unavailable()})")

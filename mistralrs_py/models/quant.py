@@ -380,6 +380,8 @@ class QuantLinear(torch.nn.Module):
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] contiguous -> [M, N]
         m = self._mode
+        if m == "qmm":  # NOTE: first: the usual CPU case, called ~100x per token
+            return torch.ops.mistralrs.qmm(x, self._qs, self._qd, self._qmw, self._bits)
         if m == "dense":
             return F.linear(x, self._weight)
         if m == "int4":
@@ -388,8 +390,6 @@ class QuantLinear(torch.nn.Module):
             if x.shape[0] >= _INT8_DENSE_ROWS and x.device.type == "cpu":
                 return self._int8_by_chunks(x)
             return torch.ops.aten._weight_int8pack_mm(x, self._w8, self._s8)
-        if m == "qmm":
-            return torch.ops.mistralrs.qmm(x, self._qs, self._qd, self._qmw, self._bits)
         if m == "int4cuda":
             return torch.ops.aten._weight_int4pack_mm(x, self._qweight, 32, self._sz)
         # deq: raw GGUF bytes live on the device; dequantize the whole weight each call
