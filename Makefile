@@ -36,10 +36,11 @@ compiler:
 	@command -v g++ >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends g++) \
 	  || echo "g++ could not be installed: --compile falls back to eager and its test will skip"
 
-# the hand-written quantized matmuls (mistralrs_py/models/qmatmul.cpp), compiled once per machine with
-# g++ and cached; prints whether they are on (without them, torch's int4/int8 kernels serve GGUF)
+# our hand-written CPU kernels (mistralrs_py/models/csrc/*.cpp: quantized matmuls, norm, decode
+# attention), compiled once per machine with g++ and cached; prints whether they are on (without
+# them, torch's ops serve: the same math, slower)
 kernels: install compiler
-	HF_HUB_OFFLINE=1 $(BIN)/python -m mistralrs_py.models.qmatmul
+	HF_HUB_OFFLINE=1 $(BIN)/python -m mistralrs_py.models.kernels
 
 serve: install kernels
 	$(BIN)/mistralrs --port $(PORT) $(SERVE_ARGS) mistral

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models import kernels
 from ..models.layers import BatchView, PrefillSegment, decode_mask, prefill_mask
 
 # NOTE: slots are zeroed lazily, this many positions at a time, the first time a step reads that far.
@@ -239,6 +240,10 @@ class KVCachePool(KVStream):
             row_slots=torch.tensor(row_slots, dtype=torch.long, device=dev),
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
             prefills=segments,
+            window=window,
+            # NOTE: decode rows here have distinct slots and real positions (no padding rows), what
+            # the fused CPU op requires; --compile's padded bucket views keep the torch path.
+            fused_decode=self.device.type == "cpu" and kernels.ready(),
         )
         if decode:
             slots = [s for s, _ in decode]

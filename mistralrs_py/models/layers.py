@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .config import ModelConfig
+
+
+def cpu_kernels(x: Tensor) -> bool:
+    """Whether eager CPU code should call our fused ops (models/csrc) on x. NOTE: under
+    torch.compile the plain torch ops are traced instead, so inductor can fuse them itself."""
+    return x.device.type == "cpu" and kernels.ready() and not torch.compiler.is_compiling()
 
 
 class RMSNorm(nn.Module):
@@ -23,8 +30,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        # NOTE: one fused kernel (float32 accumulation inside); in float32 it equals transformers'
-        # Llama exactly, in bf16 it rounds once instead of twice.
+        # NOTE: one fused kernel (float32 inside, rounded once); torch's CPU rms_norm is several ops
+        # in bf16 (~13 us for one row against ~1 us), and this runs twice per layer per token.
+        if cpu_kernels(x):
+            return torch.ops.mistralrs.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
@@ -110,20 +119,44 @@ class BatchView:
     write_run: tuple[int, int] | None = None
     # NOTE: built by engine/graphs.py on static, bucketed buffers (the only views --compile runs)
     static: bool = False
+    # NOTE: set by the cache pool for CPU steps when our kernels are built: the decode rows then
+    # take rope, the cache write and attention in one op (decode_attention_cpu); `window` is the
+    # sliding window it applies (the mask above encodes it for the torch path).
+    fused_decode: bool = False
+    window: int | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.positions.shape[0])
 
 
+def decode_attention_cpu(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
+                         v_cache: Tensor, view: BatchView) -> Tensor:
+    """The decode rows [0, B) of a step in one op (models/csrc/attention.cpp): rope on q and k, the
+    cache write, and each query attending to its own slot's keys (the last `view.window` of them).
+
+    q: [N, H, hd], k, v: [N, Hk, hd] before rope; cos, sin: [N, 1, hd] (float32: rope without
+    rounding). Returns [B, H, hd]."""
+    B, positions = view.num_decode, view.positions
+    if B < q.shape[0]:  # NOTE: slicing costs ~1 us an op; a decode-only step needs none
+        q, k, v, cos, sin, positions = q[:B], k[:B], v[:B], cos[:B], sin[:B], positions[:B]
+    return torch.ops.mistralrs.decode_attention(q, k, v, cos, sin, k_cache, v_cache, view.decode_slots, positions,
+                                                view.window or 0, q.shape[-1] ** -0.5)
+
+
 def attend(
-    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView, skip_decode: bool = False
 ) -> Tensor:
     """Writes this step's k/v into the cache and attends every query to its own sequence's keys.
 
-    q: [N, H, hd]; k, v: [N, Hk, hd]; k_cache, v_cache: [slots, Hk, P, hd]. Returns [N, H, hd].
+    q: [N, H, hd]; k, v: [N, Hk, hd]; k_cache, v_cache: [slots, Hk, P, hd]. Returns [N, H, hd], or
+    only the prefill rows' [N - B, H, hd] with `skip_decode` (decode_attention_cpu took the others).
     """
-    if view.write_run is not None:
+    if skip_decode:
+        nd = view.num_decode
+        k_cache[view.row_slots[nd:], :, view.positions[nd:]] = k[nd:]
+        v_cache[view.row_slots[nd:], :, view.positions[nd:]] = v[nd:]
+    elif view.write_run is not None:
         slot, start = view.write_run
         end = start + k.shape[0]
         k_cache[slot, :, start:end].copy_(k.transpose(0, 1))
@@ -134,7 +167,7 @@ def attend(
         v_cache[view.row_slots, :, view.positions] = v
     gqa = q.shape[1] != k.shape[1]
     outs = []
-    if view.num_decode:
+    if view.num_decode and not skip_decode:
         L = view.decode_len
         if view.decode_slot_range is not None:
             a, b = view.decode_slot_range

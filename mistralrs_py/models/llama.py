@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .layers import BatchView, RMSNorm, Rotary, apply_rotary, attend
+from .layers import BatchView, RMSNorm, Rotary, apply_rotary, attend, cpu_kernels, decode_attention_cpu
+from .quant import QuantLinear
 
 
 class Attention(nn.Module):
@@ -31,14 +32,21 @@ class Attention(nn.Module):
         n, H, Hk, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x)  # [N, (H + 2 Hk) hd]
-            qk = apply_rotary(qkv[:, : (H + Hk) * hd].view(n, H + Hk, hd), cos, sin)  # one rope for q and k
-            q, k = qk[:, :H], qk[:, H:]
+            qk = qkv[:, : (H + Hk) * hd].view(n, H + Hk, hd)
             v = qkv[:, (H + Hk) * hd :].view(n, Hk, hd)
         else:
-            q = apply_rotary(self.q_proj(x).view(n, H, hd), cos, sin)  # [N, H, hd]
-            k = apply_rotary(self.k_proj(x).view(n, Hk, hd), cos, sin)  # [N, Hk, hd]
+            qk = torch.cat([self.q_proj(x).view(n, H, hd), self.k_proj(x).view(n, Hk, hd)], dim=1)
             v = self.v_proj(x).view(n, Hk, hd)
-        o = attend(q, k, v, k_cache, v_cache, view)  # [N, H, hd]
+        # qk: [N, H + Hk, hd] before rope; v: [N, Hk, hd]
+        if view.fused_decode and view.num_decode:
+            o = decode_attention_cpu(qk[:, :H], qk[:, H:], v, cos, sin, k_cache, v_cache, view)  # [B, H, hd]
+            if view.num_decode < n:
+                qk = apply_rotary(qk, cos.to(qk.dtype), sin.to(qk.dtype))
+                pre = attend(qk[:, :H], qk[:, H:], v, k_cache, v_cache, view, skip_decode=True)
+                o = torch.cat([o, pre], dim=0)
+        else:
+            qk = apply_rotary(qk, cos, sin)  # one rope for q and k
+            o = attend(qk[:, :H], qk[:, H:], v, k_cache, v_cache, view)  # [N, H, hd]
         return self.o_proj(o.reshape(n, H * hd))
 
 
@@ -55,6 +63,8 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # x: [N, D] -> [N, D]
         if self.gate_up_proj is not None:
+            if cpu_kernels(x):
+                return self.down_proj(torch.ops.mistralrs.silu_mul(self.gate_up_proj(x)))
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate).mul_(up))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -93,7 +103,8 @@ class CausalLM(nn.Module):
     def hidden_states(self, input_ids: Tensor, view: BatchView, cache: "KVLayers") -> Tensor:
         # input_ids: [N] -> final-norm hidden states [N, D]
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary.tables(view.positions, x.dtype)
+        # NOTE: the fused CPU op applies rope in float32 from float32 tables (no rounding on the way)
+        cos, sin = self.rotary.tables(view.positions, torch.float32 if view.fused_decode and view.num_decode else x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], view)
         return self.norm(x)
@@ -101,7 +112,18 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: Tensor, view: BatchView, cache: "KVLayers") -> Tensor:
         # -> logits [S, V] in float32 for the rows in view.logit_rows
         h = self.hidden_states(input_ids, view, cache)
-        return self.lm_head(h[view.logit_rows]).float()
+        return self.logits(h[view.logit_rows])
+
+    def logits(self, h: Tensor) -> Tensor:
+        # h: [S, D] -> [S, V] float32. NOTE: on the CPU our kernels return the head's float32
+        # accumulators: bf16 output would round each logit to 8 bits (a step of 0.125 at 20), which
+        # ties or swaps near-equal top tokens; on the embedded model it flips greedy answers.
+        head = self.lm_head
+        if isinstance(head, QuantLinear) and cpu_kernels(h):
+            return head.forward_f32(h)
+        if type(head) is nn.Linear and head.bias is None and cpu_kernels(h) and h.dtype == head.weight.dtype:
+            return torch.ops.mistralrs.linear_f32(h, head.weight)
+        return head(h).float()
 
 
 def fuse_projections(model: CausalLM, fuse) -> int:

@@ -1,10 +1,9 @@
-"""Hand-written CPU quantized matmuls (``qmatmul.cpp``): 4- and 8-bit weights times int8-quantized
-activations with AVX-512 VNNI, the way llama.cpp multiplies them.
+"""Hand-written CPU quantized matmuls (``csrc/qmatmul.cpp``): 4- and 8-bit weights times
+int8-quantized activations with AVX-512 VNNI, the way llama.cpp multiplies them.
 
-The C++ source is compiled once per machine on first use (about 30 s with g++; cached under
-``~/.cache/mistralrs-py``) and registered as the torch op ``mistralrs::qmm``, so ``torch.compile`` calls them like any aten op. Without a compiler, on a
-CPU without AVX-512 VNNI, or with ``MISTRALRS_QMATMUL=0``, ``available()`` is False and
-``QuantLinear`` keeps torch's own int4/int8 kernels.
+The op ``mistralrs::qmm`` is built with our other kernels (``kernels.py``). Without a compiler, on a
+CPU without AVX-512 VNNI, or with ``MISTRALRS_QMATMUL=0`` (or ``MISTRALRS_KERNELS=0``),
+``available()`` is False and ``QuantLinear`` keeps torch's own int4/int8 kernels.
 
 Packing (see the layout comment at the top of qmatmul.cpp):
   * ``pack_q4(codes, S, Z)``: w = S * code + Z per 32-block, codes 0..15 -> (qs, d, mw).
@@ -12,101 +11,27 @@ Packing (see the layout comment at the top of qmatmul.cpp):
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger("mistralrs.qmatmul")
-_SRC = Path(__file__).with_name("qmatmul.cpp")
-_lock = threading.Lock()
-_state: dict = {}  # "ok": bool, "why": str
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "mistralrs-py"
-
-
-def _cpu_key() -> str:
-    # NOTE: -march=native makes the binary specific to this CPU: a shared home directory must not
-    # hand one machine's build to another
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        return "\n".join(ln for ln in text.splitlines() if ln.startswith(("flags", "model name")))[:4096]
-    except OSError:
-        import platform
-
-        return platform.processor() + platform.machine()
-
-
-def _compile(cxx: str) -> Path:
-    from torch.utils import cpp_extension as ce
-
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-    libs = ce.library_paths()
-    key = hashlib.sha256("\0".join([_SRC.read_text(), torch.__version__, " ".join(flags), _cpu_key(), cxx]).encode())
-    out = cache_dir() / f"qmatmul-{key.hexdigest()[:16]}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log.info("compiling the quantized matmul kernels for this CPU (once, ~30 s): %s", out)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        so = Path(tmp) / out.name
-        cmd = [cxx, *flags, *(f"-I{p}" for p in ce.include_paths()), str(_SRC), "-o", str(so),
-               *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu", "-ltorch"]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"{cxx} failed: {(r.stderr or r.stdout).strip()[-2000:]}")
-        os.replace(so, out)  # NOTE: atomic, so concurrent first starts never load a half-written file
-    return out
-
-
-def _register_fakes() -> None:
-    # shapes for torch.compile's tracing (the ops never run on fake tensors)
-    @torch.library.register_fake("mistralrs::qmm")
-    def _(x, qs, d, mw, bits):
-        return x.new_empty(x.shape[0], qs.shape[0] * 16)
-
-
+from . import kernels
 
 def available() -> bool:
-    """Compiles and loads the kernels on first call (thread-safe); never raises."""
-    with _lock:
-        if "ok" in _state:
-            return _state["ok"]
-        ok, why = False, ""
-        try:
-            if os.environ.get("MISTRALRS_QMATMUL", "1") == "0":
-                why = "MISTRALRS_QMATMUL=0"
-            elif not sys.platform.startswith("linux"):
-                why = "only built on Linux"
-            elif not (cxx := os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")):
-                why = "no C++ compiler (install g++)"
-            else:
-                torch.ops.load_library(str(_compile(cxx)))
-                _register_fakes()
-                ok = bool(torch.ops.mistralrs.qmm_supported())
-                why = "" if ok else "this CPU has no AVX-512 VNNI"
-        except Exception as e:  # noqa: BLE001 - any build/load failure means: use torch's kernels
-            why = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-        if not ok:
-            log.info("hand-written quantized kernels off (%s); using torch's int4/int8 kernels", why)
-        _state.update(ok=ok, why=why)
-        return ok
+    """Whether ``mistralrs::qmm`` serves: the kernels built (``kernels.available()``, which
+    compiles them on first call), a CPU with AVX-512 VNNI, and ``MISTRALRS_QMATMUL`` not 0.
+    Never raises."""
+    return not why_unavailable()
 
 
 def why_unavailable() -> str:
-    available()
-    return _state["why"]
+    if os.environ.get("MISTRALRS_QMATMUL", "1") == "0":
+        return "MISTRALRS_QMATMUL=0"
+    if not kernels.available():
+        return kernels.why_unavailable()
+    if not torch.ops.mistralrs.qmm_supported():
+        return "this CPU has no AVX-512 VNNI"
+    return ""
 
 
 def pack_q4(codes: torch.Tensor, S: torch.Tensor, Z: torch.Tensor):
@@ -162,8 +87,3 @@ def _fits_half(x: torch.Tensor, h: torch.Tensor) -> bool:
     # products such as a K-quant's d * sc may land on fp16 subnormals, off by at most 2^-25)
     hf = h.float()
     return bool(torch.isfinite(hf).all()) and bool(((hf - x).abs() <= x.abs() * 2.0**-10 + 2.0**-24).all())
-
-
-if __name__ == "__main__":  # `python -m mistralrs_py.models.qmatmul`: build now (`make kernels` runs it)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print("quantized kernels:", "ready" if available() else f"off ({why_unavailable()})")

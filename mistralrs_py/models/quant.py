@@ -408,6 +408,8 @@ class QuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # NOTE: decode calls this ~100x per token; every avoided op saves ~1-2 us
+        if self._mode == "qmm" and self.bias is None and x.dim() == 2 and x.dtype == self.compute_dtype:
+            return torch.ops.mistralrs.qmm(x, self._qs, self._qd, self._qmw, self._bits)  # the usual CPU case
         if x.dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
         if self._mode == "dense":
@@ -420,6 +422,14 @@ class QuantLinear(torch.nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
+
+    def forward_f32(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() with float32 output; our kernels then skip the rounding to bf16 (the output
+        head: see CausalLM.logits)."""
+        if self._mode == "qmm" and self.bias is None and x.dim() == 2:
+            x = x.to(self.compute_dtype).contiguous()
+            return torch.ops.mistralrs.qmm(x, self._qs, self._qd, self._qmw, self._bits, True)
+        return self(x).float()
 
     def dequantized(self) -> torch.Tensor:
         """[out, in] float32 effective weight (what forward multiplies by)."""

@@ -95,7 +95,7 @@ class XLoraModel(nn.Module):
             h = self.base.hidden_states(input_ids, view, cache)
         finally:
             self.scalings.set_constant(0.0)  # NOTE: drops the reference to this step's scalings
-        return self.base.lm_head(h[view.logit_rows]).float()
+        return self.base.logits(h[view.logit_rows])
 
     def forward(self, input_ids: Tensor, view: BatchView, cache, scaling_cache) -> tuple[Tensor, Tensor]:
         """One step with a cache per pass: (logits [S, V], scalings [N, rows, n])."""

@@ -124,6 +124,12 @@ def load_pipeline(spec: ModelSpec, progress=None) -> Pipeline:
     if spec.kind not in LOADERS:
         raise LoadError(f"`{spec.kind.value}` is not built yet")
     pipeline = LOADERS[spec.kind](spec, progress)
+    if pipeline.device.type == "cpu":
+        from ..models import kernels
+
+        # NOTE: builds our CPU kernels now (once per machine) rather than on the first request
+        ok = kernels.available()
+        pipeline.summary["kernels"] = "fused CPU kernels" if ok else f"torch ops only ({kernels.why_unavailable()})"
     if spec.kind in (ModelKind.PLAIN, ModelKind.GGUF):
         from ..models.fusion import fuse_linears
         from ..models.llama import fuse_projections

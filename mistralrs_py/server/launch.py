@@ -116,6 +116,7 @@ def summary(pipeline, engine, name: str, scheduler: str) -> str:
     return (f"[bold green]ready[/] {escape(name)} | {s.get('format', '?')} | {str(pipeline.dtype).removeprefix('torch.')} | "
             f"{pipeline.device} | {s.get('params', 0) / 1e6:.0f}M params | {mem:.0f} MiB weights | "
             f"ctx {engine.max_len} x {pool.num_slots} seqs | KV cache {pool.capacity_tokens} tokens ({kv:.0f} MiB) | {scheduler}"
+            + (f" | {s['kernels']}" if s.get("kernels") else "")
             + (" | compiled" if pipeline.compiled_decode is not None else ""))
 
 

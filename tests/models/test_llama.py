@@ -6,11 +6,23 @@ import pytest
 import torch
 
 from mistralrs_py.engine.kv_cache import CacheShape, KVCachePool
+from mistralrs_py.models import kernels
 from mistralrs_py.models.fusion import fuse_linears
 from mistralrs_py.models.llama import fuse_projections
 from mistralrs_py.pipeline.base import ModelSpec
 from mistralrs_py.pipeline.hf import load_safetensors_dir
 from tests.conftest import make_tiny_model
+
+
+@pytest.fixture(params=["cpu-kernels", "torch-ops"])
+def ops(request, monkeypatch):
+    """Runs a test with our fused CPU ops (models/csrc) and again with torch's ops alone."""
+    if request.param == "cpu-kernels":
+        if not kernels.available():
+            pytest.skip(f"CPU kernels off: {kernels.why_unavailable()}")
+    else:
+        monkeypatch.setattr(kernels, "_state", {"ok": False, "why": "test: torch ops"})
+    return request.param
 
 
 def load_ours(path, dtype=torch.float32, fused=False):
@@ -55,7 +67,7 @@ def ref_logits(ref, ids):
     ("mistral", {"sliding_window": 8}),
 ])
 @pytest.mark.parametrize("fused", [False, True])
-def test_prefill_and_decode_match_transformers(tmp_path, arch, overrides, fused):
+def test_prefill_and_decode_match_transformers(tmp_path, arch, overrides, fused, ops):
     path = make_tiny_model(tmp_path / "m", arch, seed=hash(str(overrides)) % 1000, **overrides)
     ours, ref = load_ours(path, fused=fused), load_ref(path)
     g = torch.Generator().manual_seed(1)
@@ -74,7 +86,7 @@ def test_prefill_and_decode_match_transformers(tmp_path, arch, overrides, fused)
         assert rel_err(out[0], full[pos]) < 1e-4, pos
 
 
-def test_mixed_batch_of_unequal_lengths(tmp_path):
+def test_mixed_batch_of_unequal_lengths(tmp_path, ops):
     """Decode rows of different lengths, non-contiguous slots and a prefill chunk, in one step."""
     path = make_tiny_model(tmp_path / "m", "mistral", sliding_window=6)
     ours, ref = load_ours(path, fused=True), load_ref(path)
@@ -90,9 +102,14 @@ def test_mixed_batch_of_unequal_lengths(tmp_path):
         assert rel_err(out[row], ref_logits(ref, toks)[-1]) < 1e-4, row
 
 
-def test_bfloat16_close_to_float32(tiny_llama):
+def test_bfloat16_close_to_float32(tiny_llama, ops):
     ours32, ours16 = load_ours(tiny_llama), load_ours(tiny_llama, torch.bfloat16)
     prompt = list(range(5, 25))
-    a = step(ours32, make_pool(ours32), prefill=[(0, 0, prompt)])
-    b = step(ours16, make_pool(ours16), prefill=[(0, 0, prompt)])
+    pool32, pool16 = make_pool(ours32), make_pool(ours16)
+    a = step(ours32, pool32, prefill=[(0, 0, prompt)])
+    b = step(ours16, pool16, prefill=[(0, 0, prompt)])
     assert rel_err(b, a) < 0.05
+    for pos in range(20, 24):  # bf16 decode steps (the fused op's bf16 path on the CPU)
+        a = step(ours32, pool32, decode=[(0, pos, pos)])
+        b = step(ours16, pool16, decode=[(0, pos, pos)])
+        assert b.dtype == torch.float32 and rel_err(b, a) < 0.05, pos

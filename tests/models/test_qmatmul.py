@@ -1,4 +1,4 @@
-"""Tests for the hand-written CPU quantized matmuls (models/qmatmul.cpp) behind QuantLinear.
+"""Tests for the hand-written CPU quantized matmuls (models/csrc/qmatmul.cpp) behind QuantLinear.
 
 References:
   * the gguf package's dequantizer gives the file's weights W;
@@ -15,7 +15,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from mistralrs_py.models import qmatmul
+from mistralrs_py.models import kernels, qmatmul
 from mistralrs_py.models.fusion import fuse_linears
 from mistralrs_py.models.quant import QuantLinear
 from tests.models.test_quant import group_max, make_raw, ref_dequant
@@ -156,11 +156,27 @@ def test_build_failure_and_switch_fall_back(monkeypatch):
     def boom(cxx):
         raise RuntimeError("compiler exploded")
 
-    monkeypatch.setattr(qmatmul, "_state", {})
-    monkeypatch.setattr(qmatmul, "_compile", boom)
+    real_compile = kernels._compile
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_compile", boom)
     assert not qmatmul.available() and "compiler exploded" in qmatmul.why_unavailable()
+    assert not kernels.ready() and "compiler exploded" in kernels.why_unavailable()
     raw = make_raw(T.Q4_1, (64, 256))
     assert "int4pack" in QuantLinear.from_gguf(raw, T.Q4_1, (64, 256), torch.bfloat16, CPU).kind
-    monkeypatch.setattr(qmatmul, "_state", {})
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_compile", real_compile)  # the cached build loads again
     monkeypatch.setenv("MISTRALRS_QMATMUL", "0")
     assert not qmatmul.available() and qmatmul.why_unavailable() == "MISTRALRS_QMATMUL=0"
+    assert kernels.available()  # NOTE: the switch turns off the matmuls only, not the other kernels
+
+
+def test_float32_output_is_the_unrounded_result():
+    """forward_f32 (the output head) returns the kernel's float32 accumulators: rounding them gives
+    forward()'s bf16 output exactly, and they carry more than bf16's 8 bits."""
+    raw = make_raw(T.Q8_0, (64, 256))
+    lin = QuantLinear.from_gguf(raw, T.Q8_0, (64, 256), torch.bfloat16, CPU)
+    assert "qmm" in lin.kind
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3)).bfloat16()
+    y = lin.forward_f32(x)
+    assert y.dtype == torch.float32 and torch.equal(y.bfloat16(), lin(x))
+    assert not torch.equal(y, y.bfloat16().float())

@@ -155,14 +155,16 @@ void check_weights(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& 
               "qmm: bad offsets");
 }
 
-// x: [M, K] float/bfloat16/float16; qs: [N/16, 16 K bits/8]; d, mw: [N/16, K/32, 16] -> [M, N] in x's dtype
-at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& mw, int64_t bits) {
+// x: [M, K] float/bfloat16/float16; qs: [N/16, 16 K bits/8]; d, mw: [N/16, K/32, 16] -> [M, N] in x's
+// dtype, or in float32 with f32_out (the output head: logits not rounded to bf16)
+at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& mw, int64_t bits,
+               bool f32_out) {
   TORCH_CHECK(supported(), "qmm: built without AVX-512 VNNI");
   TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "qmm: x must be a 2-D CPU tensor");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), G = qs.size(0), N = 16 * G, NB = K / kBlock;
   check_weights(qs, d, mw, bits, K);
-  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor out = at::empty({M, N}, f32_out ? x.options().dtype(at::kFloat) : x.options());
   if (M == 0 || N == 0) return out;
   std::vector<int8_t> xq(M * K);
   std::vector<float> dx(M * NB), xs(M * NB);
@@ -173,7 +175,8 @@ at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d
         quantize_row(xp + m * K, K, xq.data() + m * K, dx.data() + m * NB, xs.data() + m * NB, static_cast<int>(bits));
     });
 #ifdef MISTRALRS_VNNI
-    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* op = f32_out ? nullptr : out.data_ptr<scalar_t>();
+    float* fp = f32_out ? out.data_ptr<float>() : nullptr;
     const uint8_t* wp = static_cast<const uint8_t*>(qs.data_ptr());
     const int64_t group_bytes = 16 * K * bits / 8;
     const at::Half* dp = d.data_ptr<at::Half>();
@@ -194,7 +197,11 @@ at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d
             group_tile<8>(mt, wp + g * group_bytes, dp + g * NB * 16, mp + g * mw_group, K, xq.data(), dx.data(),
                           xs.data(), m0, tmp);
           for (int r = 0; r < mt; ++r)
-            for (int i = 0; i < 16; ++i) op[(m0 + r) * N + g * 16 + i] = static_cast<scalar_t>(tmp[r * 16 + i]);
+            for (int i = 0; i < 16; ++i) {
+              const int64_t o = (m0 + r) * N + g * 16 + i;
+              if (fp) fp[o] = tmp[r * 16 + i];
+              else op[o] = static_cast<scalar_t>(tmp[r * 16 + i]);
+            }
         }
       }
     });
@@ -207,7 +214,7 @@ at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d
 
 TORCH_LIBRARY(mistralrs, m) {
   m.def("qmm_supported() -> bool");
-  m.def("qmm(Tensor x, Tensor qs, Tensor d, Tensor mw, int bits) -> Tensor");
+  m.def("qmm(Tensor x, Tensor qs, Tensor d, Tensor mw, int bits, bool f32_out=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mistralrs, CPU, m) {

@@ -1,0 +1,124 @@
+// Vector helpers shared by our CPU kernels: 16 floats at a time with AVX-512, one at a time otherwise.
+// Storage types are float, c10::BFloat16 and c10::Half; arithmetic is always float32.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define MISTRALRS_AVX512 1
+#include <immintrin.h>
+#endif
+
+// dispatch on the storage types our kernels take: float32, bfloat16, float16 (double is refused)
+#define MISTRALRS_DISPATCH(TYPE, NAME, ...)                                                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                   \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace mistralrs {
+
+template <typename T>
+inline float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+#ifdef MISTRALRS_AVX512
+constexpr int kLanes = 16;
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(c10::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store16(c10::BFloat16* p, __m512 v) {
+#if defined(__AVX512BF16__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+#else
+  // NOTE: round to nearest even, as c10::BFloat16(float) does; NaN stays a (quiet) NaN
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+#endif
+}
+
+// exp(x) for x in [-inf, 88.7]: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two so r is exact
+// to float precision), e^r by its Taylor series to r^6 (relative error < 2e-7), times 2^n.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// dot(a[0:n], b[0:n]) in float; a is float, b any storage type
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef MISTRALRS_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + kLanes <= n; i += kLanes) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * to_float(b[i]);
+  return s;
+}
+
+// y[0:n] += c * x[0:n]; y float, x any storage type
+template <typename T>
+inline void axpy(float* y, float c, const T* x, int64_t n) {
+  int64_t i = 0;
+#ifdef MISTRALRS_AVX512
+  const __m512 cv = _mm512_set1_ps(c);
+  for (; i + kLanes <= n; i += kLanes) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(cv, load16(x + i), _mm512_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += c * to_float(x[i]);
+}
+
+// p[0:n] = exp(p[0:n] - m); returns the sum
+inline float exp_sub_sum(float* p, float m, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef MISTRALRS_AVX512
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + kLanes <= n; i += kLanes) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + i), mv));
+    _mm512_storeu_ps(p + i, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) {
+    p[i] = std::exp(p[i] - m);
+    s += p[i];
+  }
+  return s;
+}
+
+}  // namespace mistralrs
