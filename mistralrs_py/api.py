@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import weakref
 from typing import Any, Iterable, Iterator, Optional
 
 from pydantic import ValidationError
@@ -77,6 +78,10 @@ class Runner:
                              kv_cache_mb=kv_cache_mb, compile=compile, worker=worker)
         engine.start()
         self._setup(pipeline, engine, spec.repeat_last_n, truncate_sequence)
+        # NOTE: a Runner that owns its engine and is never closed stops it at interpreter exit (or
+        # when collected): killing the daemon engine thread inside an OpenMP region made the C++
+        # runtime abort noisily ("terminate called without an active exception")
+        self._finalizer = weakref.finalize(self, engine.stop)
 
     @classmethod
     def from_engine(cls, pipeline: Pipeline, engine: Engine, *, repeat_last_n: int = 64,
@@ -93,11 +98,15 @@ class Runner:
         self.tokenizer = pipeline.tokenizer
         self.model = pipeline.name
         self.repeat_last_n, self.truncate_sequence = repeat_last_n, truncate_sequence
+        self._finalizer = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
         """Stops the engine thread; the Runner cannot generate afterwards."""
-        self.engine.stop()
+        if self._finalizer is not None:
+            self._finalizer()  # NOTE: runs engine.stop once; exit will not run it again
+        else:
+            self.engine.stop()
 
     def __enter__(self) -> "Runner":
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layers import Linear
 from .quant import QuantLinear
 
 
@@ -12,7 +13,7 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
     """One module whose output is the concatenation of `mods`' outputs, or None when they cannot
     be joined (different kinds, kernels or dtypes). The result is checked against the parts on a
     random input, so a packed format that does not concatenate row-wise is never fused."""
-    if all(type(m) is nn.Linear for m in mods):
+    if all(type(m) in (nn.Linear, Linear) for m in mods):
         fused = _fuse_dense(mods)
     elif all(isinstance(m, QuantLinear) for m in mods):
         fused = _fuse_quant(mods)
@@ -30,7 +31,7 @@ def _fuse_dense(mods: list[nn.Linear]) -> nn.Linear | None:
     has_bias = [m.bias is not None for m in mods]
     if any(has_bias) and not all(has_bias):
         return None
-    out = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=all(has_bias), device="meta")
+    out = Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=all(has_bias), device="meta")
     out.weight = nn.Parameter(torch.cat([m.weight for m in mods]), requires_grad=False)
     if all(has_bias):
         out.bias = nn.Parameter(torch.cat([m.bias for m in mods]), requires_grad=False)

@@ -8,8 +8,8 @@ version, the flags and the CPU) and loaded with ``torch.ops.load_library``. Each
   * ``qmm``: quantized matmuls with int8 activations (``csrc/qmatmul.cpp``, AVX-512 VNNI only;
     ``qmatmul.py`` packs the weights and says whether they are on);
   * ``rms_norm``, ``silu_mul`` (``csrc/elementwise.cpp``), ``decode_attention`` (rope, the cache
-    write and single-query attention in one op, ``csrc/attention.cpp``) and ``linear_f32`` (the
-    output head with float32 logits, ``csrc/linear.cpp``): any CPU (AVX-512 when present).
+    write and single-query attention in one op, ``csrc/attention.cpp``) and ``linear`` (dense
+    matrix-vector products for decode steps, float32 logits for the head, ``csrc/linear.cpp``): any CPU (AVX-512 when present).
 
 Without a compiler, off Linux, if the build fails, or with ``MISTRALRS_KERNELS=0``, ``available()``
 is False and the model runs on torch's ops alone (the same math, more ops per layer).
@@ -117,9 +117,13 @@ def _register_fakes() -> None:
     def _(x):
         return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
-    @torch.library.register_fake("mistralrs::linear_f32")
-    def _(x, w):
-        return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    @torch.library.register_fake("mistralrs::linear")
+    def _(x, w, bias=None, f32_out=False):
+        return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32 if f32_out else x.dtype)
+
+    @torch.library.register_fake("mistralrs::lora_add_")
+    def _(y, x, a, b, lam, constant):
+        return None
 
     @torch.library.register_fake("mistralrs::decode_attention")
     def _(q, k, v, cos, sin, k_cache, v_cache, slots, positions, window, scale):

@@ -23,6 +23,22 @@ def cpu_kernels(x: Tensor) -> bool:
     return x.device.type == "cpu" and kernels.ready() and not torch.compiler.is_compiling()
 
 
+# NOTE: up to this many rows (decode steps) our matrix-vector kernel beats torch's bf16 matmul,
+# which reads the weight at well under the memory's speed; prompt chunks stay on torch's GEMM
+_GEMV_ROWS = 8
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose decode-sized bf16/fp16 CPU calls run our kernel (csrc/linear.cpp)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [M, K] -> [M, N]
+        if (x.dim() == 2 and x.shape[0] <= _GEMV_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+                and x.dtype == self.weight.dtype and cpu_kernels(x)):
+            return torch.ops.mistralrs.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, device=None, dtype=None):
         super().__init__()

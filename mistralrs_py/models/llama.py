@@ -1,7 +1,7 @@
 """The Mistral/Llama decoder, written for the engine's cache: tokens of many sequences in one step.
 
 One implementation serves Llama-layout models (SmolLM2, TinyLlama, Llama 2/3) and Mistral
-(sliding-window attention). Linear layers are plain `nn.Linear` by default; loaders may replace
+(sliding-window attention). Linear layers are `layers.Linear` (an nn.Linear) by default; loaders may replace
 them with quantized or LoRA-wrapped modules that have the same call signature.
 """
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .layers import BatchView, RMSNorm, Rotary, apply_rotary, attend, cpu_kernels, decode_attention_cpu
+from .layers import BatchView, Linear, RMSNorm, Rotary, apply_rotary, attend, cpu_kernels, decode_attention_cpu
 from .quant import QuantLinear
 
 
@@ -21,10 +21,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(bias=cfg.attention_bias, device=device, dtype=dtype)
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, **kw)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, **kw)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, **kw)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, **kw)
+        self.k_proj = Linear(cfg.hidden_size, cfg.kv_dim, **kw)
+        self.v_proj = Linear(cfg.hidden_size, cfg.kv_dim, **kw)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype)
         self.qkv_proj: nn.Module | None = None  # set by fuse_projections(): q, k, v in one matmul
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView) -> Tensor:
@@ -54,9 +54,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
         kw = dict(bias=cfg.mlp_bias, device=device, dtype=dtype)
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
         self.gate_up_proj: nn.Module | None = None  # set by fuse_projections()
 
@@ -96,7 +96,7 @@ class CausalLM(nn.Module):
                                          _weight=torch.empty((cfg.vocab_size, cfg.hidden_size), device=device, dtype=dtype))
         self.layers = nn.ModuleList(DecoderLayer(cfg, device=device, dtype=dtype) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
         self.max_positions = max_positions
         self.rotary = Rotary(cfg, max_positions, device=None if device == torch.device("meta") else device)
 
@@ -121,8 +121,8 @@ class CausalLM(nn.Module):
         head = self.lm_head
         if isinstance(head, QuantLinear) and cpu_kernels(h):
             return head.forward_f32(h)
-        if type(head) is nn.Linear and head.bias is None and cpu_kernels(h) and h.dtype == head.weight.dtype:
-            return torch.ops.mistralrs.linear_f32(h, head.weight)
+        if isinstance(head, nn.Linear) and cpu_kernels(h) and h.dtype == head.weight.dtype:
+            return torch.ops.mistralrs.linear(h, head.weight, head.bias, True)
         return head(h).float()
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..lora.classifier import XLoraClassifier, XLoraConfig, top_k_scalings
 from ..lora.linear import Scalings, XLoraLinear
-from .layers import BatchView
+from .layers import BatchView, cpu_kernels
 from .llama import CausalLM
 
 
@@ -67,7 +67,7 @@ class XLoraModel(nn.Module):
                 b[off : off + st.lora_b.shape[0], j * R : (j + 1) * R] = st.lora_b * g
         idx = [st.index for _, st in adapted]
         lin = XLoraLinear(getattr(owner, leaf), a, b, self.scalings, rows=idx if self.cfg.layerwise_scalings else [0] * len(idx),
-                          indices=idx)
+                          indices=idx, small_rows_op=cpu_kernels)
         setattr(owner, leaf, lin)
         return lin
 

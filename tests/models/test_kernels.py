@@ -1,4 +1,4 @@
-"""Tests for our fused CPU ops (models/csrc: rms_norm, silu_mul, linear_f32, decode_attention) and
+"""Tests for our fused CPU ops (models/csrc: rms_norm, silu_mul, linear, decode_attention) and
 the build around them (models/kernels.py).
 
 References are float64 torch computations on the same (rounded) inputs; tolerances are the output
@@ -50,14 +50,30 @@ def test_silu_mul(dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,K,N", [(1, 576, 300), (3, 100, 33), (9, 64, 70), (17, 48, 16)])
-def test_linear_f32(dtype, M, K, N):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear(dtype, M, K, N, with_bias):
     g = torch.Generator().manual_seed(M * K + N)
     x, w = torch.randn(M, K, generator=g).to(dtype), torch.randn(N, K, generator=g).to(dtype)
-    y = ops.linear_f32(x, w)
+    b = torch.randn(N, generator=g).to(dtype) if with_bias else None
+    ref = x.double() @ w.double().T + (b.double() if with_bias else 0)
+    bound = 2**-20 * (x.double().abs() @ w.double().abs().T) + 1e-5  # float32 accumulation only
+    y = ops.linear(x, w, b, True)
     assert y.dtype == torch.float32 and y.shape == (M, N)
-    ref = x.double() @ w.double().T
-    bound = 2**-20 * (x.double().abs() @ w.double().abs().T) + 1e-6  # float32 accumulation only
     assert bool(((y.double() - ref).abs() <= bound).all())
+    y = ops.linear(x, w, b)  # the same, rounded once to x's dtype
+    assert y.dtype == dtype and torch.equal(y, ops.linear(x, w, b, True).to(dtype))
+    close(y, ref, dtype, atol=1e-4 + bound.max().item())
+
+
+def test_linear_module_uses_the_kernel_for_decode_rows():
+    from mistralrs_py.models.layers import Linear
+
+    lin = Linear(64, 48, bias=True, dtype=torch.bfloat16)
+    x = torch.randn(3, 64).bfloat16()
+    with torch.inference_mode():
+        assert torch.equal(lin(x), ops.linear(x, lin.weight, lin.bias))  # <= 8 rows: ours
+        xs = torch.randn(40, 64).bfloat16()
+        assert torch.equal(lin(xs), F.linear(xs, lin.weight, lin.bias))  # prompt rows: torch's GEMM
 
 
 def ref_decode(q, k, v, cos, sin, kc, vc, slots, pos, window):
@@ -150,7 +166,9 @@ def test_bad_arguments_raise_not_crash():
     with pytest.raises(RuntimeError, match="even"):
         ops.silu_mul(torch.zeros(2, 7))
     with pytest.raises(RuntimeError, match="share one dtype"):
-        ops.linear_f32(torch.zeros(2, 8), torch.zeros(3, 8, dtype=torch.bfloat16))
+        ops.linear(torch.zeros(2, 8), torch.zeros(3, 8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.linear(torch.zeros(2, 8), torch.zeros(3, 8), torch.zeros(4))
     with pytest.raises(RuntimeError):
         ops.rms_norm(torch.zeros(2, 8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64), 1e-5)
 
@@ -160,7 +178,7 @@ def test_ops_trace_under_compile():
     x, w = torch.randn(2, 32), torch.randn(32)
 
     def f(x, w):
-        return ops.silu_mul(ops.rms_norm(x, w, 1e-5)), ops.linear_f32(x, torch.ones(5, 32))
+        return ops.silu_mul(ops.rms_norm(x, w, 1e-5)), ops.linear(x, torch.ones(5, 32), None, True)
 
     a, b = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w)
     ea, eb = f(x, w)

@@ -294,8 +294,10 @@ def test_cors_off_by_default(server):
 # ---- shutdown ------------------------------------------------------------------------------------------
 def test_sigterm_finishes_then_ends_streams_and_exits_0(long_llama):
     port = free_port()
-    cmd = [sys.executable, "-m", "mistralrs_py", "--port", str(port), "--threads", "1", "--shutdown-timeout", "3",
-           "--max-model-len", "4096", "mistral", "-m", str(long_llama)]
+    # NOTE: the long stream must outlast the grace period: 8000 tokens of this tiny model take
+    # several seconds even with our fused CPU ops (the 200-token request needs ~0.2 s)
+    cmd = [sys.executable, "-m", "mistralrs_py", "--port", str(port), "--threads", "1", "--shutdown-timeout", "1.5",
+           "--max-model-len", "8192", "mistral", "-m", str(long_llama)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -308,7 +310,7 @@ def test_sigterm_finishes_then_ends_streams_and_exits_0(long_llama):
         lines: list[str] = []
 
         def stream():
-            body = {"messages": MSG, "stream": True, "max_tokens": 4000, "ignore_eos": True}
+            body = {"messages": MSG, "stream": True, "max_tokens": 8000, "ignore_eos": True}
             with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
                 lines.extend(x for x in r.iter_lines() if x)
 
