@@ -122,11 +122,11 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32 if f32_out else x.dtype)
 
     @torch.library.register_fake("mistralrs::lora_add_")
-    def _(y, x, a, b, lam, constant):
+    def _(y, x, a, bt, lam, constant):
         return None
 
     @torch.library.register_fake("mistralrs::decode_attention")
-    def _(q, k, v, cos, sin, k_cache, v_cache, slots, positions, window, scale):
+    def _(q, k, v, cos, sin, k_cache, v_cache, slots, positions, window, scale, skip_slot=-1):
         return q.new_empty(q.shape)
 
 

@@ -18,9 +18,9 @@ from .config import ModelConfig
 
 
 def cpu_kernels(x: Tensor) -> bool:
-    """Whether eager CPU code should call our fused ops (models/csrc) on x. NOTE: under
-    torch.compile the plain torch ops are traced instead, so inductor can fuse them itself."""
-    return x.device.type == "cpu" and kernels.ready() and not torch.compiler.is_compiling()
+    """Whether CPU code should call our fused ops (models/csrc) on x (eager, and traced by
+    --compile as opaque ops: faster than what inductor makes of the torch ops they replace)."""
+    return x.device.type == "cpu" and kernels.ready()
 
 
 # NOTE: up to this many rows (decode steps) our matrix-vector kernel beats torch's bf16 matmul,
@@ -140,6 +140,7 @@ class BatchView:
     # sliding window it applies (the mask above encodes it for the torch path).
     fused_decode: bool = False
     window: int | None = None
+    scratch_slot: int = -1  # padding rows' slot in bucketed batches (--compile): the fused op skips them
 
     @property
     def num_tokens(self) -> int:
@@ -157,7 +158,7 @@ def decode_attention_cpu(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tens
     if B < q.shape[0]:  # NOTE: slicing costs ~1 us an op; a decode-only step needs none
         q, k, v, cos, sin, positions = q[:B], k[:B], v[:B], cos[:B], sin[:B], positions[:B]
     return torch.ops.mistralrs.decode_attention(q, k, v, cos, sin, k_cache, v_cache, view.decode_slots, positions,
-                                                view.window or 0, q.shape[-1] ** -0.5)
+                                                view.window or 0, q.shape[-1] ** -0.5, view.scratch_slot)
 
 
 def attend(

@@ -85,8 +85,18 @@ class Pipeline:
             # decode_len, slot numbers) would be baked in as constants and every new value would
             # compile again.
             view = BatchView(positions=positions, row_slots=slots, logit_rows=logit_rows, num_decode=input_ids.shape[0],
-                             decode_slots=slots, decode_len=mask.shape[-1], decode_mask=mask)
+                             decode_slots=slots, decode_len=mask.shape[-1], decode_mask=mask,
+                             **(dict(fused, scratch_slot=cache.scratch_slot) if fused else {}))
             return model(input_ids, view, cache)
+
+        # NOTE: on the CPU the graph calls our fused decode attention too; padding rows (the
+        # scratch slot) are skipped by it, so their duplicate slot is allowed
+        fused = {}
+        if self.device.type == "cpu":
+            from ..models import kernels
+
+            if kernels.available():
+                fused = dict(fused_decode=True, window=self.model.cfg.sliding_window)
 
         self.compiled_decode = torch.compile(decode)
 

@@ -192,3 +192,23 @@ def test_switch_turns_every_kernel_off(monkeypatch):
     from mistralrs_py.models import qmatmul
 
     assert not qmatmul.available()
+
+
+def test_decode_attention_skips_padding_rows_of_the_scratch_slot():
+    """--compile pads a batch with rows in the scratch slot: they are skipped (zero output, no write),
+    so the slot may repeat, and the real rows are unaffected."""
+    g = torch.Generator().manual_seed(11)
+    H, Hk, hd, S, P = 4, 2, 16, 4, 12
+    kc, vc = torch.randn(S, Hk, P, hd, generator=g), torch.randn(S, Hk, P, hd, generator=g)
+    kc0, vc0 = kc.clone(), vc.clone()
+    q, k, v = torch.randn(4, H, hd, generator=g), torch.randn(4, Hk, hd, generator=g), torch.randn(4, Hk, hd, generator=g)
+    ang = torch.rand(4, hd // 2, generator=g)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([-ang.sin(), ang.sin()], -1)
+    slots, pos = torch.tensor([1, 0, 3, 3]), torch.tensor([5, 2, 0, 0])  # rows 2 and 3: padding in slot 3
+    out = ops.decode_attention(q, k, v, cos, sin, kc, vc, slots, pos, 0, hd**-0.5, 3)
+    ref, _, _ = ref_decode(q[:2], k[:2], v[:2], cos[:2], sin[:2], kc0, vc0, [1, 0], [5, 2], 0)
+    assert (out[:2].double() - ref).abs().max().item() < 1e-5
+    assert torch.equal(out[2:], torch.zeros_like(out[2:]))
+    assert torch.equal(kc[3], kc0[3]) and torch.equal(vc[3], vc0[3])
+    with pytest.raises(RuntimeError, match="twice"):  # without the skip, the repeated slot is refused
+        ops.decode_attention(q, k, v, cos, sin, kc, vc, slots, pos, 0, hd**-0.5)

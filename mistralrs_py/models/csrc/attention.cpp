@@ -8,7 +8,9 @@
 //      it (rotate-half layout: x' = x * cos + roll(x, hd/2) * sin);
 //   k_cache, v_cache: [S, Hk, P, hd] contiguous; the rotated k and v of row b are written at
 //      [slots[b], :, positions[b]], then query b attends to keys [lo, positions[b]] of its slot,
-//      lo = positions[b] + 1 - window with a sliding window (window > 0), else 0.
+//      lo = positions[b] + 1 - window with a sliding window (window > 0), else 0;
+//   skip_slot: rows in this slot (padding rows of a bucketed batch, >= 0) are skipped: no cache
+//      write, zero output.
 //
 // Query heads are grouped under their kv head (GQA): one work item per (sequence, kv head) loads
 // each key and value once for the G = H / Hk queries that share it. Scores and softmax are float32,
@@ -82,7 +84,7 @@ void check_rows(const at::Tensor& t, const char* name, int64_t B, int64_t heads,
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos_in,
                             const at::Tensor& sin_in, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots_in,
-                            const at::Tensor& positions_in, int64_t window, double scale) {
+                            const at::Tensor& positions_in, int64_t window, double scale, int64_t skip_slot) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &cos_in, &sin_in, &k_cache, &v_cache, &slots_in, &positions_in})
     TORCH_CHECK(t->device().is_cpu(), "decode_attention: CPU tensors only");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
@@ -109,6 +111,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t* pp = positions.data_ptr<int64_t>();
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) {
+    if (sp[b] == skip_slot) continue;
     TORCH_CHECK(sp[b] >= 0 && sp[b] < S && pp[b] >= 0 && pp[b] < P, "decode_attention: row ", b, " has slot ",
                 sp[b], " and position ", pp[b], " outside a cache of ", S, " slots x ", P, " positions");
     for (int64_t c = 0; c < b; ++c)
@@ -133,6 +136,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       std::vector<float> buf;
       for (int64_t item = a; item < e; ++item) {
         const int64_t b = item / Hk, h = item % Hk, p = pp[b];
+        if (sp[b] == skip_slot) {
+          std::fill(op + (b * H + h * G) * hd, op + (b * H + (h + 1) * G) * hd, scalar_t(0));
+          continue;
+        }
         const int64_t lo = window > 0 ? std::max<int64_t>(0, p + 1 - window) : 0;
         const int64_t head = (sp[b] * Hk + h) * P * hd;
         attend_one(qp + b * q.stride(0) + h * G * q.stride(1), q.stride(1), kp + b * k.stride(0) + h * k.stride(1),
@@ -150,7 +157,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 TORCH_LIBRARY_FRAGMENT(mistralrs, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
-      "Tensor(b!) v_cache, Tensor slots, Tensor positions, int window, float scale) -> Tensor");
+      "Tensor(b!) v_cache, Tensor slots, Tensor positions, int window, float scale, int skip_slot=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mistralrs, CPU, m) {

@@ -95,14 +95,15 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
 }
 
 
-// lora_add_(y, x, a, b, lam, constant): y[m] += b @ (scale[m] * (a @ x[m])) for each row m, in float32,
+// lora_add_(y, x, a, bt, lam, constant): y[m] += (scale[m] * (a @ x[m])) @ bt for each row m, in float32,
 // where scale[m] is lam[m] ([M, 1 or P, R], broadcast over the P parts of a fused projection) or
-// `constant` when lam is None. a: [P*R, K], b: [N, P*R] float32; x: [M, K]; y: [M, N] in place.
+// `constant` when lam is None. a: [P*R, K], bt: [P*R, N] float32 (B transposed: the update is P*R
+// whole-row multiply-adds); x: [M, K]; y: [M, N], updated in place and rounded once.
 // X-LoRA's adapters in one op: torch needs ~7 (cast, two tiny matmuls, the scaling, the add).
 template <typename T, typename Y>
-void lora_rows(Y* y, const T* x, const float* a, const float* b, const at::Tensor& lam, float constant, int64_t M,
+void lora_rows(Y* y, const T* x, const float* a, const float* bt, const at::Tensor& lam, float constant, int64_t M,
                int64_t N, int64_t K, int64_t PR, int64_t R) {
-  std::vector<float> xf(K), h(PR);
+  std::vector<float> xf(K), h(PR), yf(N);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < K; ++k) xf[k] = to_float(x[m * K + k]);
     for (int64_t j = 0; j < PR; ++j) h[j] = dot(xf.data(), a + j * K, K);
@@ -113,13 +114,16 @@ void lora_rows(Y* y, const T* x, const float* a, const float* b, const at::Tenso
     } else {
       for (int64_t j = 0; j < PR; ++j) h[j] *= constant;
     }
-    for (int64_t n = 0; n < N; ++n) y[m * N + n] = static_cast<Y>(to_float(y[m * N + n]) + dot(h.data(), b + n * PR, PR));
+    Y* yr = y + m * N;
+    for (int64_t n = 0; n < N; ++n) yf[n] = to_float(yr[n]);
+    for (int64_t j = 0; j < PR; ++j) axpy(yf.data(), h[j], bt + j * N, N);
+    for (int64_t n = 0; n < N; ++n) yr[n] = static_cast<Y>(yf[n]);
   }
 }
 
-void lora_add_(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& a, const at::Tensor& b,
+void lora_add_(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& a, const at::Tensor& bt,
                const std::optional<at::Tensor>& lam_in, double constant) {
-  for (const at::Tensor* t : {&x_in, &a, &b}) TORCH_CHECK(t->device().is_cpu(), "lora_add_: CPU tensors only");
+  for (const at::Tensor* t : {&x_in, &a, &bt}) TORCH_CHECK(t->device().is_cpu(), "lora_add_: CPU tensors only");
   TORCH_CHECK(y.device().is_cpu() && y.dim() == 2 && y.is_contiguous(), "lora_add_: y must be a contiguous [M, N]");
   const int64_t M = y.size(0), N = y.size(1);
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == M, "lora_add_: x must be [M, K]");
@@ -127,8 +131,9 @@ void lora_add_(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& a, const
   TORCH_CHECK(a.dim() == 2 && a.size(1) == K && a.is_contiguous() && a.scalar_type() == at::kFloat,
               "lora_add_: a must be a contiguous float32 [P*R, K]");
   const int64_t PR = a.size(0);
-  TORCH_CHECK(b.dim() == 2 && b.size(0) == N && b.size(1) == PR && b.is_contiguous() && b.scalar_type() == at::kFloat,
-              "lora_add_: b must be a contiguous float32 [N, P*R]");
+  TORCH_CHECK(bt.dim() == 2 && bt.size(0) == PR && bt.size(1) == N && bt.is_contiguous() &&
+                  bt.scalar_type() == at::kFloat,
+              "lora_add_: bt must be a contiguous float32 [P*R, N]");
   at::Tensor lam;
   int64_t R = PR;
   if (lam_in.has_value() && lam_in->defined()) {
@@ -143,7 +148,7 @@ void lora_add_(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& a, const
   MISTRALRS_DISPATCH(x.scalar_type(), "lora_add_x", [&] {
     using xt = scalar_t;
     MISTRALRS_DISPATCH(y.scalar_type(), "lora_add_y", [&] {
-      lora_rows<xt, scalar_t>(y.data_ptr<scalar_t>(), x.data_ptr<xt>(), a.data_ptr<float>(), b.data_ptr<float>(), lam,
+      lora_rows<xt, scalar_t>(y.data_ptr<scalar_t>(), x.data_ptr<xt>(), a.data_ptr<float>(), bt.data_ptr<float>(), lam,
                               static_cast<float>(constant), M, N, K, PR, R);
     });
   });
@@ -153,7 +158,7 @@ void lora_add_(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& a, const
 
 TORCH_LIBRARY_FRAGMENT(mistralrs, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias=None, bool f32_out=False) -> Tensor");
-  m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor a, Tensor b, Tensor? lam, float constant) -> ()");
+  m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor a, Tensor bt, Tensor? lam, float constant) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mistralrs, CPU, m) {
