@@ -60,6 +60,7 @@ class XLoraLinear(nn.Module):
         # NOTE: given by the model (lora sits below models): whether a call may use
         # torch.ops.mistralrs.linear (our CPU kernels) for the adapters' tiny matmuls
         self.small_rows_op = small_rows_op
+        self._bf16: tuple[Tensor, Tensor] | None = None  # bf16 copies of A and B^T for lora_add_, made on first use
         self.parts = len(rows)
         self.lora_a = nn.Parameter(lora_a, requires_grad=False)  # [parts * R, in]
         # NOTE: stored transposed ([parts * R, out], contiguous): the faster layout for x @ B^T.
@@ -86,7 +87,14 @@ class XLoraLinear(nn.Module):
             # NOTE: decode rows on the CPU: the whole adapter update in one op (same math as below;
             # ~7 torch ops otherwise, ~100 wrapped projections per X-LoRA token)
             lam = None if s.rank is None else s.rank[:, self.lo : self.hi] if self.lo is not None else s.rank[:, self.row_index]
-            torch.ops.mistralrs.lora_add_(y, x, self.lora_a, self.lora_bt, lam, float(s.constant))
+            a, bt = self.lora_a, self.lora_bt
+            if y.dtype == torch.bfloat16:
+                # NOTE: under a bf16 base the op reads bf16 copies: half the bytes a token (the
+                # adapters are read from memory every step); accumulation stays float32
+                if self._bf16 is None:
+                    self._bf16 = (a.to(torch.bfloat16), bt.to(torch.bfloat16))
+                a, bt = self._bf16
+            torch.ops.mistralrs.lora_add_(y, x, a, bt, lam, float(s.constant))
             return y
         xa = x if x.dtype == self.lora_a.dtype else x.to(self.lora_a.dtype)
         h = xa @ self.lora_a.t()  # [N, parts * R]

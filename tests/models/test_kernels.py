@@ -212,3 +212,23 @@ def test_decode_attention_skips_padding_rows_of_the_scratch_slot():
     assert torch.equal(kc[3], kc0[3]) and torch.equal(vc[3], vc0[3])
     with pytest.raises(RuntimeError, match="twice"):  # without the skip, the repeated slot is refused
         ops.decode_attention(q, k, v, cos, sin, kc, vc, slots, pos, 0, hd**-0.5)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lam_parts", [None, 1, 3])
+def test_lora_add(wdtype, lam_parts):
+    """y += (scale * (x @ a.T)) @ bt, float32 inside, for float32 or bf16 adapters, with the
+    scalings broadcast over a fused projection's parts (lam [M, 1 or P, R]) or a constant."""
+    g = torch.Generator().manual_seed(5 + (lam_parts or 0))
+    M, K, N, P, R = 3, 40, 70, 3, 4
+    x, y = torch.randn(M, K, generator=g).bfloat16(), torch.randn(M, N, generator=g).bfloat16()
+    a, bt = torch.randn(P * R, K, generator=g).to(wdtype), torch.randn(P * R, N, generator=g).to(wdtype)
+    lam = None if lam_parts is None else torch.randn(M, lam_parts, R, generator=g)
+    scale = torch.full((M, P * R), 0.7, dtype=torch.float64) if lam is None else lam.double().expand(M, P, R).reshape(M, -1)
+    ref = y.double() + ((x.double() @ a.double().T) * scale) @ bt.double()
+    out = y.clone()
+    ops.lora_add_(out, x, a, bt, lam, 0.7)
+    delta = ((x.double().abs() @ a.double().abs().T) * scale.abs()) @ bt.double().abs()
+    assert bool(((out.double() - ref).abs() <= ref.abs() * 2**-8 + delta * 2**-20 + 1e-6).all())
+    with pytest.raises(RuntimeError, match="lam must be"):
+        ops.lora_add_(out, x, a, bt, torch.zeros(M, 2, R), 0.0)

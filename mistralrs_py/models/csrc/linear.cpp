@@ -97,16 +97,21 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
 
 // lora_add_(y, x, a, bt, lam, constant): y[m] += (scale[m] * (a @ x[m])) @ bt for each row m, in float32,
 // where scale[m] is lam[m] ([M, 1 or P, R], broadcast over the P parts of a fused projection) or
-// `constant` when lam is None. a: [P*R, K], bt: [P*R, N] float32 (B transposed: the update is P*R
+// `constant` when lam is None. a: [P*R, K], bt: [P*R, N] float32 or bfloat16 (B transposed: the update is P*R
 // whole-row multiply-adds); x: [M, K]; y: [M, N], updated in place and rounded once.
 // X-LoRA's adapters in one op: torch needs ~7 (cast, two tiny matmuls, the scaling, the add).
-template <typename T, typename Y>
-void lora_rows(Y* y, const T* x, const float* a, const float* bt, const at::Tensor& lam, float constant, int64_t M,
+template <typename T, typename Y, typename W>
+void lora_rows(Y* y, const T* x, const W* a, const W* bt, const at::Tensor& lam, float constant, int64_t M,
                int64_t N, int64_t K, int64_t PR, int64_t R) {
   std::vector<float> xf(K), h(PR), yf(N);
+  // NOTE: the adapters are read from memory each token (float32, up to ~1 MB a layer): both stages
+  // are split across the threads when there is enough of them to share
+  const int64_t grain_a = std::max<int64_t>(1, 16384 / K), grain_b = std::max<int64_t>(64, 16384 / PR);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < K; ++k) xf[k] = to_float(x[m * K + k]);
-    for (int64_t j = 0; j < PR; ++j) h[j] = dot(xf.data(), a + j * K, K);
+    at::parallel_for(0, PR, grain_a, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) h[j] = dot(xf.data(), a + j * K, K);
+    });
     if (lam.defined()) {
       const float* lp = lam.data_ptr<float>();
       const int64_t s0 = lam.stride(0), s1 = lam.size(1) == 1 ? 0 : lam.stride(1), s2 = lam.stride(2);
@@ -115,9 +120,11 @@ void lora_rows(Y* y, const T* x, const float* a, const float* bt, const at::Tens
       for (int64_t j = 0; j < PR; ++j) h[j] *= constant;
     }
     Y* yr = y + m * N;
-    for (int64_t n = 0; n < N; ++n) yf[n] = to_float(yr[n]);
-    for (int64_t j = 0; j < PR; ++j) axpy(yf.data(), h[j], bt + j * N, N);
-    for (int64_t n = 0; n < N; ++n) yr[n] = static_cast<Y>(yf[n]);
+    at::parallel_for(0, N, grain_b, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) yf[n] = to_float(yr[n]);
+      for (int64_t j = 0; j < PR; ++j) axpy(yf.data() + n0, h[j], bt + j * N + n0, n1 - n0);
+      for (int64_t n = n0; n < n1; ++n) yr[n] = static_cast<Y>(yf[n]);
+    });
   }
 }
 
@@ -128,12 +135,13 @@ void lora_add_(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& a, const
   const int64_t M = y.size(0), N = y.size(1);
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == M, "lora_add_: x must be [M, K]");
   const int64_t K = x_in.size(1);
-  TORCH_CHECK(a.dim() == 2 && a.size(1) == K && a.is_contiguous() && a.scalar_type() == at::kFloat,
-              "lora_add_: a must be a contiguous float32 [P*R, K]");
+  TORCH_CHECK(a.dim() == 2 && a.size(1) == K && a.is_contiguous() &&
+                  (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16),
+              "lora_add_: a must be a contiguous float32 or bfloat16 [P*R, K]");
   const int64_t PR = a.size(0);
   TORCH_CHECK(bt.dim() == 2 && bt.size(0) == PR && bt.size(1) == N && bt.is_contiguous() &&
-                  bt.scalar_type() == at::kFloat,
-              "lora_add_: bt must be a contiguous float32 [P*R, N]");
+                  bt.scalar_type() == a.scalar_type(),
+              "lora_add_: bt must be a contiguous [P*R, N] of a's dtype");
   at::Tensor lam;
   int64_t R = PR;
   if (lam_in.has_value() && lam_in->defined()) {
@@ -148,8 +156,14 @@ void lora_add_(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& a, const
   MISTRALRS_DISPATCH(x.scalar_type(), "lora_add_x", [&] {
     using xt = scalar_t;
     MISTRALRS_DISPATCH(y.scalar_type(), "lora_add_y", [&] {
-      lora_rows<xt, scalar_t>(y.data_ptr<scalar_t>(), x.data_ptr<xt>(), a.data_ptr<float>(), bt.data_ptr<float>(), lam,
-                              static_cast<float>(constant), M, N, K, PR, R);
+      // NOTE: bf16 adapters halve the bytes read a token (X-LoRA under a bf16 base); float32 otherwise
+      if (a.scalar_type() == at::kBFloat16)
+        lora_rows<xt, scalar_t, c10::BFloat16>(y.data_ptr<scalar_t>(), x.data_ptr<xt>(), a.data_ptr<c10::BFloat16>(),
+                                               bt.data_ptr<c10::BFloat16>(), lam, static_cast<float>(constant), M, N,
+                                               K, PR, R);
+      else
+        lora_rows<xt, scalar_t, float>(y.data_ptr<scalar_t>(), x.data_ptr<xt>(), a.data_ptr<float>(),
+                                       bt.data_ptr<float>(), lam, static_cast<float>(constant), M, N, K, PR, R);
     });
   });
 }
