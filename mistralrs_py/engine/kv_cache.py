@@ -242,7 +242,7 @@ class KVCachePool(KVStream):
             prefills=segments,
             window=window,
             # NOTE: decode rows here have distinct slots and real positions (no padding rows), what
-            # the fused CPU op requires; --compile's padded bucket views keep the torch path.
+            # the fused CPU op requires (--compile's padded views pass their scratch slot to skip).
             fused_decode=self.device.type == "cpu" and kernels.ready(),
         )
         if decode:

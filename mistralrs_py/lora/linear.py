@@ -58,7 +58,7 @@ class XLoraLinear(nn.Module):
         super().__init__()
         self.base = base
         # NOTE: given by the model (lora sits below models): whether a call may use
-        # torch.ops.mistralrs.linear (our CPU kernels) for the adapters' tiny matmuls
+        # torch.ops.mistralrs.lora_add_ (our CPU kernels) for the adapters of decode rows
         self.small_rows_op = small_rows_op
         self._bf16: tuple[Tensor, Tensor] | None = None  # bf16 copies of A and B^T for lora_add_, made on first use
         self.parts = len(rows)

@@ -427,8 +427,7 @@ class QuantLinear(torch.nn.Module):
         """forward() with float32 output; our kernels then skip the rounding to bf16 (the output
         head: see CausalLM.logits)."""
         if self._mode == "qmm" and self.bias is None and x.dim() == 2:
-            x = x.to(self.compute_dtype).contiguous()
-            return torch.ops.mistralrs.qmm(x, self._qs, self._qd, self._qmw, self._bits, True)
+            return torch.ops.mistralrs.qmm(x.to(self.compute_dtype), self._qs, self._qd, self._qmw, self._bits, True)
         return self(x).float()
 
     def dequantized(self) -> torch.Tensor:
