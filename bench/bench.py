@@ -115,6 +115,19 @@ def decode_speed(run: Run, tok, repeats: int, n_tokens=128) -> float:
     return median([run.generate([prompt], n_tokens)["tok_s"] for _ in range(repeats)])
 
 
+def alternate(runs: dict[str, Run], tok, repeats: int, n_tokens=128) -> dict[str, float]:
+    """Median single-stream decode speed of each engine, run in turn repeat by repeat (as against
+    transformers in compare_with_hf): a ratio between them is then not skewed by the machine's drift."""
+    prompt = tok.encode("Write a long story about a lighthouse keeper.")
+    for run in runs.values():
+        run.generate([prompt], 4)
+    speeds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            speeds[name].append(run.generate([prompt], n_tokens)["tok_s"])
+    return {name: median(v) for name, v in speeds.items()}
+
+
 class HF:
     """transformers on the same weights: bf16 `generate` and a 512-token forward."""
 
@@ -319,9 +332,8 @@ def main() -> None:
         from mistralrs_py.pipeline.xlora import bench_pipelines
 
         xl, base = bench_pipelines()
-        speeds = {}
-        for name, p in (("xlora", xl), ("base", base)):
-            speeds[name] = decode_speed(Run(Engine(p, max_seqs=4)), p.tokenizer, reps, 64)
+        speeds = alternate({"xlora": Run(Engine(xl, max_seqs=4)), "base": Run(Engine(base, max_seqs=4))}, xl.tokenizer,
+                           max(reps, 5))
         R["xlora_decode"], R["xlora_base_decode"] = speeds["xlora"], speeds["base"]
     except ImportError:
         R["xlora_decode"] = None

@@ -86,16 +86,20 @@ class XLoraClassifier(nn.Module):
     """`inner` Linears (ReLU after each when enabled; dropout is the identity) then `last`.
 
     forward(h [N, H]) -> scalings [N, L, n] when layerwise, else [N, 1, n] (the same row for
-    every wrapped linear; broadcasting stands in for mistral.rs's expand)."""
+    every wrapped linear; broadcasting stands in for mistral.rs's expand).
 
-    def __init__(self, cfg: XLoraConfig, n_adapters: int, n_layers: int, device=None, dtype=None):
+    `linear`: the nn.Linear class to build with (the model's, whose decode rows run our CPU kernel:
+    torch's bf16 CPU matmul takes ~30 us for each of these tiny layers, ours ~6)."""
+
+    def __init__(self, cfg: XLoraConfig, n_adapters: int, n_layers: int, device=None, dtype=None,
+                 linear: type[nn.Linear] = nn.Linear):
         super().__init__()
         self.cfg, self.n, self.L = cfg, n_adapters, n_layers
         self.rows = n_layers if cfg.layerwise_scalings else 1
         dims = [cfg.hidden_size] + [cfg.xlora_size] * (cfg.xlora_depth - 1)
         kw = dict(bias=cfg.use_bias, device=device, dtype=dtype)
-        self.inner = nn.ModuleList(nn.Linear(a, b, **kw) for a, b in zip(dims[:-1], dims[1:]))
-        self.last = nn.Linear(dims[-1], self.rows * n_adapters, **kw)
+        self.inner = nn.ModuleList(linear(a, b, **kw) for a, b in zip(dims[:-1], dims[1:]))
+        self.last = linear(dims[-1], self.rows * n_adapters, **kw)
 
     def logits(self, h: Tensor) -> Tensor:
         # h: [N, H] -> [N, rows, n]; flat index of the last layer = layer * n + adapter
@@ -108,7 +112,8 @@ class XLoraClassifier(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         z = self.logits(h)
         if self.cfg.enable_softmax:
-            z = torch.softmax(z / self.cfg.softmax_temperature, dim=-1)
+            t = self.cfg.softmax_temperature
+            z = torch.softmax(z if t == 1.0 else z / t, dim=-1)
         return z
 
     def load(self, tensors: dict[str, Tensor], source: str = "xlora_classifier.safetensors") -> None:

@@ -5,7 +5,8 @@
 The adapters are stacked once at load time: A = cat(A_i) [R, in], B = cat(B_i * alpha_i/r_i * g)
 [out, R] with R = sum r_i, so a step costs two matmuls whatever n is; the per-token scalings are
 expanded to rank space (each lam_i repeated r_i times) and multiply A x in between. Because LoRA
-has no bias, scaling the input (PEFT, mistral.rs) equals scaling A x.
+has no bias, scaling the input (PEFT, mistral.rs) equals scaling A x. On the CPU, decode rows take
+the base projection and this update in one op of ours (models/csrc/linear.cpp).
 """
 
 from __future__ import annotations
@@ -44,29 +45,39 @@ class XLoraLinear(nn.Module):
     """Wraps a base linear (nn.Linear, a quantized one, or a fused q/k/v or gate/up projection) with
     stacked adapters.
 
-    `rows`: for each adapted part of the output (one, or several for a fused projection), the row of
-    `Scalings.rank` it reads: its X-LoRA layer index when the scalings are layerwise, else 0. A
-    fused projection's A is the parts' stacked A's (part-major) and its B is block-structured: part
-    j's B sits in its output rows and its own R columns.
+    For each adapted part of the output (one, or several for a fused projection): `spans` gives its
+    output rows [start, end) and `rows` the row of `Scalings.rank` it reads (its X-LoRA layer index
+    when the scalings are layerwise, else 0). A is the parts' stacked A's, part-major ([P * R, in]).
+    B is kept transposed and compact ([R, out]): column n holds B's row n of the part whose span
+    contains n, so a fused projection stores no zero blocks (csrc/linear.cpp describes the layout).
 
     The adapters may be kept in a wider dtype than the base (float32 under a bf16 model on the CPU,
     where tiny bf16 matmuls cost several times more than float32 ones): the input is upcast for
     them and their sum added back in the base's dtype."""
 
-    def __init__(self, base: nn.Module, lora_a: Tensor, lora_b: Tensor, scalings: Scalings, rows: list[int],
-                 indices: list[int], small_rows_op: Callable[[Tensor], bool] | None = None):
+    def __init__(self, base: nn.Module, lora_a: Tensor, lora_bt: Tensor, scalings: Scalings, rows: list[int],
+                 indices: list[int], spans: list[tuple[int, int]] | None = None,
+                 small_rows_op: Callable[[Tensor], bool] | None = None):
         super().__init__()
         self.base = base
-        # NOTE: given by the model (lora sits below models): whether a call may use
-        # torch.ops.mistralrs.lora_add_ (our CPU kernels) for the adapters of decode rows
+        # NOTE: given by the model (lora sits below models): whether a call may use our CPU ops
+        # (torch.ops.mistralrs.lora_linear / lora_add_) for the adapters of decode rows
         self.small_rows_op = small_rows_op
-        self._bf16: tuple[Tensor, Tensor] | None = None  # bf16 copies of A and B^T for lora_add_, made on first use
         self.parts = len(rows)
+        self.rank = lora_bt.shape[0]
+        if lora_a.shape[0] != self.parts * self.rank:
+            raise ValueError(f"A has {lora_a.shape[0]} rows for {self.parts} parts of rank {self.rank}")
+        self.spans = [tuple(sp) for sp in spans] if spans is not None else [(0, lora_bt.shape[1])]
         self.lora_a = nn.Parameter(lora_a, requires_grad=False)  # [parts * R, in]
-        # NOTE: stored transposed ([parts * R, out], contiguous): the faster layout for x @ B^T.
-        self.lora_bt = nn.Parameter(lora_b.t().contiguous(), requires_grad=False)  # alpha/r and g folded in
+        # NOTE: transposed ([R, out], contiguous): the faster layout for x @ B^T; alpha/r and g folded in
+        self.lora_bt = nn.Parameter(lora_bt, requires_grad=False)
         self.scalings = scalings
-        self.rank = lora_a.shape[0] // self.parts
+        self._whole = self.parts == 1 and self.spans[0] == (0, lora_bt.shape[1])
+        # NOTE: what our CPU ops take per part: (start, end, Scalings row), as one int64 tensor made
+        # here (the op binding parses a tensor faster than a Python int list: ~2.5 us a call)
+        self._parts = torch.tensor([(a, b, r) for (a, b), r in zip(self.spans, rows)], dtype=torch.long)
+        # the ops' arguments per compute dtype, made on first use: (w, bias) of a dense base or None, A, B^T
+        self._kernel_args: dict[torch.dtype, tuple] = {}
         if all(r == rows[0] for r in rows):  # one row for every part (not layerwise)
             self.lo, self.hi = rows[0], rows[0] + 1
         elif rows == list(range(rows[0], rows[0] + len(rows))):  # consecutive rows (the default ordering)
@@ -78,24 +89,12 @@ class XLoraLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [N, in] -> [N, out]
-        y = self.base(x)
         s = self.scalings
         if s.rank is None and s.constant == 0.0:
-            return y
-        if (x.dim() == 2 and x.shape[0] <= 8 and y.is_contiguous() and self.lora_a.dtype == torch.float32
-                and self.small_rows_op is not None and self.small_rows_op(x)):
-            # NOTE: decode rows on the CPU: the whole adapter update in one op (same math as below;
-            # ~7 torch ops otherwise, ~100 wrapped projections per X-LoRA token)
-            lam = None if s.rank is None else s.rank[:, self.lo : self.hi] if self.lo is not None else s.rank[:, self.row_index]
-            a, bt = self.lora_a, self.lora_bt
-            if y.dtype == torch.bfloat16:
-                # NOTE: under a bf16 base the op reads bf16 copies: half the bytes a token (the
-                # adapters are read from memory every step); accumulation stays float32
-                if self._bf16 is None:
-                    self._bf16 = (a.to(torch.bfloat16), bt.to(torch.bfloat16))
-                a, bt = self._bf16
-            torch.ops.mistralrs.lora_add_(y, x, a, bt, lam, float(s.constant))
-            return y
+            return self.base(x)
+        if x.dim() == 2 and x.shape[0] <= 8 and self.small_rows_op is not None and self.small_rows_op(x):
+            return self._kernel(x, s)
+        y = self.base(x)
         xa = x if x.dtype == self.lora_a.dtype else x.to(self.lora_a.dtype)
         h = xa @ self.lora_a.t()  # [N, parts * R]
         if s.rank is None:
@@ -105,9 +104,40 @@ class XLoraLinear(nn.Module):
             # per-token scalings in rank space: [N, parts or 1, R], broadcast over the parts
             lam = s.rank[:, self.lo : self.hi] if self.lo is not None else s.rank[:, self.row_index]
             h = (h.view(h.shape[0], -1, self.rank) * lam).flatten(1)
-        if y.dtype == h.dtype:
-            return y.addmm_(h, self.lora_bt)
-        return y.add_(h @ self.lora_bt)
+        if self._whole:
+            return y.addmm_(h, self.lora_bt) if y.dtype == h.dtype else y.add_(h @ self.lora_bt)
+        for j, (a, b) in enumerate(self.spans):
+            part = h[:, j * self.rank : (j + 1) * self.rank] @ self.lora_bt[:, a:b]
+            y[:, a:b] += part if y.dtype == part.dtype else part.to(y.dtype)
+        return y
+
+    def _kernel(self, x: Tensor, s: Scalings) -> Tensor:
+        """Decode rows on the CPU: the same math as forward's, in one op over a dense base whose
+        dtype the adapters can take (two with any other base: its own, then lora_add_)."""
+        args = self._kernel_args.get(x.dtype) or self._make_kernel_args(x.dtype)
+        dense, a, bt = args
+        if dense is not None:
+            return torch.ops.mistralrs.lora_linear(x, dense[0], dense[1], a, bt, self._parts, s.rank, s.constant)
+        y = self.base(x)
+        if not y.is_contiguous():
+            y = y.contiguous()
+        torch.ops.mistralrs.lora_add_(y, x, a, bt, self._parts, s.rank, s.constant)
+        return y
+
+    def _make_kernel_args(self, dtype: torch.dtype) -> tuple:
+        """A and B^T for the CPU ops under a base computing in `dtype`: bf16 copies under bf16 (the
+        adapters are read from memory every token: half the bytes; accumulation stays float32),
+        float32 otherwise (fp16 would flush small B values to zero). lora_linear reads a dense
+        base's weight itself when the adapters have its dtype.
+
+        NOTE: holds the base's weight and bias Parameters: replacing them after the first decode
+        step (rather than copying into them) would go unseen."""
+        want = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        a, bt = (t.detach().to(want).contiguous() for t in (self.lora_a, self.lora_bt))
+        base = self.base
+        dense = (base.weight, base.bias) if isinstance(base, nn.Linear) and base.weight.dtype == dtype == want else None
+        args = self._kernel_args[dtype] = (dense, a, bt)
+        return args
 
     def extra_repr(self) -> str:
         return f"rank={self.lora_a.shape[0]}, indices={self.indices}"

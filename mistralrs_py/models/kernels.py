@@ -121,8 +121,12 @@ def _register_fakes() -> None:
     def _(x, w, bias=None, f32_out=False):
         return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32 if f32_out else x.dtype)
 
+    @torch.library.register_fake("mistralrs::lora_linear")
+    def _(x, w, bias, a, bt, parts, lam, constant, f32_out=False):
+        return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32 if f32_out else x.dtype)
+
     @torch.library.register_fake("mistralrs::lora_add_")
-    def _(y, x, a, bt, lam, constant):
+    def _(y, x, a, bt, parts, lam, constant):
         return None
 
     @torch.library.register_fake("mistralrs::decode_attention")

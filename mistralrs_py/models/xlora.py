@@ -57,17 +57,15 @@ class XLoraModel(nn.Module):
         g = self.cfg.global_scaling_weight
         adapted = [(off, st) for off, _, st in parts if st is not None]
         a = torch.cat([st.lora_a for _, st in adapted])
-        if len(parts) == 1:
-            b = parts[0][2].lora_b * g
-        else:
-            R = adapted[0][1].lora_a.shape[0]
-            out = sum(rows for _, rows, _ in parts)
-            b = a.new_zeros(out, R * len(adapted))
-            for j, (off, st) in enumerate(adapted):
-                b[off : off + st.lora_b.shape[0], j * R : (j + 1) * R] = st.lora_b * g
+        # NOTE: B^T compact ([R, out]): each adapted part's B^T in its own output columns (lora/linear.py)
+        out = sum(rows for _, rows, _ in parts)
+        bt = a.new_zeros(adapted[0][1].lora_a.shape[0], out)
+        for off, st in adapted:
+            bt[:, off : off + st.lora_b.shape[0]] = st.lora_b.t() * g
+        spans = [(off, off + st.lora_b.shape[0]) for off, st in adapted]
         idx = [st.index for _, st in adapted]
-        lin = XLoraLinear(getattr(owner, leaf), a, b, self.scalings, rows=idx if self.cfg.layerwise_scalings else [0] * len(idx),
-                          indices=idx, small_rows_op=cpu_kernels)
+        lin = XLoraLinear(getattr(owner, leaf), a, bt, self.scalings, rows=idx if self.cfg.layerwise_scalings else [0] * len(idx),
+                          indices=idx, spans=spans, small_rows_op=cpu_kernels)
         setattr(owner, leaf, lin)
         return lin
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..lora.classifier import XLoraClassifier, XLoraConfig, XLoraConfigError
 from ..lora.ordering import LEAF_NAMES, Ordering, OrderingError, check_layers, load_ordering, make_ordering, module_paths, resolve_order
-from ..models.layers import BatchView, PrefillSegment, prefill_mask
+from ..models.layers import BatchView, Linear, PrefillSegment, prefill_mask
 from ..models.xlora import AdapterStack, XLoraModel
 from . import hub
 from .base import LoadError, ModelKind, ModelSpec, Pipeline, register
@@ -158,7 +158,7 @@ def load_xlora(spec: ModelSpec, progress=None) -> "XLoraPipeline":
     stacks = _stacks(base, adapters, wrapped, index)
     from safetensors.torch import load_file
 
-    classifier = XLoraClassifier(cfg, len(order), len(wrapped), device=base.device, dtype=base.dtype)
+    classifier = XLoraClassifier(cfg, len(order), len(wrapped), device=base.device, dtype=base.dtype, linear=Linear)
     try:
         classifier.load(load_file(str(clf_path)), str(clf_path))
     except XLoraConfigError as e:

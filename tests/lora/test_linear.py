@@ -24,28 +24,43 @@ def naive(x, base, parts, lam, g=1.0):
     return torch.cat(outs, dim=1)
 
 
-def make(in_f, part_rows, ranks, layers, layerwise, dtype=torch.float32, lora_dtype=torch.float32, small_rows_op=None):
+class Opaque(nn.Module):
+    """A base that is not an nn.Linear (as a quantized one): the adapters then run after it (lora_add_)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def make(in_f, part_rows, ranks, layers, layerwise, dtype=torch.float32, lora_dtype=torch.float32, small_rows_op=None,
+         opaque=False):
     base = nn.Linear(in_f, sum(part_rows), bias=True).to(dtype)
     nn.init.normal_(base.weight, generator=G)
-    parts, a_all, b_blocks = [], [], []
+    parts, a_all, spans = [], [], []
     R = sum(ranks)
-    b = torch.zeros(sum(part_rows), R * len(part_rows))
+    bt = torch.zeros(R, sum(part_rows))  # B^T compact: each part's columns hold its own B^T
     off = 0
-    for j, (rows, layer) in enumerate(zip(part_rows, layers)):
+    for rows, layer in zip(part_rows, layers):
         adapters = [(torch.randn(r, in_f, generator=G), torch.randn(rows, r, generator=G), 0.5 + i) for i, r in enumerate(ranks)]
         parts.append((rows, adapters, layer))
         a_all.append(torch.cat([a for a, _, _ in adapters]))
-        b[off : off + rows, j * R : (j + 1) * R] = torch.cat([bb * s for _, bb, s in adapters], dim=1)
+        bt[:, off : off + rows] = torch.cat([bb * s for _, bb, s in adapters], dim=1).T
+        spans.append((off, off + rows))
         off += rows
     sc = Scalings()
-    lin = XLoraLinear(base, torch.cat(a_all).to(lora_dtype), b.to(lora_dtype), sc,
-                      rows=list(layers) if layerwise else [0] * len(layers), indices=list(layers), small_rows_op=small_rows_op)
+    lin = XLoraLinear(Opaque(base) if opaque else base, torch.cat(a_all).to(lora_dtype), bt.to(lora_dtype), sc,
+                      rows=list(layers) if layerwise else [0] * len(layers), indices=list(layers), spans=spans,
+                      small_rows_op=small_rows_op)
     rank_index = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
     return lin, base, parts, sc, rank_index
 
 
 def cpu_op(name):
-    """None: torch ops; "lora_add_": decode rows through our CPU op (models/csrc/linear.cpp)."""
+    """None: torch ops; "lora_linear" / "lora_add_": decode rows through our CPU ops (models/csrc/linear.cpp):
+    the base and the adapters in one op, or the adapters after a base that is not an nn.Linear."""
     if name is None:
         return None
     from mistralrs_py.models import kernels
@@ -55,12 +70,15 @@ def cpu_op(name):
     return lambda x: True
 
 
-@pytest.mark.parametrize("op", [None, "lora_add_"])
+OPS = [None, "lora_linear", "lora_add_"]
+
+
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("layers", [[3], [2, 3, 4], [4, 0, 2]], ids=["single", "fused-consecutive", "fused-gather"])
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_matches_per_adapter_formula(layers, layerwise, op):
     lin, base, parts, sc, rank_index = make(6, [5, 3, 3][: len(layers)], [2, 3, 1], layers, layerwise,
-                                            small_rows_op=cpu_op(op))
+                                            small_rows_op=cpu_op(op), opaque=op == "lora_add_")
     x = torch.randn(4, 6, generator=G)
     lam = torch.randn(4, 5 if layerwise else 1, 3, generator=G)  # [N, rows, n]
     sc.set_rank(lam.index_select(-1, rank_index))
@@ -72,9 +90,10 @@ def test_matches_per_adapter_formula(layers, layerwise, op):
     assert torch.allclose(lin(x), naive(x, base, parts, torch.full((4, 5, 3), 0.3)), atol=1e-4)
 
 
-@pytest.mark.parametrize("op", [None, "lora_add_"])
+@pytest.mark.parametrize("op", OPS)
 def test_float32_adapters_on_a_bf16_base(op):
-    lin, base, parts, sc, rank_index = make(8, [6], [2, 2], [0], True, dtype=torch.bfloat16, small_rows_op=cpu_op(op))
+    lin, base, parts, sc, rank_index = make(8, [6], [2, 2], [0], True, dtype=torch.bfloat16, small_rows_op=cpu_op(op),
+                                            opaque=op == "lora_add_")
     x = torch.randn(3, 8, generator=G).to(torch.bfloat16)
     lam = torch.rand(3, 1, 2, generator=G)
     sc.set_rank(lam.index_select(-1, rank_index))
@@ -82,3 +101,24 @@ def test_float32_adapters_on_a_bf16_base(op):
     assert y.dtype == torch.bfloat16
     want = naive(x.float(), lambda z: base(z.to(torch.bfloat16)).float(), parts, lam)
     assert torch.allclose(y.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def ops_called(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("mistralrs::")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_rows_take_one_op_over_a_dense_base(dtype):
+    """A dense base and its adapters run as one lora_linear call; any other base runs itself, then
+    lora_add_; prompt-sized inputs stay on torch's matmuls."""
+    small = cpu_op("lora_linear")
+    x = torch.randn(2, 8, generator=G).to(dtype)
+    for opaque, want in [(False, {"mistralrs::lora_linear"}), (True, {"mistralrs::lora_add_"})]:
+        lin, _, _, sc, rank_index = make(8, [6, 4], [2, 2], [0, 1], True, dtype=dtype, small_rows_op=small, opaque=opaque)
+        sc.set_rank(torch.rand(2, 2, 2, generator=G).index_select(-1, rank_index))
+        with torch.inference_mode():
+            assert ops_called(lambda: lin(x)) & {"mistralrs::lora_linear", "mistralrs::lora_add_"} == want
+            sc.set_constant(0.5)
+            assert not ops_called(lambda: lin(torch.randn(9, 8).to(dtype))) & {"mistralrs::lora_linear", "mistralrs::lora_add_"}

@@ -49,7 +49,7 @@ def test_silu_mul(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,K,N", [(1, 576, 300), (3, 100, 33), (9, 64, 70), (17, 48, 16)])
+@pytest.mark.parametrize("M,K,N", [(1, 576, 300), (3, 100, 33), (7, 48, 37), (9, 64, 70), (17, 48, 16)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear(dtype, M, K, N, with_bias):
     g = torch.Generator().manual_seed(M * K + N)
@@ -214,21 +214,111 @@ def test_decode_attention_skips_padding_rows_of_the_scratch_slot():
         ops.decode_attention(q, k, v, cos, sin, kc, vc, slots, pos, 0, hd**-0.5)
 
 
+def parts_of(spans, rows):
+    return torch.tensor([(s, e, r) for (s, e), r in zip(spans, rows)], dtype=torch.long)
+
+
+def lora_ref(x, a, bt, lam, lam_rows, spans, constant):
+    """float64 adapters' update [M, N] in the compact layout (csrc/linear.cpp), and its magnitude
+    bound (the same sums over absolute values, for float32 accumulation error)."""
+    M, (R, N) = x.shape[0], bt.shape
+    upd, mag = torch.zeros(M, N, dtype=torch.float64), torch.zeros(M, N, dtype=torch.float64)
+    for p, (s, e) in enumerate(spans):
+        ap = a[p * R : (p + 1) * R].double()
+        scale = lam[:, lam_rows[p], :].double() if lam is not None else torch.full((M, R), constant, dtype=torch.float64)
+        upd[:, s:e] = ((x.double() @ ap.T) * scale) @ bt[:, s:e].double()
+        mag[:, s:e] = ((x.double().abs() @ ap.abs().T) * scale.abs()) @ bt[:, s:e].double().abs()
+    return upd, mag
+
+
+# (N, spans): one part covering the output; a fused q/k/v-like projection with one part left out
+# (its columns get no update); three parts back to back
+LORA_LAYOUTS = {"whole": (70, [(0, 70)]), "gap": (70, [(0, 30), (45, 70)]), "fused3": (57, [(0, 33), (33, 45), (45, 57)])}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("layout", list(LORA_LAYOUTS))
+@pytest.mark.parametrize("lam_kind", ["constant", "shared", "layerwise"])
+def test_lora_linear(dtype, M, layout, lam_kind):
+    """x @ w.T + b + the adapters' update in one op: float32 inside, rounded once."""
+    N, spans = LORA_LAYOUTS[layout]
+    P, R, K, L = len(spans), 6, 40, 5
+    g = torch.Generator().manual_seed(M * 31 + N + P)
+    x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((M, K), (N, K), (N,)))
+    a, bt = torch.randn(P * R, K, generator=g).to(dtype), torch.randn(R, N, generator=g).to(dtype)
+    lam = None if lam_kind == "constant" else torch.randn(M, L, R, generator=g)
+    rows = {"constant": [0] * P, "shared": [2] * P, "layerwise": [4, 0, 3][:P]}[lam_kind]
+    upd, mag = lora_ref(x, a, bt, lam, rows, spans, 0.7)
+    ref = x.double() @ w.double().T + b.double() + upd
+    parts = parts_of(spans, rows)
+    y = ops.lora_linear(x, w, b, a, bt, parts, lam, 0.7, True)
+    bound = 2**-20 * (x.double().abs() @ w.double().abs().T + mag) + 1e-5
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert bool(((y.double() - ref).abs() <= bound).all())
+    rounded = ops.lora_linear(x, w, b, a, bt, parts, lam, 0.7)
+    assert rounded.dtype == dtype and torch.equal(rounded, y.to(dtype))
+    # the base alone, where no part reaches
+    bare = torch.ones(N, dtype=torch.bool)
+    for s_, e in spans:
+        bare[s_:e] = False
+    assert torch.equal(y[:, bare], ops.linear(x, w, b, True)[:, bare])
+
+
+def test_lora_linear_split_across_threads():
+    """Two threads, each computing the adapters' a @ x for the parts its rows meet."""
+    g = torch.Generator().manual_seed(3)
+    M, K, R, spans = 2, 576, 24, [(0, 576), (576, 768), (768, 960)]
+    x, w = torch.randn(M, K, generator=g).bfloat16(), torch.randn(960, K, generator=g).bfloat16()
+    a, bt = torch.randn(3 * R, K, generator=g).bfloat16() * 0.05, torch.randn(R, 960, generator=g).bfloat16() * 0.05
+    lam = torch.rand(M, 30, R, generator=g)
+    upd, mag = lora_ref(x, a, bt, lam, [7, 8, 9], spans, 0.0)
+    ref = x.double() @ w.double().T + upd
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = ops.lora_linear(x, w, None, a, bt, parts_of(spans, [7, 8, 9]), lam, 0.0, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert bool(((y.double() - ref).abs() <= 2**-20 * (x.double().abs() @ w.double().abs().T + mag) + 1e-5).all())
+
+
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("lam_parts", [None, 1, 3])
-def test_lora_add(wdtype, lam_parts):
-    """y += (scale * (x @ a.T)) @ bt, float32 inside, for float32 or bf16 adapters, with the
-    scalings broadcast over a fused projection's parts (lam [M, 1 or P, R]) or a constant."""
-    g = torch.Generator().manual_seed(5 + (lam_parts or 0))
-    M, K, N, P, R = 3, 40, 70, 3, 4
+@pytest.mark.parametrize("layout", list(LORA_LAYOUTS))
+@pytest.mark.parametrize("lam_kind", ["constant", "layerwise"])
+def test_lora_add(wdtype, layout, lam_kind):
+    """y += the adapters' update in place, float32 inside, for float32 or bf16 adapters over a bf16
+    y (a quantized base's output), rounded once."""
+    N, spans = LORA_LAYOUTS[layout]
+    P, R, K, M = len(spans), 4, 40, 3
+    g = torch.Generator().manual_seed(5 + N + P)
     x, y = torch.randn(M, K, generator=g).bfloat16(), torch.randn(M, N, generator=g).bfloat16()
-    a, bt = torch.randn(P * R, K, generator=g).to(wdtype), torch.randn(P * R, N, generator=g).to(wdtype)
-    lam = None if lam_parts is None else torch.randn(M, lam_parts, R, generator=g)
-    scale = torch.full((M, P * R), 0.7, dtype=torch.float64) if lam is None else lam.double().expand(M, P, R).reshape(M, -1)
-    ref = y.double() + ((x.double() @ a.double().T) * scale) @ bt.double()
+    a, bt = torch.randn(P * R, K, generator=g).to(wdtype), torch.randn(R, N, generator=g).to(wdtype)
+    lam = None if lam_kind == "constant" else torch.randn(M, 4, R, generator=g)
+    rows = [3, 0, 1][:P]
+    upd, mag = lora_ref(x, a, bt, lam, rows, spans, 0.7)
+    ref = y.double() + upd
     out = y.clone()
-    ops.lora_add_(out, x, a, bt, lam, 0.7)
-    delta = ((x.double().abs() @ a.double().abs().T) * scale.abs()) @ bt.double().abs()
-    assert bool(((out.double() - ref).abs() <= ref.abs() * 2**-8 + delta * 2**-20 + 1e-6).all())
+    ops.lora_add_(out, x, a, bt, parts_of(spans, rows), lam, 0.7)
+    assert bool(((out.double() - ref).abs() <= ref.abs() * 2**-8 + mag * 2**-20 + 1e-6).all())
+
+
+def test_lora_ops_refuse_bad_arguments():
+    x, w = torch.randn(2, 8), torch.randn(10, 8)
+    a, bt, lam = torch.randn(6, 8), torch.randn(3, 10), torch.randn(2, 4, 3)
+    ok = parts_of([(0, 5), (5, 10)], [0, 1])
+    ops.lora_linear(x, w, None, a, bt, ok, lam, 0.0)
+    for bad, match in [(parts_of([(0, 5)], [0]), "parts must be"), (ok.int(), "parts must be"),
+                       (parts_of([(0, 6), (5, 10)], [0, 1]), "ordered, disjoint"),
+                       (parts_of([(0, 5), (5, 11)], [0, 1]), "ordered, disjoint"),
+                       (parts_of([(0, 5), (5, 10)], [0, 4]), "out of range")]:
+        with pytest.raises(RuntimeError, match=match):
+            ops.lora_linear(x, w, None, a, bt, bad, lam, 0.0)
     with pytest.raises(RuntimeError, match="lam must be"):
-        ops.lora_add_(out, x, a, bt, torch.zeros(M, 2, R), 0.0)
+        ops.lora_linear(x, w, None, a, bt, ok, torch.randn(2, 4, 2), 0.0)
+    with pytest.raises(RuntimeError, match="x's dtype"):
+        ops.lora_linear(x, w, None, a.bfloat16(), bt.bfloat16(), ok, lam, 0.0)
+    with pytest.raises(RuntimeError, match="multiple of R"):
+        ops.lora_linear(x, w, None, torch.randn(7, 8), bt, ok, lam, 0.0)
+    with pytest.raises(RuntimeError, match="lam must be"):
+        ops.lora_add_(torch.zeros(2, 10), x, a, bt, ok, torch.zeros(2, 4, 2), 0.0)

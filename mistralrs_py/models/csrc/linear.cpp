@@ -1,14 +1,37 @@
-// linear(x, w, bias, f32_out) -> x @ w.T (+ bias) for bf16/fp16/fp32 x [M, K] and w [N, K] (one
-// dtype), in x's dtype or, with f32_out, in float32.
+// Dense projections of decode steps, alone or with X-LoRA's adapters (bf16/fp16/fp32; w of x's dtype):
 //
-// For the few rows of a decode step (the model uses it up to 8 rows): a matrix-vector product is
-// bound by reading w, and torch's bf16 CPU matmul reads it at well under the memory's speed (one
-// row through a 49152 x 576 head: 3.2 ms against 1.3 ms here, 2 threads).
-// f32_out is for the output head of a bf16 model: bf16 output rounds each logit to 8 bits (a step
-// of 0.125 at a logit of 20), which ties or swaps the top tokens greedy decoding picks between.
-// Products of bf16 values are exact in float32, so this is the float32 result of the bf16 weights,
-// as llama.cpp's logits are. With AVX-512 BF16, vdpbf16ps multiplies 32 pairs per instruction.
-// Rows of w are split across threads in blocks that stay in cache while up to 8 rows of x pass.
+//   linear(x, w, bias, f32_out)            -> x @ w.T (+ bias)
+//   lora_linear(x, w, bias, a, bt, parts, lam, constant, f32_out)
+//                                          -> x @ w.T (+ bias) + the adapters' update (below)
+//   lora_add_(y, x, a, bt, parts, lam, constant)
+//                                          y += the adapters' update, in place (any base: quantized ones)
+//
+// Results are in x's dtype or, with f32_out, float32, rounded once from float32 accumulators.
+//
+// For the few rows of a decode step (the model uses these up to 8 rows): a matrix-vector product
+// is bound by reading w, and torch's bf16 CPU matmul reads it at well under the memory's speed (one
+// row through a 49152 x 576 head: 3.2 ms against 1.3 ms here, 2 threads). Each pass over the weight
+// keeps several independent accumulators (4 weight rows for one x row, 2 x 4, 4 x 2, 8 x 1) so
+// the loads are not serialised behind one add chain. f32_out is for the output head of a bf16
+// model: bf16 output rounds each logit to 8 bits (a step of 0.125 at a logit of 20), which ties or
+// swaps the top tokens greedy decoding picks between. Products of bf16 values are exact in float32,
+// so this is the float32 result of the bf16 weights, as llama.cpp's logits are. With AVX-512 BF16,
+// vdpbf16ps multiplies 32 pairs per instruction. Rows of w are split across threads in blocks that
+// stay in cache while the rows of x pass.
+//
+// The adapters' update, in the compact layout (X-LoRA's stacked experts; P = 1, or the parts of a
+// fused q/k/v or gate/up projection):
+//   a  [P*R, K]: part p's stacked A in rows [p*R, (p+1)*R)
+//   bt [R, N]:   B transposed; column n holds B's row n of the part whose output rows contain n
+//   parts [P, 3] int64: part p covers output rows [parts[p][0], parts[p][1]) (ordered, disjoint;
+//                other columns of bt are unused) and reads row parts[p][2] of lam
+//   lam [M, L, R] float32: row m of part p is scaled by lam[m, parts[p][2], :] (X-LoRA's per-token
+//                scalings in rank space), or by `constant` when lam is None
+//   update[m, n] = sum_i (lam[m, parts[p][2], i] * (a[p*R + i] . x[m])) * bt[i, n]   for n in part p
+// NOTE: compact, not block-diagonal: a fused projection's B reads only its parts' own columns
+// (a third of a [P*R, N] block matrix for q/k/v), and the adapters are read from memory every token.
+// `parts` is a tensor, made once per projection: torch's op binding parses a Python int list
+// ~2.5 us slower than a tensor, and ~100 projections run per X-LoRA token.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,166 +39,361 @@
 #include <algorithm>
 #include <initializer_list>
 #include <optional>
-#include <vector>
 #include <type_traits>
+#include <vector>
 
 #include "vec.h"
 
 namespace {
 
 using namespace mistralrs;
-constexpr int kRows = 8;  // rows of x per pass over a weight row
 
-// out[r * ldo] = dot(x[r], w) for r < mt (mt <= kRows)
-template <typename T>
-inline void dot_rows(const T* x, int64_t ldx, int mt, const T* w, int64_t K, float* out, int64_t ldo) {
+// out[r * ldo + j] = dot(x[r], w[j]) over K for r < MT, j < NW (x and w rows contiguous, K apart)
+template <int MT, int NW, typename T>
+inline void tile(const T* x, const T* w, int64_t K, float* out, int64_t ldo) {
+  float s[MT][NW] = {};
   int64_t k = 0;
-  float acc_s[kRows] = {};
+  // NOTE: each weight row's next cache line is prefetched 8 rows ahead (~9 KB for K = 576): the
+  // hardware prefetcher alone left a decode step's small matrices at ~60% of the memory's speed
+  constexpr int PF = 8;
 #ifdef MISTRALRS_AVX512
-  __m512 acc[kRows];
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[MT][NW];
+#pragma GCC unroll 8
+  for (int r = 0; r < MT; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_setzero_ps();
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     for (; k + 32 <= K; k += 32) {
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
-      for (int r = 0; r < mt; ++r)
-        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(x + r * ldx + k), wv);
+      __m512bh wv[NW];
+#pragma GCC unroll 8
+      for (int j = 0; j < NW; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + (j + PF) * K + k), _MM_HINT_T0);
+        wv[j] = (__m512bh)_mm512_loadu_si512(w + j * K + k);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < MT; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * K + k);
+#pragma GCC unroll 8
+        for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv, wv[j]);
+      }
     }
   }
 #endif
   for (; k + kLanes <= K; k += kLanes) {
-    const __m512 wv = load16(w + k);
-    for (int r = 0; r < mt; ++r) acc[r] = _mm512_fmadd_ps(load16(x + r * ldx + k), wv, acc[r]);
+    __m512 wv[NW];
+#pragma GCC unroll 8
+    for (int j = 0; j < NW; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (j + PF) * K + k), _MM_HINT_T0);
+      wv[j] = load16(w + j * K + k);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; ++r) {
+      const __m512 xv = load16(x + r * K + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
+    }
   }
-  for (int r = 0; r < mt; ++r) acc_s[r] = _mm512_reduce_add_ps(acc[r]);
+#pragma GCC unroll 8
+  for (int r = 0; r < MT; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NW; ++j) s[r][j] = _mm512_reduce_add_ps(acc[r][j]);
 #endif
-  for (; k < K; ++k) {
-    const float wk = to_float(w[k]);
-    for (int r = 0; r < mt; ++r) acc_s[r] += to_float(x[r * ldx + k]) * wk;
-  }
-  for (int r = 0; r < mt; ++r) out[r * ldo] = acc_s[r];
+  for (; k < K; ++k)
+    for (int j = 0; j < NW; ++j) {
+      const float wk = to_float(w[j * K + k]);
+      for (int r = 0; r < MT; ++r) s[r][j] += to_float(x[r * K + k]) * wk;
+    }
+  for (int r = 0; r < MT; ++r)
+    for (int j = 0; j < NW; ++j) out[r * ldo + j] = s[r][j];
 }
 
-at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias_in,
-                  bool f32_out) {
-  TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu(), "linear: CPU tensors only");
-  TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && x_in.size(1) == w_in.size(1),
-              "linear: x must be [M, K] and w [N, K], got ", x_in.sizes(), " and ", w_in.sizes());
-  TORCH_CHECK(x_in.scalar_type() == w_in.scalar_type(), "linear: x and w must share one dtype");
+// out[r * ldo + (n - n0)] = dot(x[r], w[n]) for r < MT, n in [n0, n1)
+template <int MT, typename T>
+inline void rows_of(const T* x, const T* w, int64_t K, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  constexpr int NW = MT == 1 ? 8 : MT <= 2 ? 4 : MT <= 4 ? 2 : 1;  // MT * NW accumulators: 4 or 8 of the 32 registers
+  int64_t n = n0;
+  for (; n + NW <= n1; n += NW) tile<MT, NW>(x, w + n * K, K, out + (n - n0), ldo);
+  for (; n < n1; ++n) tile<MT, 1>(x, w + n * K, K, out + (n - n0), ldo);
+}
+
+// out[m * ldo + (n - n0)] = dot(x[m], w[n]) for m < M, n in [n0, n1): x rows 8, 4, 2, 1 at a time;
+// the w rows [n0, n1) stay in cache for every group after the first
+template <typename T>
+void gemv(const T* x, int64_t M, const T* w, int64_t K, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) rows_of<8>(x + m * K, w, K, n0, n1, out + m * ldo, ldo);
+  if (M - m >= 4) rows_of<4>(x + m * K, w, K, n0, n1, out + m * ldo, ldo), m += 4;
+  if (M - m >= 2) rows_of<2>(x + m * K, w, K, n0, n1, out + m * ldo, ldo), m += 2;
+  if (M - m >= 1) rows_of<1>(x + m * K, w, K, n0, n1, out + m * ldo, ldo);
+}
+
+// What one projection's adapters need at run time (the layout above); h [M, P*R] holds the scaled
+// a @ x of the parts computed so far.
+template <typename W>
+struct Lora {
+  const W* a = nullptr;
+  const W* bt = nullptr;
+  int64_t P = 0, R = 0, N = 0;
+  const int64_t* parts = nullptr;  // [P, 3]: start, end, lam row
+  const float* lam = nullptr;      // nullptr: `constant`
+  int64_t ls0 = 0, ls1 = 0, ls2 = 0;
+  float constant = 0.f;
+
+  int64_t start(int64_t p) const { return parts[3 * p]; }
+  int64_t end(int64_t p) const { return parts[3 * p + 1]; }
+  bool overlaps(int64_t p, int64_t n0, int64_t n1) const { return start(p) < n1 && end(p) > n0; }
+
+  // h[m, p*R + i] *= part p's scaling of row m
+  void scale(float* h, int64_t M, int64_t p) const {
+    for (int64_t m = 0; m < M; ++m) {
+      float* hp = h + m * P * R + p * R;
+      if (lam == nullptr) {
+        for (int64_t i = 0; i < R; ++i) hp[i] *= constant;
+      } else {
+        const float* lp = lam + m * ls0 + parts[3 * p + 2] * ls1;
+        for (int64_t i = 0; i < R; ++i) hp[i] *= lp[i * ls2];
+      }
+    }
+  }
+
+  // out[m * ldo + (n - n0)] += update[m, n] for n in [n0, n1)
+  void add(const float* h, int64_t M, int64_t n0, int64_t n1, float* out, int64_t ldo) const {
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t s = std::max(n0, start(p)), e = std::min(n1, end(p));
+      for (int64_t m = 0; m < M; ++m) {
+        const float* hp = h + m * P * R + p * R;
+        float* o = out + m * ldo - n0;
+        int64_t n = s;
+#ifdef MISTRALRS_AVX512
+        // NOTE: 16 outputs at a time kept in a register across the R rank rows
+        for (; n + kLanes <= e; n += kLanes) {
+          __m512 acc = _mm512_loadu_ps(o + n);
+          for (int64_t i = 0; i < R; ++i) acc = _mm512_fmadd_ps(_mm512_set1_ps(hp[i]), load16(bt + i * N + n), acc);
+          _mm512_storeu_ps(o + n, acc);
+        }
+#endif
+        for (; n < e; ++n)
+          for (int64_t i = 0; i < R; ++i) o[n] += hp[i] * to_float(bt[i * N + n]);
+      }
+    }
+  }
+};
+
+template <typename W>
+Lora<W> lora_args(const at::Tensor& a, const at::Tensor& bt, const at::Tensor& parts, const at::Tensor& lam,
+                  double constant, int64_t M, int64_t N, int64_t K, const char* op) {
+  TORCH_CHECK(a.dim() == 2 && a.size(1) == K && a.is_contiguous(), op, ": a must be a contiguous [P*R, K] with K = ",
+              K, ", got ", a.sizes());
+  TORCH_CHECK(bt.dim() == 2 && bt.size(1) == N && bt.size(0) > 0 && bt.is_contiguous() &&
+                  bt.scalar_type() == a.scalar_type(),
+              op, ": bt must be a contiguous [R, N] of a's dtype with N = ", N, ", got ", bt.sizes());
+  Lora<W> L;
+  L.R = bt.size(0), L.N = N;
+  TORCH_CHECK(a.size(0) % L.R == 0, op, ": a has ", a.size(0), " rows, not a multiple of R = ", L.R);
+  L.P = a.size(0) / L.R;
+  TORCH_CHECK(parts.device().is_cpu() && parts.scalar_type() == at::kLong && parts.is_contiguous() &&
+                  parts.dim() == 2 && parts.size(0) == L.P && parts.size(1) == 3,
+              op, ": parts must be a contiguous int64 [P, 3] (start, end, lam row) for ", L.P, " parts, got ",
+              parts.sizes(), " ", parts.scalar_type());
+  L.parts = parts.data_ptr<int64_t>();
+  for (int64_t p = 0; p < L.P; ++p)
+    TORCH_CHECK(L.start(p) >= (p ? L.end(p - 1) : 0) && L.start(p) <= L.end(p) && L.end(p) <= N, op,
+                ": parts must cover ordered, disjoint ranges of [0, ", N, "), got [", L.start(p), ", ", L.end(p), ")");
+  L.a = a.data_ptr<W>(), L.bt = bt.data_ptr<W>();
+  L.constant = static_cast<float>(constant);
+  if (lam.defined()) {
+    TORCH_CHECK(lam.dim() == 3 && lam.size(0) == M && lam.size(2) == L.R, op, ": lam must be [M, rows, R] = [", M,
+                ", rows, ", L.R, "], got ", lam.sizes());
+    for (int64_t p = 0; p < L.P; ++p)
+      TORCH_CHECK(L.parts[3 * p + 2] >= 0 && L.parts[3 * p + 2] < lam.size(1), op, ": lam row ", L.parts[3 * p + 2],
+                  " is out of range for ", lam.sizes());
+    L.lam = lam.data_ptr<float>(), L.ls0 = lam.stride(0), L.ls1 = lam.stride(1), L.ls2 = lam.stride(2);
+  }
+  return L;
+}
+
+at::Tensor float_lam(const std::optional<at::Tensor>& lam) {
+  return lam.has_value() && lam->defined() ? lam->to(at::kFloat) : at::Tensor();
+}
+
+// Prefetches a few byte ranges into L2 a slice at a time, while the weight sweep waits on memory.
+class Prefetcher {
+ public:
+  void add(const void* p, int64_t bytes) {
+    if (bytes > 0) ranges_.push_back({static_cast<const char*>(p), bytes}), left_ += (bytes + 63) / 64;
+  }
+  // issues 1 / steps_left of the lines not yet asked for
+  void step(int64_t steps_left) {
+    for (int64_t n = (left_ + steps_left - 1) / std::max<int64_t>(1, steps_left); n > 0; --n, --left_) {
+      __builtin_prefetch(ranges_[r_].first + off_, 0, 2);
+      if ((off_ += 64) >= ranges_[r_].second) ++r_, off_ = 0;
+    }
+  }
+
+ private:
+  std::vector<std::pair<const char*, int64_t>> ranges_;
+  int64_t left_ = 0, off_ = 0;
+  size_t r_ = 0;
+};
+
+// x @ w.T (+ bias) (+ the adapters' update when lora is given), in T or float32
+template <typename T>
+void project(const T* x, const T* w, const float* bias, int64_t M, int64_t K, int64_t N, void* out, bool f32_out,
+             const Lora<T>* lora) {
+  // NOTE: a block of ~64 KB of weight rows per step: it stays in L2 while every row tile of x passes
+  const int64_t block = std::max<int64_t>(1, 65536 / (K * static_cast<int64_t>(sizeof(T))));
+  // NOTE: under ~256k multiply-adds (an adapter's tiny matrices) one thread beats waking the pool
+  const int64_t blocks = (N + block - 1) / block, grain = M * N * K < (1 << 18) ? blocks : 1;
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    // this task's output rows [r0, r1), accumulated in float32
+    const int64_t r0 = b0 * block, r1 = std::min(N, b1 * block), nr = r1 - r0;
+    std::vector<float> acc(M * nr);
+    // NOTE: the adapters this task reads (its parts' A rows, its columns of B^T) are fetched into
+    // L2 a slice per weight block: they arrive while the sweep over w waits on memory, and the
+    // adapters' arithmetic afterwards reads them from cache. Each task computes a @ x for the parts
+    // its rows meet (o/down's single part in both threads): no barrier between the threads.
+    Prefetcher pf;
+    if (lora != nullptr)
+      for (int64_t p = 0; p < lora->P; ++p) {
+        if (!lora->overlaps(p, r0, r1)) continue;
+        pf.add(lora->a + p * lora->R * K, lora->R * K * static_cast<int64_t>(sizeof(T)));
+        const int64_t s = std::max(r0, lora->start(p)), e = std::min(r1, lora->end(p));
+        for (int64_t i = 0; i < lora->R; ++i) pf.add(lora->bt + i * N + s, (e - s) * static_cast<int64_t>(sizeof(T)));
+      }
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = blk * block, n1 = std::min(N, n0 + block);
+      gemv(x, M, w, K, n0, n1, acc.data() + (n0 - r0), nr);
+      pf.step(b1 - blk);
+    }
+    if (lora != nullptr) {
+      const int64_t PR = lora->P * lora->R;
+      std::vector<float> h(M * PR);
+      for (int64_t p = 0; p < lora->P; ++p) {
+        if (!lora->overlaps(p, r0, r1)) continue;
+        gemv(x, M, lora->a, K, p * lora->R, (p + 1) * lora->R, h.data() + p * lora->R, PR);
+        lora->scale(h.data(), M, p);
+      }
+      lora->add(h.data(), M, r0, r1, acc.data(), nr);
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const float* src = acc.data() + m * nr;
+      if (f32_out) {
+        float* dst = static_cast<float*>(out) + m * N + r0;
+        for (int64_t n = 0; n < nr; ++n) dst[n] = src[n] + (bias ? bias[r0 + n] : 0.f);
+      } else {
+        T* dst = static_cast<T*>(out) + m * N + r0;
+        for (int64_t n = 0; n < nr; ++n) dst[n] = static_cast<T>(src[n] + (bias ? bias[r0 + n] : 0.f));
+      }
+    }
+  });
+}
+
+at::Tensor project_op(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias_in,
+                      bool f32_out, const at::Tensor* a, const at::Tensor* bt, const at::Tensor* parts,
+                      const at::Tensor& lam, double constant, const char* op) {
+  TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && x_in.size(1) == w_in.size(1), op,
+              ": x must be [M, K] and w [N, K], got ", x_in.sizes(), " and ", w_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == w_in.scalar_type(), op, ": x and w must share one dtype");
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) {
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N, "linear: bias must be [N]");
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N, op, ": bias must be [N]");
     bias = bias_in->to(at::kFloat).contiguous();
   }
-  // NOTE: the float32 result first; rounded to x's dtype once at the end (a small copy next to w)
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (M == 0 || N == 0) return f32_out ? out : out.to(x.scalar_type());
-  MISTRALRS_DISPATCH(x.scalar_type(), "linear", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    float* op = out.data_ptr<float>();
-    // NOTE: a block of ~64 KB of weight rows per task: it stays in L2 while every row tile of x passes
-    const int64_t block = std::max<int64_t>(1, 65536 / (K * static_cast<int64_t>(sizeof(scalar_t))));
-    // NOTE: under ~256k multiply-adds (an adapter's tiny matrices) one thread beats waking the pool
-    const int64_t blocks = (N + block - 1) / block, grain = M * N * K < (1 << 18) ? blocks : 1;
-    at::parallel_for(0, blocks, grain, [&](int64_t a, int64_t e) {
-      for (int64_t blk = a; blk < e; ++blk) {
-        const int64_t n0 = blk * block, n1 = std::min(N, n0 + block);
-        for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-          const int mt = static_cast<int>(std::min<int64_t>(kRows, M - m0));
-          for (int64_t n = n0; n < n1; ++n) dot_rows(xp + m0 * K, K, mt, wp + n * K, K, op + m0 * N + n, N);
-        }
-      }
-    });
+  if (a != nullptr) {
+    TORCH_CHECK(a->device().is_cpu() && bt->device().is_cpu() && (!lam.defined() || lam.device().is_cpu()), op,
+                ": CPU tensors only");
+    TORCH_CHECK(a->scalar_type() == x.scalar_type(), op, ": a and bt must have x's dtype (", x.scalar_type(),
+                "), got ", a->scalar_type());
+  }
+  at::Tensor out = at::empty({M, N}, x.options().dtype(f32_out ? at::kFloat : x.scalar_type()));
+  if (M == 0 || N == 0) return out;
+  MISTRALRS_DISPATCH(x.scalar_type(), "project", [&] {
+    std::optional<Lora<scalar_t>> lora;
+    if (a != nullptr) lora = lora_args<scalar_t>(*a, *bt, *parts, lam, constant, M, N, K, op);
+    project<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bias.defined() ? bias.data_ptr<float>() : nullptr,
+                      M, K, N, out.data_ptr(), f32_out, lora ? &*lora : nullptr);
   });
-  if (bias.defined()) out.add_(bias);
-  return f32_out || x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  return out;
 }
 
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, bool f32_out) {
+  return project_op(x, w, bias, f32_out, nullptr, nullptr, nullptr, at::Tensor(), 0.0, "linear");
+}
 
-// lora_add_(y, x, a, bt, lam, constant): y[m] += (scale[m] * (a @ x[m])) @ bt for each row m, in float32,
-// where scale[m] is lam[m] ([M, 1 or P, R], broadcast over the P parts of a fused projection) or
-// `constant` when lam is None. a: [P*R, K], bt: [P*R, N] float32 or bfloat16 (B transposed: the update is P*R
-// whole-row multiply-adds); x: [M, K]; y: [M, N], updated in place and rounded once.
-// X-LoRA's adapters in one op: torch needs ~7 (cast, two tiny matmuls, the scaling, the add).
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& a, const at::Tensor& bt, const at::Tensor& parts,
+                       const std::optional<at::Tensor>& lam, double constant, bool f32_out) {
+  return project_op(x, w, bias, f32_out, &a, &bt, &parts, float_lam(lam), constant, "lora_linear");
+}
+
+// y[m] += the adapters' update for each row m, for any y (a quantized base's output) and float32 or
+// bf16 adapters (of any x dtype); float32 inside, y rounded once.
 template <typename T, typename Y, typename W>
-void lora_rows(Y* y, const T* x, const W* a, const W* bt, const at::Tensor& lam, float constant, int64_t M,
-               int64_t N, int64_t K, int64_t PR, int64_t R) {
-  std::vector<float> xf(K), h(PR), yf(N);
-  // NOTE: the adapters are read from memory each token (float32, up to ~1 MB a layer): both stages
-  // are split across the threads when there is enough of them to share
-  const int64_t grain_a = std::max<int64_t>(1, 16384 / K), grain_b = std::max<int64_t>(64, 16384 / PR);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < K; ++k) xf[k] = to_float(x[m * K + k]);
-    at::parallel_for(0, PR, grain_a, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) h[j] = dot(xf.data(), a + j * K, K);
-    });
-    if (lam.defined()) {
-      const float* lp = lam.data_ptr<float>();
-      const int64_t s0 = lam.stride(0), s1 = lam.size(1) == 1 ? 0 : lam.stride(1), s2 = lam.stride(2);
-      for (int64_t j = 0; j < PR; ++j) h[j] *= lp[m * s0 + (j / R) * s1 + (j % R) * s2];
-    } else {
-      for (int64_t j = 0; j < PR; ++j) h[j] *= constant;
-    }
-    Y* yr = y + m * N;
-    at::parallel_for(0, N, grain_b, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) yf[n] = to_float(yr[n]);
-      for (int64_t j = 0; j < PR; ++j) axpy(yf.data() + n0, h[j], bt + j * N + n0, n1 - n0);
-      for (int64_t n = n0; n < n1; ++n) yr[n] = static_cast<Y>(yf[n]);
-    });
-  }
+void lora_rows(Y* y, const T* x, const Lora<W>& L, int64_t M, int64_t N, int64_t K) {
+  const int64_t PR = L.P * L.R;
+  std::vector<float> xf(M * K), h(M * PR);
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = to_float(x[i]);
+  // NOTE: the adapters are read from memory each token (up to ~1 MB a layer): both stages are split
+  // across the threads when there is enough of them to share
+  at::parallel_for(0, PR, std::max<int64_t>(1, 16384 / K), [&](int64_t j0, int64_t j1) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = j0; j < j1; ++j) h[m * PR + j] = dot(xf.data() + m * K, L.a + j * K, K);
+  });
+  for (int64_t p = 0; p < L.P; ++p) L.scale(h.data(), M, p);
+  at::parallel_for(0, N, std::max<int64_t>(64, 16384 / L.R), [&](int64_t n0, int64_t n1) {
+    std::vector<float> yf(M * (n1 - n0));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) yf[m * (n1 - n0) + n - n0] = to_float(y[m * N + n]);
+    L.add(h.data(), M, n0, n1, yf.data(), n1 - n0);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) y[m * N + n] = static_cast<Y>(yf[m * (n1 - n0) + n - n0]);
+  });
 }
 
 void lora_add_(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& a, const at::Tensor& bt,
-               const std::optional<at::Tensor>& lam_in, double constant) {
+               const at::Tensor& parts, const std::optional<at::Tensor>& lam_in, double constant) {
   for (const at::Tensor* t : {&x_in, &a, &bt}) TORCH_CHECK(t->device().is_cpu(), "lora_add_: CPU tensors only");
   TORCH_CHECK(y.device().is_cpu() && y.dim() == 2 && y.is_contiguous(), "lora_add_: y must be a contiguous [M, N]");
   const int64_t M = y.size(0), N = y.size(1);
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == M, "lora_add_: x must be [M, K]");
   const int64_t K = x_in.size(1);
-  TORCH_CHECK(a.dim() == 2 && a.size(1) == K && a.is_contiguous() &&
-                  (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16),
-              "lora_add_: a must be a contiguous float32 or bfloat16 [P*R, K]");
-  const int64_t PR = a.size(0);
-  TORCH_CHECK(bt.dim() == 2 && bt.size(0) == PR && bt.size(1) == N && bt.is_contiguous() &&
-                  bt.scalar_type() == a.scalar_type(),
-              "lora_add_: bt must be a contiguous [P*R, N] of a's dtype");
-  at::Tensor lam;
-  int64_t R = PR;
-  if (lam_in.has_value() && lam_in->defined()) {
-    lam = lam_in->to(at::kFloat);
-    TORCH_CHECK(lam.dim() == 3 && lam.size(0) == M && lam.size(2) > 0 && PR % lam.size(2) == 0 &&
-                    (lam.size(1) == 1 || lam.size(1) * lam.size(2) == PR),
-                "lora_add_: lam must be [M, 1 or P, R] for ", PR, " adapter rows, got ", lam.sizes());
-    R = lam.size(2);
-  }
-  if (M == 0 || N == 0) return;
-  const at::Tensor x = x_in.contiguous();
-  MISTRALRS_DISPATCH(x.scalar_type(), "lora_add_x", [&] {
-    using xt = scalar_t;
-    MISTRALRS_DISPATCH(y.scalar_type(), "lora_add_y", [&] {
-      // NOTE: bf16 adapters halve the bytes read a token (X-LoRA under a bf16 base); float32 otherwise
-      if (a.scalar_type() == at::kBFloat16)
-        lora_rows<xt, scalar_t, c10::BFloat16>(y.data_ptr<scalar_t>(), x.data_ptr<xt>(), a.data_ptr<c10::BFloat16>(),
-                                               bt.data_ptr<c10::BFloat16>(), lam, static_cast<float>(constant), M, N,
-                                               K, PR, R);
-      else
-        lora_rows<xt, scalar_t, float>(y.data_ptr<scalar_t>(), x.data_ptr<xt>(), a.data_ptr<float>(),
-                                       bt.data_ptr<float>(), lam, static_cast<float>(constant), M, N, K, PR, R);
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16,
+              "lora_add_: a and bt must be float32 or bfloat16");
+  const at::Tensor x = x_in.contiguous(), lam = float_lam(lam_in);
+  TORCH_CHECK(!lam.defined() || lam.device().is_cpu(), "lora_add_: CPU tensors only");
+  auto run = [&](auto w_tag) {
+    using W = decltype(w_tag);
+    const Lora<W> L = lora_args<W>(a, bt, parts, lam, constant, M, N, K, "lora_add_");
+    if (M == 0 || N == 0) return;
+    MISTRALRS_DISPATCH(x.scalar_type(), "lora_add_x", [&] {
+      using xt = scalar_t;
+      MISTRALRS_DISPATCH(y.scalar_type(), "lora_add_y", [&] {
+        lora_rows<xt, scalar_t, W>(y.data_ptr<scalar_t>(), x.data_ptr<xt>(), L, M, N, K);
+      });
     });
-  });
+  };
+  // NOTE: bf16 adapters halve the bytes read a token (X-LoRA under a bf16 base); float32 otherwise
+  if (a.scalar_type() == at::kBFloat16)
+    run(c10::BFloat16());
+  else
+    run(float());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mistralrs, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias=None, bool f32_out=False) -> Tensor");
-  m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor a, Tensor bt, Tensor? lam, float constant) -> ()");
+  m.def("lora_linear(Tensor x, Tensor w, Tensor? bias, Tensor a, Tensor bt, Tensor parts, Tensor? lam, "
+        "float constant, bool f32_out=False) -> Tensor");
+  m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor a, Tensor bt, Tensor parts, Tensor? lam, float constant) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mistralrs, CPU, m) {
   m.impl("linear", &linear);
+  m.impl("lora_linear", &lora_linear);
   m.impl("lora_add_", &lora_add_);
 }
