@@ -42,6 +42,7 @@ namespace {
 
 constexpr int64_t kBlock = 32;
 constexpr int kTile = 8;  // rows of x sharing one pass over a weight group (2 registers per row)
+constexpr int64_t kPrefetch = 2;  // weight groups of 16 rows read ahead  // weight groups of 16 rows read ahead  // weight groups of 16 rows read ahead  // weight groups of 16 rows read ahead
 
 bool supported() {
 #ifdef MISTRALRS_VNNI
@@ -87,6 +88,10 @@ template <int BITS, int MT>
 void group_rows(const uint8_t* wq, const at::Half* dw, const void* mw, int64_t K, const int8_t* xq,
                 const float* dx, const float* xs, int64_t m0, float* out) {
   const int64_t NB = K / kBlock;
+  // NOTE: the weights of the group kPrefetch groups ahead (same offset) are prefetched as this one
+  // is read: the hardware prefetcher alone leaves a decode step's matrices well under the memory's
+  // speed. Past the last group it touches nothing that faults (prefetches never do).
+  const int64_t ahead = kPrefetch * 16 * K * BITS / 8;
   const __m512i lo4 = _mm512_set1_epi8(0x0f);
   __m512 acc[MT];
   for (int r = 0; r < MT; ++r) acc[r] = _mm512_setzero_ps();
@@ -96,6 +101,7 @@ void group_rows(const uint8_t* wq, const at::Half* dw, const void* mw, int64_t K
     if (BITS == 4) {
       const uint8_t* w = wq + b * 4 * 64;  // 4 chunks of 8 k per block
       for (int c = 0; c < 4; ++c) {
+        __builtin_prefetch(w + ahead + c * 64, 0, 3);
         const __m512i v = _mm512_loadu_si512(w + c * 64);
         const __m512i lo = _mm512_and_si512(v, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
         for (int r = 0; r < MT; ++r) {
@@ -107,10 +113,16 @@ void group_rows(const uint8_t* wq, const at::Half* dw, const void* mw, int64_t K
     } else {
       const uint8_t* w = wq + b * 8 * 64;  // 8 chunks of 4 k per block
       for (int c = 0; c < 8; ++c) {
+        __builtin_prefetch(w + ahead + c * 64, 0, 3);
         const __m512i v = _mm512_loadu_si512(w + c * 64);
         for (int r = 0; r < MT; ++r)
           ai[r] = _mm512_dpbusd_epi32(ai[r], bcast4(xq + (m0 + r) * K + b * kBlock + c * 4), v);
       }
+    }
+    if ((b & 1) == 0) {  // a group's d and mw: 32 bytes (fp16) or 64 (fp32) a block
+      __builtin_prefetch(dw + b * 16 + kPrefetch * NB * 16, 0, 3);
+      __builtin_prefetch(static_cast<const char*>(mw) + (b + kPrefetch * NB) * 16 * (BITS == 4 ? 2 : 4), 0, 3);
+      if (BITS == 8) __builtin_prefetch(static_cast<const char*>(mw) + (b + 1 + kPrefetch * NB) * 64, 0, 3);
     }
     const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dw + b * 16)));
     const __m512 mv = BITS == 4 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
