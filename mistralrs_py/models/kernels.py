@@ -8,8 +8,10 @@ version, the flags and the CPU) and loaded with ``torch.ops.load_library``. Each
   * ``qmm``: quantized matmuls with int8 activations (``csrc/qmatmul.cpp``, AVX-512 VNNI only;
     ``qmatmul.py`` packs the weights and says whether they are on);
   * ``rms_norm``, ``silu_mul`` (``csrc/elementwise.cpp``), ``decode_attention`` (rope, the cache
-    write and single-query attention in one op, ``csrc/attention.cpp``) and ``linear`` (dense
-    matrix-vector products for decode steps, float32 logits for the head, ``csrc/linear.cpp``): any CPU (AVX-512 when present).
+    write and single-query attention in one op, ``csrc/attention.cpp``), ``linear`` (dense
+    matrix-vector products for decode steps, float32 logits for the head) and X-LoRA's
+    ``lora_linear`` (a dense projection and its adapters in one op) and ``lora_add_`` (the adapters
+    after any other base) in ``csrc/linear.cpp``: any CPU (AVX-512 when present).
 
 Without a compiler, off Linux, if the build fails, or with ``MISTRALRS_KERNELS=0``, ``available()``
 is False and the model runs on torch's ops alone (the same math, more ops per layer).

@@ -11,10 +11,11 @@
 // For the few rows of a decode step (the model uses these up to 8 rows): a matrix-vector product
 // is bound by reading w, and torch's bf16 CPU matmul reads it at well under the memory's speed (one
 // row through a 49152 x 576 head: 3.2 ms against 1.3 ms here, 2 threads). Each pass over the weight
-// keeps several independent accumulators (4 weight rows for one x row, 2 x 4, 4 x 2, 8 x 1) so
-// the loads are not serialised behind one add chain. f32_out is for the output head of a bf16
-// model: bf16 output rounds each logit to 8 bits (a step of 0.125 at a logit of 20), which ties or
-// swaps the top tokens greedy decoding picks between. Products of bf16 values are exact in float32,
+// keeps 8 independent accumulators (8 weight rows for one x row, 2 x 4, 4 x 2, 8 x 1) so the loads
+// are not serialised behind one add chain, and prefetches the rows ahead (see tile()): together
+// about twice the bytes a second of one accumulator, on a decode step's matrices.
+// f32_out is for the output head of a bf16 model: bf16 output rounds each logit to 8 bits (a step
+// of 0.125 at a logit of 20), which ties or swaps the top tokens greedy decoding picks between. Products of bf16 values are exact in float32,
 // so this is the float32 result of the bf16 weights, as llama.cpp's logits are. With AVX-512 BF16,
 // vdpbf16ps multiplies 32 pairs per instruction. Rows of w are split across threads in blocks that
 // stay in cache while the rows of x pass.
@@ -53,10 +54,10 @@ template <int MT, int NW, typename T>
 inline void tile(const T* x, const T* w, int64_t K, float* out, int64_t ldo) {
   float s[MT][NW] = {};
   int64_t k = 0;
-  // NOTE: each weight row's next cache line is prefetched 8 rows ahead (~9 KB for K = 576): the
-  // hardware prefetcher alone left a decode step's small matrices at ~60% of the memory's speed
-  constexpr int PF = 8;
 #ifdef MISTRALRS_AVX512
+  // NOTE: each weight row's next cache line is prefetched 8 rows ahead (~9 KB for K = 576): the
+  // hardware prefetcher alone left a decode step's small matrices at about half the memory's speed
+  constexpr int PF = 8;
   __m512 acc[MT][NW];
 #pragma GCC unroll 8
   for (int r = 0; r < MT; ++r)
@@ -68,7 +69,7 @@ inline void tile(const T* x, const T* w, int64_t K, float* out, int64_t ldo) {
       __m512bh wv[NW];
 #pragma GCC unroll 8
       for (int j = 0; j < NW; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + (j + PF) * K + k), _MM_HINT_T0);
+        __builtin_prefetch(w + (j + PF) * K + k, 0, 3);
         wv[j] = (__m512bh)_mm512_loadu_si512(w + j * K + k);
       }
 #pragma GCC unroll 8
@@ -84,7 +85,7 @@ inline void tile(const T* x, const T* w, int64_t K, float* out, int64_t ldo) {
     __m512 wv[NW];
 #pragma GCC unroll 8
     for (int j = 0; j < NW; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (j + PF) * K + k), _MM_HINT_T0);
+      __builtin_prefetch(w + (j + PF) * K + k, 0, 3);
       wv[j] = load16(w + j * K + k);
     }
 #pragma GCC unroll 8
@@ -111,7 +112,7 @@ inline void tile(const T* x, const T* w, int64_t K, float* out, int64_t ldo) {
 // out[r * ldo + (n - n0)] = dot(x[r], w[n]) for r < MT, n in [n0, n1)
 template <int MT, typename T>
 inline void rows_of(const T* x, const T* w, int64_t K, int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  constexpr int NW = MT == 1 ? 8 : MT <= 2 ? 4 : MT <= 4 ? 2 : 1;  // MT * NW accumulators: 4 or 8 of the 32 registers
+  constexpr int NW = MT == 1 ? 8 : MT <= 2 ? 4 : MT <= 4 ? 2 : 1;  // MT * NW = 8 accumulators of the 32 registers
   int64_t n = n0;
   for (; n + NW <= n1; n += NW) tile<MT, NW>(x, w + n * K, K, out + (n - n0), ldo);
   for (; n < n1; ++n) tile<MT, 1>(x, w + n * K, K, out + (n - n0), ldo);
@@ -245,10 +246,24 @@ void project(const T* x, const T* w, const float* bias, int64_t M, int64_t K, in
   const int64_t block = std::max<int64_t>(1, 65536 / (K * static_cast<int64_t>(sizeof(T))));
   // NOTE: under ~256k multiply-adds (an adapter's tiny matrices) one thread beats waking the pool
   const int64_t blocks = (N + block - 1) / block, grain = M * N * K < (1 << 18) ? blocks : 1;
+  // rows [n0, n1) of every x row from float32 src (row stride ld) to out, with the bias
+  auto store = [&](const float* src, int64_t ld, int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* sm = src + m * ld;
+      if (f32_out) {
+        float* dst = static_cast<float*>(out) + m * N;
+        for (int64_t n = n0; n < n1; ++n) dst[n] = sm[n - n0] + (bias ? bias[n] : 0.f);
+      } else {
+        T* dst = static_cast<T*>(out) + m * N;
+        for (int64_t n = n0; n < n1; ++n) dst[n] = static_cast<T>(sm[n - n0] + (bias ? bias[n] : 0.f));
+      }
+    }
+  };
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    // this task's output rows [r0, r1), accumulated in float32
+    // this task's output rows [r0, r1); with adapters they are all kept in float32 until the
+    // update is added after the sweep, else each block is stored as it is done
     const int64_t r0 = b0 * block, r1 = std::min(N, b1 * block), nr = r1 - r0;
-    std::vector<float> acc(M * nr);
+    std::vector<float> acc(M * (lora != nullptr ? nr : block));
     // NOTE: the adapters this task reads (its parts' A rows, its columns of B^T) are fetched into
     // L2 a slice per weight block: they arrive while the sweep over w waits on memory, and the
     // adapters' arithmetic afterwards reads them from cache. Each task computes a @ x for the parts
@@ -263,29 +278,24 @@ void project(const T* x, const T* w, const float* bias, int64_t M, int64_t K, in
       }
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * block, n1 = std::min(N, n0 + block);
-      gemv(x, M, w, K, n0, n1, acc.data() + (n0 - r0), nr);
-      pf.step(b1 - blk);
-    }
-    if (lora != nullptr) {
-      const int64_t PR = lora->P * lora->R;
-      std::vector<float> h(M * PR);
-      for (int64_t p = 0; p < lora->P; ++p) {
-        if (!lora->overlaps(p, r0, r1)) continue;
-        gemv(x, M, lora->a, K, p * lora->R, (p + 1) * lora->R, h.data() + p * lora->R, PR);
-        lora->scale(h.data(), M, p);
-      }
-      lora->add(h.data(), M, r0, r1, acc.data(), nr);
-    }
-    for (int64_t m = 0; m < M; ++m) {
-      const float* src = acc.data() + m * nr;
-      if (f32_out) {
-        float* dst = static_cast<float*>(out) + m * N + r0;
-        for (int64_t n = 0; n < nr; ++n) dst[n] = src[n] + (bias ? bias[r0 + n] : 0.f);
+      if (lora != nullptr) {
+        gemv(x, M, w, K, n0, n1, acc.data() + (n0 - r0), nr);
+        pf.step(b1 - blk);
       } else {
-        T* dst = static_cast<T*>(out) + m * N + r0;
-        for (int64_t n = 0; n < nr; ++n) dst[n] = static_cast<T>(src[n] + (bias ? bias[r0 + n] : 0.f));
+        gemv(x, M, w, K, n0, n1, acc.data(), n1 - n0);
+        store(acc.data(), n1 - n0, n0, n1);
       }
     }
+    if (lora == nullptr) return;
+    const int64_t PR = lora->P * lora->R;
+    std::vector<float> h(M * PR);
+    for (int64_t p = 0; p < lora->P; ++p) {
+      if (!lora->overlaps(p, r0, r1)) continue;
+      gemv(x, M, lora->a, K, p * lora->R, (p + 1) * lora->R, h.data() + p * lora->R, PR);
+      lora->scale(h.data(), M, p);
+    }
+    lora->add(h.data(), M, r0, r1, acc.data(), nr);
+    store(acc.data(), nr, r0, r1);
   });
 }
 
