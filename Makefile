@@ -62,15 +62,20 @@ bench: install
 # llama.cpp baselines: llama-cpp-python (compiled from its sdist) and llama-server built with CMake
 # from the llama.cpp sources that sdist vendors (web UI off). Slow: ~20 minutes on 2 cores.
 LLAMA_CPP_PY := llama-cpp-python==0.3.36
+# NOTE: native builds, but without AMX on x86: where the CPU lists AMX, ggml's AMX kernels died with
+# an illegal instruction here (tilezero before the process had asked the kernel for AMX state), and
+# -mno-amx-* wins over -march=native whatever their order
+LLAMA_CPP_CFLAGS := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+LLAMA_CPP_CMAKE := -DGGML_NATIVE=ON -DCMAKE_C_FLAGS="$(LLAMA_CPP_CFLAGS)" -DCMAKE_CXX_FLAGS="$(LLAMA_CPP_CFLAGS)"
 bench-peers: install
 	@command -v cmake >/dev/null && command -v g++ >/dev/null || (apt-get update -qq && \
 	  apt-get install -y -qq --no-install-recommends cmake g++ make) || echo "cmake/g++ could not be installed"
-	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install "$(LLAMA_CPP_PY)"
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS='$(LLAMA_CPP_CMAKE)' $(BIN)/pip install --no-cache-dir "$(LLAMA_CPP_PY)"
 	test -x bench/.cache/llama.cpp/build/bin/llama-server || ( \
 	  mkdir -p bench/.cache/src && $(BIN)/pip download --no-deps --no-binary :all: -d bench/.cache/src "$(LLAMA_CPP_PY)" && \
 	  tar -xzf bench/.cache/src/llama_cpp_python-*.tar.gz -C bench/.cache/src && \
 	  rm -rf bench/.cache/llama.cpp && cp -r bench/.cache/src/llama_cpp_python-*/vendor/llama.cpp bench/.cache/llama.cpp && \
-	  cmake -S bench/.cache/llama.cpp -B bench/.cache/llama.cpp/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+	  cmake -S bench/.cache/llama.cpp -B bench/.cache/llama.cpp/build -DCMAKE_BUILD_TYPE=Release $(LLAMA_CPP_CMAKE) \
 	    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF && \
 	  cmake --build bench/.cache/llama.cpp/build --target llama-server -j 2 )
 

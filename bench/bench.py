@@ -183,24 +183,39 @@ def compare_with_hf(hf_dir: Path, reps: int) -> tuple[dict, dict]:
     return {k: median(v) for k, v in ours.items()}, hf_out
 
 
+_LLAMA_CPP_DECODE = """
+import statistics, sys, time
+from llama_cpp import Llama
+path, threads, repeats, n_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = Llama(model_path=path, n_threads=threads, n_ctx=1024, verbose=False)
+prompt = llm.tokenize(b"Write a long story about a lighthouse keeper.")
+speeds = []
+for _ in range(repeats):
+    llm.reset()
+    t, n = time.perf_counter(), 0
+    for tok in llm.generate(prompt, temp=0.0):
+        n += 1
+        if n >= n_tokens:
+            break
+    speeds.append(n / (time.perf_counter() - t))
+print(statistics.median(speeds))
+"""
+
+
 def llama_cpp_speed(gguf: Path, repeats: int, threads: int, n_tokens=128) -> float | None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+    """llama-cpp-python's single-stream decode of the same file, in a process of its own: a peer
+    build that dies (an instruction this CPU refuses) costs its number, not the whole run."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
         return None
-    llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=1024, verbose=False)
-    prompt = llm.tokenize(b"Write a long story about a lighthouse keeper.")
-    speeds = []
-    for _ in range(repeats):
-        llm.reset()
-        t = time.perf_counter()
-        n = 0
-        for tok in llm.generate(prompt, temp=0.0):
-            n += 1
-            if n >= n_tokens:
-                break
-        speeds.append(n / (time.perf_counter() - t))
-    return median(speeds)
+    r = subprocess.run([sys.executable, "-c", _LLAMA_CPP_DECODE, str(gguf), str(threads), str(repeats), str(n_tokens)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+        print(f"  llama-cpp-python failed ({why}; exit code {r.returncode}): rebuild it with `make bench-peers`", flush=True)
+        return None
+    return float(r.stdout.split()[-1])
 
 
 def gguf_load_stats(threads: int) -> dict:
@@ -384,6 +399,9 @@ def llama_server_load(gguf: Path, threads: int) -> dict | None:
         for conc in (1, 4, 16):
             out[conc] = asyncio.run(stream_load(base, conc, 128))
         return out
+    except Exception as e:  # noqa: BLE001 - a peer that fails costs its numbers, not the run's
+        print(f"  llama-server failed ({type(e).__name__}: {e}; exit code {proc.poll()})", flush=True)
+        return None
     finally:
         proc.terminate()
         proc.wait()

@@ -106,9 +106,8 @@ class XLoraLinear(nn.Module):
             h = (h.view(h.shape[0], -1, self.rank) * lam).flatten(1)
         if self._whole:
             return y.addmm_(h, self.lora_bt) if y.dtype == h.dtype else y.add_(h @ self.lora_bt)
-        for j, (a, b) in enumerate(self.spans):
-            part = h[:, j * self.rank : (j + 1) * self.rank] @ self.lora_bt[:, a:b]
-            y[:, a:b] += part if y.dtype == part.dtype else part.to(y.dtype)
+        for j, (a, b) in enumerate(self.spans):  # NOTE: add_ rounds once into y's dtype
+            y[:, a:b].add_(h[:, j * self.rank : (j + 1) * self.rank] @ self.lora_bt[:, a:b])
         return y
 
     def _kernel(self, x: Tensor, s: Scalings) -> Tensor:
