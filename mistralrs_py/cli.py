@@ -76,7 +76,7 @@ def main_options(
              "GPU memory on a GPU). When full, new requests wait and the newest running ones are preempted and recomputed."),
     compile: bool = typer.Option(
         False, "--compile",
-        help="Compile decode steps with torch.compile (one graph per batch bucket of 1/2/4/8/16... rows): 1.4-1.5x faster "
+        help="Compile decode steps with torch.compile (one graph per batch bucket of 1/2/4/8/16... rows): 1.2-1.6x faster "
              "decoding on the CPU, after a few minutes of compiling at the first start (about a minute later on: torch "
              "caches the result on disk). Needs a C++ compiler."),
     no_cuda_graphs: bool = typer.Option(
