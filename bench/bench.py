@@ -213,7 +213,7 @@ def llama_cpp_speed(gguf: Path, repeats: int, threads: int, n_tokens=128) -> flo
                        capture_output=True, text=True)
     if r.returncode != 0:
         why = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
-        print(f"  llama-cpp-python failed ({why}; exit code {r.returncode}): rebuild it with `make bench-peers`", flush=True)
+        print(f"  llama-cpp-python failed ({why}; exit code {r.returncode}): its number is left out", flush=True)
         return None
     return float(r.stdout.split()[-1])
 
