@@ -110,9 +110,7 @@ def engine_for(spec: ModelSpec, **kw) -> tuple[Engine, object]:
 
 
 def decode_speed(run: Run, tok, repeats: int, n_tokens=128) -> float:
-    prompt = tok.encode("Write a long story about a lighthouse keeper.")
-    run.generate([prompt], 4)
-    return median([run.generate([prompt], n_tokens)["tok_s"] for _ in range(repeats)])
+    return alternate({"run": run}, tok, repeats, n_tokens)["run"]
 
 
 def alternate(runs: dict[str, Run], tok, repeats: int, n_tokens=128) -> dict[str, float]:

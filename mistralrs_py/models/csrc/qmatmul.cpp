@@ -42,7 +42,7 @@ namespace {
 
 constexpr int64_t kBlock = 32;
 constexpr int kTile = 8;  // rows of x sharing one pass over a weight group (2 registers per row)
-constexpr int64_t kPrefetch = 2;  // weight groups of 16 rows read ahead  // weight groups of 16 rows read ahead  // weight groups of 16 rows read ahead  // weight groups of 16 rows read ahead
+constexpr int64_t kPrefetch = 2;  // weight groups of 16 rows read ahead
 
 bool supported() {
 #ifdef MISTRALRS_VNNI
