@@ -53,6 +53,15 @@ class GlobalOptions:
     cuda_graphs: bool = True
     compile: bool = False
 
+    def engine_options(self, **overrides):
+        """The engine's part of these options (imported here: `--help` must not import torch)."""
+        from .engine.client import EngineOptions
+
+        fields = dict(max_seqs=self.max_seqs, scheduler=self.scheduler, prefill_chunk=self.prefill_chunk,
+                      kv_cache_mb=self.kv_cache_mb, compile=self.compile, cuda_graphs=self.cuda_graphs,
+                      threads=self.threads, max_waiting=self.max_waiting)
+        return EngineOptions(**{**fields, **overrides})
+
 
 @app.callback()
 def main_options(
@@ -67,7 +76,7 @@ def main_options(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs and bf16-capable CPUs)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's choice, the number of cores)."),
-    scheduler: str = typer.Option("continuous", "--scheduler", help="continuous (mixed lengths in one batch) | catch-up (the seed's method)."),
+    scheduler: str = typer.Option("continuous", "--scheduler", help="continuous (mixed lengths in one batch) | catch-up (mistral.rs's original scheduling: the shortest sequences decode until the others' length is reached)."),
     prefill_chunk: int = typer.Option(512, "--prefill-chunk", min=1, help="Most prompt tokens processed in one engine step."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=16, help="Context length to serve (default: the model's)."),
     kv_cache_mb: Optional[float] = typer.Option(
@@ -224,6 +233,8 @@ def ordering(
 
 def serve(opts: GlobalOptions, spec: ModelSpec) -> None:
     spec.device, spec.dtype, spec.max_model_len = opts.device, opts.dtype, opts.max_model_len
+    if opts.chat_template:
+        spec.chat_template = str(opts.chat_template)
     if opts.interactive:
         from .interactive import run_interactive  # the terminal chat replaces the HTTP server
 

@@ -14,8 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .api import ContextTooLong, GenerationFailed, Runner, parse_request
-from .server import protocol as P
+from .api import ContextTooLong, GenerationFailed, Runner
 
 PROMPT, MORE = ">>> ", "... "
 BLOCK = '"""'
@@ -41,23 +40,24 @@ COMMANDS = [
 
 def run_interactive(opts, spec) -> None:
     """The -i front end: the shared start-up (progress, one-line errors), then the chat loop."""
-    from .server.launch import console as err_console
-    from .server.launch import fail, load_engine, setup_logging, summary
+    from .terminal import console as err_console
+    from .terminal import fail, ready_line, setup_logging, start_client
 
     setup_logging()
     # NOTE: one conversation needs one KV cache slot, whatever --max-seqs says.
-    pipeline, engine = load_engine(opts, spec, max_seqs=1)
-    if not pipeline.tokenizer.chat_template:
+    client = start_client(spec, opts.engine_options(max_seqs=1))
+    if not client.tokenizer.chat_template:
+        client.stop()
         fail("this model has no chat template, which interactive mode needs: pass --chat-template FILE "
              "(a jinja file, or a tokenizer_config.json holding one)")
-    runner = Runner.from_engine(pipeline, engine, repeat_last_n=spec.repeat_last_n,
-                                truncate_sequence=opts.truncate_sequence)
-    name = opts.served_model_name or pipeline.name
-    err_console.print(f"{summary(pipeline, engine, name, opts.scheduler)} | interactive", highlight=False, soft_wrap=True)
+    runner = Runner.from_client(client, repeat_last_n=spec.repeat_last_n, truncate_sequence=opts.truncate_sequence,
+                                model_name=opts.served_model_name)
+    err_console.print(f"{ready_line(client, runner.model, opts.scheduler)} | interactive", highlight=False,
+                      soft_wrap=True)
     try:
         code = Chat(runner, Console(highlight=False)).loop()
     finally:
-        engine.stop()
+        runner.close()
     sys.exit(code)
 
 
@@ -227,8 +227,8 @@ class Chat:
             return
         try:
             value = SETTINGS[name](arg)
-            # NOTE: checked with the server's own request validation, so limits match the API's.
-            parse_request(P.ChatCompletionRequest, {"messages": [{"role": "user", "content": ""}], name: value})
+            # NOTE: checked by the server's own request validation, so limits and messages match the API's.
+            self.runner.service.chat({"messages": [{"role": "user", "content": ""}], name: value})
         except ValueError as e:
             self.out.print(f"[bold red]error:[/] /{name} {escape(arg)}: {escape(str(e))}")
             return

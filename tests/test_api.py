@@ -58,19 +58,19 @@ def test_stream_chat_reassembles_to_chat(runner):
 
 
 def test_leaving_a_stream_early_aborts_it(runner):
-    aborted = runner.engine.stats.aborted
+    aborted = runner.client.snapshot()["aborted"]
     stream = runner.stream_chat(Q, temperature=0, max_tokens=100, ignore_eos=True)
     for chunk in stream:
         if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
             break
     stream.close()
     deadline = time.monotonic() + 10
-    while runner.engine.stats.aborted == aborted and time.monotonic() < deadline:
+    while runner.client.snapshot()["aborted"] == aborted and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert runner.engine.stats.aborted == aborted + 1
-    while runner.engine.snapshot()["kv_slots_in_use"] and time.monotonic() < deadline:
+    assert runner.client.snapshot()["aborted"] == aborted + 1
+    while runner.client.snapshot()["kv_slots_in_use"] and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert runner.engine.snapshot()["kv_slots_in_use"] == 0
+    assert runner.client.snapshot()["kv_slots_in_use"] == 0
 
 
 def test_sampling_options_n_seed_and_complete(runner):

@@ -7,7 +7,6 @@ import io
 import os
 import re
 import sys
-import time
 
 import pexpect
 import pytest
@@ -186,4 +185,5 @@ def test_a_message_alone_too_long_is_an_error_not_a_crash(tiny_runner):
 def test_slash_slash_sends_a_message_starting_with_a_slash(tiny_runner):
     chat, out = run_chat(tiny_runner, ["/max_tokens 2", "//etc/hosts is a file"])
     assert chat.turns[0] == {"role": "user", "content": "/etc/hosts is a file"}
-    assert time.time()  # the answer came back (a crash would have failed loop())
+    assert chat.turns[1]["role"] == "assistant" and chat.turns[1]["content"]  # the answer came back
+    assert "tokens," in out  # and its stats line

@@ -1,4 +1,6 @@
-"""The engine: a worker thread that turns requests into tokens. `step()` = schedule -> execute -> update."""
+"""The engine: a loop on the torch thread that turns requests into tokens. `step()` = schedule ->
+execute -> update: the scheduler decides (engine/scheduler.py), the model runner computes
+(engine/model_runner.py), and the update step appends tokens, checks stops and emits events."""
 
 from __future__ import annotations
 
@@ -10,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import sampling
 from ..pipeline.base import Pipeline
 from ..pipeline.tokenizer import IncrementalDetokenizer
 from .graphs import DecodeGraphs
 from .kv_cache import CacheShape, KVCachePool, plan_pool
-from .request import Delta, Done, Error, Request, TokenLogprob
+from .model_runner import ModelRunner, StepResult
+from .request import Delta, Done, Error, Request
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SeqStatus
 from .worker import TorchThread
@@ -35,7 +37,6 @@ class EngineStats:
     finished: int = 0
     aborted: int = 0
     errors: int = 0
-    preempted: int = 0
 
 
 class Engine:
@@ -59,14 +60,15 @@ class Engine:
         # NOTE: decode-only steps run on static, bucketed buffers (engine/graphs.py) for CUDA graphs,
         # and for --compile: each batch bucket is one compiled graph (torch's int4 CPU kernel fixes
         # a graph's row count, so padding to 1/2/4/8/16 rows bounds how many graphs exist).
-        graphs = pipeline.graphable and ((cuda_graphs and cuda) or compile)
+        static = pipeline.graphable and ((cuda_graphs and cuda) or compile)
         self.pool = KVCachePool(shape, plan.slots, plan.slot_len, pipeline.dtype, pipeline.device,
                                 streams=pipeline.cache_streams, capacity_tokens=plan.capacity_tokens,
-                                scratch_slot=graphs)
-        self.graphs = DecodeGraphs(pipeline.forward, self.pool, plan.slots, c.sliding_window,
-                                   capture=cuda and cuda_graphs) if graphs else None
+                                scratch_slot=static)
+        graphs = DecodeGraphs(pipeline.forward, self.pool, plan.slots, c.sliding_window,
+                              capture=cuda and cuda_graphs) if static else None
         self.scheduler = Scheduler(plan.slots, policy, prefill_chunk, capacity_tokens=plan.capacity_tokens)
-        if compile and self.graphs is not None:
+        self.runner = ModelRunner(pipeline, self.pool, graphs)
+        if compile and graphs is not None:
             self._compile_decode()
         elif compile:
             log.warning("--compile is not available for this model kind (it keeps per-step state); decoding eagerly")
@@ -81,19 +83,22 @@ class Engine:
     def _compile_decode(self) -> None:
         """--compile: builds a compiled decode graph for every batch bucket now (about a minute each on
         a small CPU, seconds once torch's on-disk cache holds them), not during the first requests."""
+        graphs = self.runner.graphs
         try:
             self.pipe.compile_decode()
             scratch = self.pool.scratch_slot
-            for b in self.graphs.buckets:
-                self.graphs.run([0] * b, [(scratch, 0)] * b)  # NOTE: every row writes the scratch slot
+            for b in graphs.buckets:
+                graphs.run([0] * b, [(scratch, 0)] * b)  # NOTE: every row writes the scratch slot
         except Exception as e:  # noqa: BLE001 - no compiler, unsupported op...: serve eagerly
             log.warning("--compile failed (%s: %s); decoding eagerly", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             self.pipe.compiled_decode = None
-            if not self.graphs.capture:
-                self.graphs = None  # NOTE: plain steps then (slice views, no padding)
+            if not graphs.capture:
+                self.runner.graphs = None  # NOTE: plain steps then (slice views, no padding)
 
     # ---- thread-safe API ------------------------------------------------------------------------
     def start(self) -> None:
+        if self._thread is not None:
+            return
         if self.worker is not None:
             self._thread = self.worker.thread
             self.worker.start(self._run)
@@ -122,11 +127,16 @@ class Engine:
 
     def snapshot(self) -> dict:
         """Counts for /health and tests (read without locks: approximate while running)."""
+        cache = self.scheduler.cache
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
-            "kv_slots_in_use": self.pool.num_used,
-            "kv_cache_bytes_in_use": self.pool.bytes_in_use(sum(s.num_cached for s in list(self.scheduler.running))),
+            "kv_slots_in_use": cache.num_used,
+            "kv_slots_total": cache.num_slots,
+            "kv_cache_bytes_in_use": self.pool.bytes_in_use(cache.cached_tokens()),
+            "kv_cache_capacity_tokens": self.pool.capacity_tokens,
+            "kv_cache_capacity_bytes": self.pool.bytes_in_use(self.pool.capacity_tokens),
+            "preempted": self.scheduler.num_preemptions,
             **self.stats.__dict__,
         }
 
@@ -156,15 +166,16 @@ class Engine:
             if kind == "stop":
                 return False
             if kind == "add":
-                self._admit(payload)
+                self._add(payload)
             elif kind == "abort":
-                self._abort(payload)
+                for seq in self.scheduler.sequences_of(payload):
+                    self._end(seq, "abort")
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return True
 
-    def _admit(self, req: Request) -> None:
+    def _add(self, req: Request) -> None:
         first = None
         for i in range(req.params.n):
             gen = torch.Generator(device=self.pipe.device)
@@ -178,28 +189,22 @@ class Engine:
                 seq.share_from = first  # NOTE: the prompt is processed once for all n choices
             self.scheduler.add(seq)
 
-    def _abort(self, request_id: str) -> None:
-        for seq in self.scheduler.sequences_of(request_id):
-            seq.finish("abort")
-            self._release(seq)
+    def _end(self, seq: Sequence, reason: str, message: str = "") -> dict | None:
+        """Ends a sequence that did not finish by itself (abort, error) or did (stop, length):
+        it leaves the scheduler, its slot is released; returns its pipeline report."""
+        if reason == "error":
+            self.stats.errors += 1
+            seq.request.emit(Error(message, "server_error", seq.index))
+        elif reason == "abort":
             self.stats.aborted += 1
-
-    def _release(self, seq: Sequence, preempted: bool = False) -> dict | None:
-        """Frees the sequence's cache slot; unless it was preempted, it also leaves the scheduler."""
-        if not preempted:
-            self.scheduler.remove(seq)
-        extra = None
-        if seq.slot is not None:
-            extra = self.pipe.release_slot(seq.slot)
-            self.pool.free(seq.slot)
-            seq.slot = None
-        return extra
+        if not seq.status.is_finished:
+            seq.finish(reason)
+        slot = self.scheduler.drop(seq)
+        return self.runner.release(slot) if slot is not None else None
 
     def _fail_all(self, message: str, drain: bool = False) -> None:
         for seq in [*self.scheduler.waiting, *self.scheduler.running]:
-            seq.request.emit(Error(message, "server_error", seq.index))
-            seq.finish("error")
-            self._release(seq)
+            self._end(seq, "error", message)
         if drain:
             while True:
                 try:
@@ -211,105 +216,31 @@ class Engine:
 
     # ---- one step ----------------------------------------------------------------------------------
     def step(self) -> None:
-        out = self.scheduler.schedule(self.pool.num_free)
-        for seq in out.preempted:
-            self._release(seq, preempted=True)
-            self.stats.preempted += 1
-        for seq in out.admitted:
-            seq.slot = self.pool.allocate()
-        for src, dst, n in out.copies:
-            self.pool.copy_prefix(src.slot, dst.slot, n)
+        out = self.scheduler.schedule()
+        result = self.runner.execute(out)
+        self._update(out, result)
+
+    def _update(self, out: SchedulerOutput, result: StepResult) -> None:
+        """Appends the sampled tokens, checks stops, emits text; ends what finished or failed."""
+        if result.error is not None:
+            message = f"model forward failed: {type(result.error).__name__}"
+            for seq in {id(s): s for s in (*out.decode, *(c.seq for c in out.prefill))}.values():
+                self._end(seq, "error", message)
+            return
         if out.empty:
             return
-        try:
-            logits = self._execute(out)
-        except Exception as e:  # noqa: BLE001 - a failed forward fails its batch, not the server
-            log.exception("forward failed")
-            for seq in [*out.decode, *(s for s, _ in out.prefill)]:
-                self.stats.errors += 1
-                seq.request.emit(Error(f"model forward failed: {type(e).__name__}", "server_error", seq.index))
-                seq.finish("error")
-                self._release(seq)
-            return
-        self._update(out, logits)
         self.stats.steps += 1
-
-    def _execute(self, out: SchedulerOutput) -> torch.Tensor:
-        ids: list[int] = [s.tokens[-1] for s in out.decode]
-        prefill, want = [], []
-        for seq, n in out.prefill:
-            ids.extend(seq.tokens[seq.num_cached : seq.num_cached + n])
-            prefill.append((seq.slot, seq.num_cached, n))
-            want.append(seq.num_cached + n == len(seq.tokens))
-        decode = [(s.slot, len(s.tokens) - 1) for s in out.decode]
-        if self.graphs is not None and not prefill and self.graphs.fits(len(decode), max(p for _, p in decode) + 1):
-            logits = self.graphs.run(ids, decode)  # NOTE: a decode-only step: static buffers, a graph
-        else:
-            view = self.pool.build_view(decode, prefill, self.pipe.config.sliding_window, want)
-            input_ids = torch.tensor(ids, dtype=torch.long, device=self.pipe.device)
-            logits = self.pipe.forward(input_ids, view, self.pool)  # [rows, V] float32
-        for seq in out.decode:
-            seq.num_cached += 1
-        for seq, n in out.prefill:
-            seq.num_cached += n
-            self.stats.prompt_tokens += n
-        return logits
-
-    def _update(self, out: SchedulerOutput, logits: torch.Tensor) -> None:
-        rows = [*out.decode, *(s for s, _ in out.prefill if s.num_cached == len(s.tokens))]
-        try:
-            batch = self._sample_batch(rows, logits)
-        except Exception:  # noqa: BLE001 - one bad row must not fail the others: retry row by row
-            log.warning("batched sampling failed; sampling this step row by row", exc_info=True)
-            batch = [None] * len(rows)
-        for r, seq in enumerate(rows):
-            try:
-                # NOTE: a row the batch could not sample (None) is sampled alone, where a bad
-                # setup raises and fails this sequence only.
-                token, lp = batch[r] if batch[r] is not None else self._sample(seq, logits[r])
-            except Exception as e:  # noqa: BLE001 - a bad sampling setup fails this sequence alone
-                log.exception("sampling failed")
-                self.stats.errors += 1
-                seq.request.emit(Error(f"sampling failed: {type(e).__name__}: {e}", "server_error", seq.index))
-                seq.finish("error")
-                self._release(seq)
+        self.stats.prompt_tokens += sum(c.n for c in out.prefill)
+        for seq, sample in zip(out.sampled, result.samples):
+            if isinstance(sample, Exception):
+                self._end(seq, "error", f"sampling failed: {type(sample).__name__}: {sample}")
                 continue
+            token, lp = sample
             seq.append(token, self.max_len, self.eos_ids)
             if lp is not None:
                 seq.pending_logprobs.append(lp)
             self.stats.generated_tokens += 1
             self._emit(seq)
-
-    def _sample_batch(self, rows: list[Sequence], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None] | None]:
-        """Samples every row of the step in one batched call (greedy without penalties is a plain
-        argmax); None for a row whose distribution is empty or not finite."""
-        if not rows:
-            return []
-        logits = logits[: len(rows)]
-        params = [s.params for s in rows]
-        # NOTE: output ids are copied out only for rows with presence/frequency penalties.
-        outputs = [s.output_ids if p.presence_penalty or p.frequency_penalty else [] for s, p in zip(rows, params)]
-        tokens = sampling.sample_batch(logits, params, outputs, [s.tokens for s in rows], [s.generator for s in rows])
-        want = [r for r, p in enumerate(params) if p.logprobs]
-        lps = {}
-        if want:
-            idx = torch.tensor(want, dtype=torch.long, device=logits.device)
-            top_ns = [params[r].top_logprobs for r in want]
-            got = sampling.batch_token_logprobs(logits[idx], tokens[idx].clamp(min=0), top_ns)
-            lps = dict(zip(want, got))
-        ids = tokens.tolist()  # NOTE: the step's one host read of the sampled tokens
-        return [None if t < 0 else (t, TokenLogprob(t, *lps[r]) if r in lps else None) for r, t in enumerate(ids)]
-
-    def _sample(self, seq: Sequence, row: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-        """One row alone: the fallback when the batch fails, so a bad row fails by itself."""
-        p = seq.params
-        processed = sampling.process_logits(row, p, seq.output_ids, seq.tokens)
-        token = sampling.sample(processed, sampling.is_greedy(p), seq.generator)
-        lp = None
-        if p.logprobs:
-            logprob, top = sampling.token_logprobs(row, token, p.top_logprobs)
-            lp = TokenLogprob(token, logprob, top)
-        return token, lp
 
     def _emit(self, seq: Sequence) -> None:
         text = seq.take_delta()
@@ -321,5 +252,5 @@ class Engine:
             seq.pending_ids, seq.pending_logprobs = [], []
         if finished:
             self.stats.finished += 1
-            extra = self._release(seq)
+            extra = self._end(seq, seq.finish_reason or "stop")
             seq.request.emit(Done(seq.index, seq.finish_reason or "stop", seq.prompt_len, seq.num_output, seq.stop_reason, extra))

@@ -1,8 +1,9 @@
 """The KV cache pool: one preallocated slot per running sequence, and the batch view of a step.
 
 Each sequence owns one slot (a row of every layer's [slots, Hk, P, hd] cache tensors) from
-admission until it finishes or is aborted. A step reads and writes the slots in place through a
-`BatchView`; nothing is concatenated or split per token.
+admission until it finishes or is aborted; which one is decided by the scheduler's CacheManager
+(engine/cache_manager.py), this module only holds the tensors. A step reads and writes the slots
+in place through a `BatchView`; nothing is concatenated or split per token.
 """
 
 from __future__ import annotations
@@ -140,37 +141,13 @@ class KVCachePool(KVStream):
         self.streams: list[KVStream] = [self, *(KVStream(shape, dims, dtype, self.device) for _ in range(streams - 1))]
         self._zeroed = [0] * (num_slots + scratch_slot)
         self._dirty: set[int] = set()  # slots written since they were last released
-        self._free = list(range(num_slots))
-        self._used: set[int] = set()
 
     # ---- slots ----------------------------------------------------------------------------
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
+    def release(self, slot: int) -> None:
+        """A slot's sequence ended (the scheduler freed the slot).
 
-    @property
-    def num_used(self) -> int:
-        return len(self._used)
-
-    def allocate(self) -> int:
-        if not self._free:
-            raise RuntimeError("KV cache pool exhausted")
-        # NOTE: lowest free slot first, so a running batch tends to be one contiguous slot range,
-        # which attention reads as a view instead of gathering.
-        self._free.sort()
-        slot = self._free.pop(0)
-        self._used.add(slot)
-        return slot
-
-    def free(self, slot: int) -> None:
-        if slot in self._used:
-            self._used.remove(slot)
-            self._free.append(slot)
-            self._release(slot)
-
-    def _release(self, slot: int) -> None:
-        """NOTE: on the CPU a finished sequence's pages go back to the OS, so the resident cache
-        follows the tokens in use (what --kv-cache-mb budgets), not every slot's longest sequence."""
+        NOTE: on the CPU its pages go back to the OS, so the resident cache follows the tokens in
+        use (what --kv-cache-mb budgets), not every slot's longest sequence; they read as zero after."""
         if self.device.type != "cpu" or slot not in self._dirty:
             return
         self._dirty.discard(slot)
@@ -235,16 +212,7 @@ class KVCachePool(KVStream):
             row += n
             if want:
                 logit_rows.append(row - 1)
-        view = BatchView(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            row_slots=torch.tensor(row_slots, dtype=torch.long, device=dev),
-            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
-            prefills=segments,
-            window=window,
-            # NOTE: decode rows here have distinct slots and real positions (no padding rows), what
-            # the fused CPU op requires (--compile's padded views pass their scratch slot to skip).
-            fused_decode=self.device.type == "cpu" and kernels.ready(),
-        )
+        fields: dict = {}
         if decode:
             slots = [s for s, _ in decode]
             lengths = [p + 1 for _, p in decode]
@@ -252,16 +220,25 @@ class KVCachePool(KVStream):
             lo, hi = min(slots), max(slots) + 1
             contiguous = hi - lo == len(slots) and slots == sorted(slots)
             self._ensure_zeroed(slots, [p for _, p in decode], L)
-            view.num_decode = len(decode)
-            view.decode_len = L
-            view.decode_slots = torch.tensor(slots, dtype=torch.long, device=dev)
-            view.decode_slot_range = (lo, hi) if contiguous else None
+            fields.update(num_decode=len(decode), decode_len=L, decode_slot_range=(lo, hi) if contiguous else None,
+                          decode_slots=torch.tensor(slots, dtype=torch.long, device=dev))
             if len(decode) == 1 and contiguous:
                 # NOTE: one sequence needs no mask: it reads exactly its own keys (the last W of
                 # them under a sliding window), which also lets attention take its unmasked path.
-                view.decode_start = max(0, L - window) if window else 0
+                fields["decode_start"] = max(0, L - window) if window else 0
             else:
-                view.decode_mask = decode_mask(torch.tensor(lengths, device=dev), L, window)
+                fields["decode_mask"] = decode_mask(torch.tensor(lengths, device=dev), L, window)
         if len(decode) + len(prefill) == 1:
-            view.write_run = (decode[0][0], decode[0][1]) if decode else (prefill[0][0], prefill[0][1])
+            fields["write_run"] = (decode[0][0], decode[0][1]) if decode else (prefill[0][0], prefill[0][1])
+        # NOTE: decode rows here have distinct slots and real positions (no padding rows), what
+        # the fused CPU op requires (--compile's padded views pass their scratch slot to skip).
+        view = BatchView(
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            row_slots=torch.tensor(row_slots, dtype=torch.long, device=dev),
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
+            prefills=segments,
+            window=window,
+            fused_decode=self.device.type == "cpu" and kernels.ready(),
+            **fields,
+        )
         return view

@@ -1,4 +1,6 @@
-"""One generation in flight: its tokens, status, cache slot and the text it has produced."""
+"""One generation in flight: its tokens, status, cache slot and the text it has produced.
+
+The scheduler alone sets `status`, `slot` and `num_cached`; the engine's update step appends tokens."""
 
 from __future__ import annotations
 
@@ -40,7 +42,6 @@ class Sequence:
         self.pending_logprobs: list[TokenLogprob] = []
         self.max_stop = max((len(s) for s in request.params.stop), default=0)
         self.share_from: Sequence | None = None  # choice 0 of the same request: copy its prompt cache
-        self.num_preemptions = 0  # times its cache was dropped to make room (it was recomputed)
 
     @property
     def params(self):

@@ -109,6 +109,12 @@ class Pipeline:
             return self.compiled_decode(input_ids, view.positions, view.decode_slots, mask, view.logit_rows, cache)
         return self.model(input_ids, view, cache)
 
+    def begin_slot(self, slot: int) -> None:
+        """TEMP until the models-layer merge."""
+
+    def end_slot(self, slot: int) -> dict | None:
+        return self.release_slot(slot)
+
     def release_slot(self, slot: int) -> dict | None:
         """Called by the engine when the sequence in `slot` ends; per-sequence extras to report
         (X-LoRA: mean scalings per adapter), or None."""

@@ -8,7 +8,6 @@ Every app gets its own registry, so two apps in one process (tests) never share 
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -17,14 +16,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .. import __version__
-from ..engine.engine import Engine
 from ..engine.request import Delta, Done, Event
 
 # NOTE: the classic text format, which every Prometheus version (and VictoriaMetrics, Grafana
 # Agent...) reads; our names are plain ASCII, so the newer 1.0.0 format would add nothing.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# NOTE: no `*_created` series: they double the output and no dashboard reads them (vLLM does the same).
-disable_created_metrics()
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -33,9 +29,12 @@ HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 
 
 class Metrics:
-    """The server's metrics; `track()` wraps one engine request's event stream."""
+    """The server's metrics; `observer()` watches one submission (EngineClient.observe)."""
 
-    def __init__(self, engine: Engine, model_name: str):
+    def __init__(self, client, model_name: str):
+        # NOTE: no `*_created` series: they double the output and no dashboard reads them (vLLM does
+        # the same). A process-wide switch of prometheus-client, so it is flipped here, not at import.
+        disable_created_metrics()
         self.registry = r = CollectorRegistry(auto_describe=True)
         Info("mistralrs_build", "Server version and served model", registry=r).info(
             {"version": __version__, "model": model_name})
@@ -54,92 +53,85 @@ class Metrics:
                              "Time from submitting a generation request to its last event", buckets=E2E_BUCKETS, registry=r)
         self.finished = Counter("mistralrs_sequences_finished", "Choices finished, by reason (stop, length, abort, error)",
                                 ["finish_reason"], registry=r)
-        r.register(EngineCollector(engine))
+        r.register(EngineCollector(client))
 
-    async def track(self, events: AsyncIterator[Event], prompt_tokens: int, n: int) -> AsyncIterator[Event]:
-        """Passes `events` through, timing tokens and counting them.
-
-        NOTE: a Delta may carry several token ids (text held back for an incomplete character or a
-        possible stop string); they reached the client together, so the first token of a choice is
-        its time to first token and the rest of that delta count as 0 s apart; a later delta of k
-        tokens after a gap g counts k tokens g/k apart. So the per-token histogram's count is
-        exactly generated tokens minus one per choice."""
-        start = time.perf_counter()
-        last: dict[int, float] = {}
-        done: set[int] = set()
-        counted_prompt = False
-        reason = "abort"
-        try:
-            async for ev in events:
-                if not counted_prompt:  # NOTE: the first event means the engine took the prompt
-                    self.prompt_tokens.inc(prompt_tokens)
-                    counted_prompt = True
-                if isinstance(ev, Delta) and ev.token_ids:
-                    t, k = time.perf_counter(), len(ev.token_ids)
-                    self.generation_tokens.inc(k)
-                    if ev.index not in last:
-                        self.ttft.observe(t - start)
-                        gaps, gap = k - 1, 0.0
-                    else:
-                        gaps, gap = k, (t - last[ev.index]) / k
-                    for _ in range(gaps):
-                        self.tpot.observe(gap)
-                    last[ev.index] = t
-                elif isinstance(ev, Done):
-                    done.add(ev.index)
-                    self.finished.labels(ev.finish_reason).inc()
-                yield ev
-        except Exception:
-            reason = "error"
-            raise
-        finally:
-            # NOTE: closing this wrapper (client gone, cancelled) must close the engine stream now:
-            # its own finally is what aborts the request in the engine and frees the cache slot.
-            await events.aclose()
-            self.e2e.observe(time.perf_counter() - start)
-            if n - len(done) > 0:
-                self.finished.labels(reason).inc(n - len(done))
+    def observer(self, prompt_tokens: int, n: int) -> "RequestMetrics":
+        return RequestMetrics(self, prompt_tokens, n)
 
     async def endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE)
 
 
-class NoMetrics:
-    """--no-metrics: nothing is measured and the streams pass through untouched."""
+class RequestMetrics:
+    """Times and counts one submission's tokens as its events are consumed.
 
-    def track(self, events: AsyncIterator[Event], prompt_tokens: int, n: int) -> AsyncIterator[Event]:
-        return events
+    NOTE: a Delta may carry several token ids (text held back for an incomplete character or a
+    possible stop string); they reached the client together, so the first token of a choice is its
+    time to first token and the rest of that delta count as 0 s apart; a later delta of k tokens
+    after a gap g counts k tokens g/k apart. So the per-token histogram's count is exactly generated
+    tokens minus one per choice."""
+
+    def __init__(self, metrics: Metrics, prompt_tokens: int, n: int):
+        self.m, self.prompt_tokens, self.n = metrics, prompt_tokens, n
+        self.start = time.perf_counter()
+        self.last: dict[int, float] = {}
+        self.done: set[int] = set()
+        self.counted_prompt = False
+
+    def event(self, ev: Event) -> None:
+        m = self.m
+        if not self.counted_prompt:  # NOTE: the first event means the engine took the prompt
+            m.prompt_tokens.inc(self.prompt_tokens)
+            self.counted_prompt = True
+        if isinstance(ev, Delta) and ev.token_ids:
+            t, k = time.perf_counter(), len(ev.token_ids)
+            m.generation_tokens.inc(k)
+            if ev.index not in self.last:
+                m.ttft.observe(t - self.start)
+                gaps, gap = k - 1, 0.0
+            else:
+                gaps, gap = k, (t - self.last[ev.index]) / k
+            for _ in range(gaps):
+                m.tpot.observe(gap)
+            self.last[ev.index] = t
+        elif isinstance(ev, Done):
+            self.done.add(ev.index)
+            m.finished.labels(ev.finish_reason).inc()
+
+    def end(self, outcome: str) -> None:
+        self.m.e2e.observe(time.perf_counter() - self.start)
+        left = self.n - len(self.done)
+        if left > 0:
+            self.m.finished.labels("error" if outcome == "errored" else "abort").inc(left)
 
 
 class EngineCollector(Collector):
     """Load gauges read from the engine at scrape time (no bookkeeping on the hot path)."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, client):
+        self.client = client
 
     def describe(self):
         return []  # NOTE: values are computed per scrape; nothing to describe up front
 
     def collect(self):
-        e = self.engine
-        snap = e.snapshot()
-        pool = e.pool
-        capacity = pool.bytes_in_use(pool.capacity_tokens)
+        snap = self.client.snapshot()
+        capacity = snap["kv_cache_capacity_bytes"]
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, value=value)
 
-        yield gauge("mistralrs_engine_up", "1 while the engine thread is running", 1.0 if e.alive else 0.0)
+        yield gauge("mistralrs_engine_up", "1 while the engine thread is running", 1.0 if self.client.alive else 0.0)
         yield gauge("mistralrs_num_sequences_running", "Sequences decoding or prefilling now", snap["running"])
         yield gauge("mistralrs_num_sequences_waiting", "Sequences queued for a KV cache slot", snap["waiting"])
         yield gauge("mistralrs_kv_cache_slots_used", "KV cache slots held by sequences", snap["kv_slots_in_use"])
-        yield gauge("mistralrs_kv_cache_slots_total", "KV cache slots (--max-seqs)", pool.num_slots)
+        yield gauge("mistralrs_kv_cache_slots_total", "KV cache slots (--max-seqs)", snap["kv_slots_total"])
         yield gauge("mistralrs_kv_cache_bytes_used", "Bytes of KV cache holding running sequences' tokens",
                     snap["kv_cache_bytes_in_use"])
         yield gauge("mistralrs_kv_cache_usage_ratio", "KV cache use: cached tokens / capacity (--kv-cache-mb)",
                     snap["kv_cache_bytes_in_use"] / capacity if capacity else 0.0)
         yield gauge("mistralrs_kv_cache_capacity_tokens", "Tokens the KV cache holds at most (--kv-cache-mb)",
-                    pool.capacity_tokens)
+                    snap["kv_cache_capacity_tokens"])
         yield CounterMetricFamily("mistralrs_engine_steps", "Engine steps (one forward pass each)", value=snap["steps"])
         yield CounterMetricFamily("mistralrs_num_preemptions", "Sequences whose cache was dropped to make room "
                                   "(recomputed later)", value=snap["preempted"])

@@ -4,26 +4,24 @@ the row-by-row fallback gives the same tokens, and a bad row still fails alone."
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mistralrs_py import sampling
 from mistralrs_py.engine.engine import Engine
+from mistralrs_py.engine.model_runner import ModelRunner
 from mistralrs_py.engine.request import Error, Request, SamplingParams
-from mistralrs_py.pipeline.base import ModelSpec
-from mistralrs_py.pipeline.hf import load_safetensors_dir
 
-from .test_engine import PROMPTS, Collector
+from .fake import PROMPTS, Collector, FakePipeline
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_mistral):
-    return load_safetensors_dir(tiny_mistral, ModelSpec(model_id=str(tiny_mistral)), torch.device("cpu"), torch.float32)
+def pipe():
+    return FakePipeline()
 
 
 def run_batch(pipe, params_list, prompts=None):
     """All requests are queued before the engine starts, so every run schedules the same batches."""
     prompts = prompts or [PROMPTS[i % len(PROMPTS)] for i in range(len(params_list))]
-    e = Engine(pipe, max_seqs=len(params_list))
+    e = Engine(pipe, max_seqs=len(params_list), kv_cache_mb=1.0)
     cols = []
     for i, (prompt, params) in enumerate(zip(prompts, params_list)):
         c = Collector()
@@ -88,7 +86,7 @@ def test_a_row_the_batch_cannot_sample_fails_alone(pipe):
 
 
 def test_a_failing_batch_falls_back_and_the_bad_row_fails_alone(pipe, monkeypatch):
-    real_batch, real_row = sampling.sample_batch, Engine._sample
+    real_batch, real_row = sampling.sample_batch, ModelRunner._sample_row
 
     def batch(logits, params, *rest):
         if any(p.seed == 666 for p in params):
@@ -101,7 +99,7 @@ def test_a_failing_batch_falls_back_and_the_bad_row_fails_alone(pipe, monkeypatc
         return real_row(self, seq, logits_row)
 
     monkeypatch.setattr(sampling, "sample_batch", batch)
-    monkeypatch.setattr(Engine, "_sample", row)
+    monkeypatch.setattr(ModelRunner, "_sample_row", row)
     cols, snap = run_batch(pipe, [*MIXED[:3], SamplingParams(temperature=0.5, seed=666, **KW)])
     errors = [e for e in cols[3].events if isinstance(e, Error)]
     assert len(errors) == 1 and "injected sampling fault" in errors[0].message

@@ -1,146 +1,172 @@
-"""The engine on a tiny real model: batching never changes greedy output; stops, aborts, slots."""
+"""Engine rules on the scripted pipeline (tests/engine/fake.py): batching, budgets, preemption,
+aborts, failures and slot ownership, each checked against the script computed without the engine."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
-import torch
 
-from mistralrs_py.engine.engine import Engine
-from mistralrs_py.engine.request import Delta, Done, Error, Request, SamplingParams
-from mistralrs_py.pipeline.base import ModelSpec
-from mistralrs_py.pipeline.hf import load_safetensors_dir
+from mistralrs_py.engine.engine import EngineDead
+from mistralrs_py.engine.request import Request, SamplingParams
 
+from .fake import EOS, PROMPTS, Collector, FakePipeline, expected, make_engine, run
 
-class Collector:
-    def __init__(self):
-        self.events, self.done = [], threading.Event()
-        self.n_done, self.n = 0, 1
-
-    def __call__(self, ev):
-        self.events.append(ev)
-        if isinstance(ev, (Done, Error)):
-            self.n_done += 1
-            if self.n_done >= self.n or isinstance(ev, Error):
-                self.done.set()
-
-    def tokens(self, index=0):
-        return [t for e in self.events if isinstance(e, Delta) and e.index == index for t in e.token_ids]
-
-    def text(self, index=0):
-        return "".join(e.text for e in self.events if isinstance(e, Delta) and e.index == index)
-
-    def final(self, index=0):
-        return next(e for e in self.events if isinstance(e, Done) and e.index == index)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
-def run(engine, prompts, params_list, submit_all=True):
-    cols = []
-    for i, (p, params) in enumerate(zip(prompts, params_list)):
-        c = Collector()
-        c.n = params.n
-        cols.append(c)
-        engine.add_request(Request(f"r{i}", p, params, c))
-    for c in cols:
-        assert c.done.wait(60), "request did not finish"
-    return cols
+@pytest.fixture
+def engine():
+    engines = []
 
+    def make(pipe=None, **kw):
+        e = make_engine(pipe, **kw)
+        e.start()
+        engines.append(e)
+        return e
 
-@pytest.fixture(scope="module")
-def pipe(tiny_mistral):
-    return load_safetensors_dir(tiny_mistral, ModelSpec(model_id=str(tiny_mistral)), torch.device("cpu"), torch.float32)
-
-
-def make_engine(pipe, **kw):
-    e = Engine(pipe, **kw)
-    e.start()
-    return e
-
-
-PROMPTS = [[5, 9, 14], list(range(20, 43)), [7] * 11, list(range(100, 106))]
-
-
-def tokens_alone(pipe, prompts, params) -> list[list[int]]:
-    """The reference: each prompt run by itself on an engine with one slot."""
-    alone = make_engine(pipe, max_seqs=1)
-    try:
-        return [run(alone, [p], [params])[0].tokens() for p in prompts]
-    finally:
-        alone.stop()
+    yield make
+    for e in engines:
+        e.stop()
 
 
 @pytest.mark.parametrize("policy", ["continuous", "catch-up"])
-def test_batched_equals_alone(pipe, policy):
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    ref = tokens_alone(pipe, PROMPTS, params)
-    batched = make_engine(pipe, max_seqs=4, policy=policy, prefill_chunk=8)
-    try:
-        got = [c.tokens() for c in run(batched, PROMPTS, [params] * len(PROMPTS))]
-        assert batched.snapshot()["kv_slots_in_use"] == 0
-    finally:
-        batched.stop()
-    assert all(len(t) == 12 for t in ref)
-    assert got == ref
+@pytest.mark.parametrize("max_seqs", [1, 2, 4])
+def test_every_sequence_gets_its_scripted_tokens_however_it_is_batched(engine, policy, max_seqs):
+    e = engine(max_seqs=max_seqs, policy=policy, prefill_chunk=8)
+    cols = run(e, PROMPTS * 2, [GREEDY] * 8)
+    assert [c.tokens() for c in cols] == [expected(p, 12) for p in PROMPTS * 2]
+    assert all(c.final().finish_reason == "length" and c.final().completion_tokens == 12 for c in cols)
+    snap = e.snapshot()
+    assert snap["running"] == snap["waiting"] == snap["kv_slots_in_use"] == snap["kv_cache_bytes_in_use"] == 0
+    assert snap["errors"] == 0
 
 
-def test_more_requests_than_slots_all_finish(pipe):
-    e = make_engine(pipe, max_seqs=2)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
-        cols = run(e, PROMPTS * 2, [params] * 8)
-        assert [c.final().completion_tokens for c in cols] == [5] * 8
-        assert all(c.final().finish_reason == "length" for c in cols)
-        snap = e.snapshot()
-        assert snap["running"] == snap["waiting"] == snap["kv_slots_in_use"] == 0
-    finally:
-        e.stop()
+def test_continuous_batching_decodes_mixed_lengths_together(engine):
+    pipe = FakePipeline()
+    e = engine(pipe, max_seqs=4, policy="continuous", prefill_chunk=64)
+    run(e, PROMPTS, [GREEDY] * 4)
+    continuous = pipe.steps
+    pipe2 = FakePipeline()
+    e2 = engine(pipe2, max_seqs=4, policy="catch-up", prefill_chunk=64)
+    run(e2, PROMPTS, [GREEDY] * 4)
+    # NOTE: catch-up runs the shorter sequences alone until they reach the longest: more steps
+    assert continuous < pipe2.steps
 
 
-def test_seeded_sampling_repeats_and_n_choices(pipe):
-    e = make_engine(pipe, max_seqs=4)
-    try:
-        p = SamplingParams(temperature=1.0, seed=123, max_tokens=10, ignore_eos=True, n=2)
-        a, b = run(e, [PROMPTS[1], PROMPTS[1]], [p, p])
-        assert a.tokens(0) == b.tokens(0) and a.tokens(1) == b.tokens(1)
-        assert a.tokens(0) != a.tokens(1)  # two choices are independent draws
-        c = run(e, [PROMPTS[1]], [SamplingParams(temperature=1.0, seed=124, max_tokens=10, ignore_eos=True)])[0]
-        assert c.tokens() != a.tokens(0)
-    finally:
-        e.stop()
+def test_n_choices_share_one_prompt_prefill(engine):
+    e = engine(max_seqs=4, prefill_chunk=8)
+    prompt = PROMPTS[1]  # 23 tokens: three prefill chunks
+    (c,) = run(e, [prompt], [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, n=3)])
+    assert c.tokens(0) == c.tokens(1) == c.tokens(2) == expected(prompt, 10)
+    assert e.snapshot()["prompt_tokens"] == len(prompt)  # the prompt was processed once
+    assert e.snapshot()["kv_slots_in_use"] == 0
 
 
-def test_abort_frees_slot(pipe):
-    e = make_engine(pipe, max_seqs=2)
-    try:
-        c = Collector()
-        e.add_request(Request("long", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True), c))
-        while not c.events:
-            threading.Event().wait(0.01)
-        e.abort("long")
-        for _ in range(200):
-            if e.snapshot()["kv_slots_in_use"] == 0:
-                break
-            threading.Event().wait(0.01)
-        assert e.snapshot()["kv_slots_in_use"] == 0 and e.snapshot()["aborted"] == 1
-        assert len(c.tokens()) < 200
-        # the engine still answers
-        assert run(e, [PROMPTS[2]], [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)])[0].final().completion_tokens == 3
-    finally:
-        e.stop()
+def test_seeded_sampling_repeats_and_choices_are_independent(engine):
+    e = engine(max_seqs=4)
+    p = SamplingParams(temperature=1.0, seed=123, max_tokens=10, ignore_eos=True, n=2)
+    a, b = run(e, [PROMPTS[1], PROMPTS[1]], [p, p])
+    assert a.tokens(0) == b.tokens(0) and a.tokens(1) == b.tokens(1)
+    assert a.tokens(0) != a.tokens(1)  # two choices are independent draws
+    (c,) = run(e, [PROMPTS[1]], [SamplingParams(temperature=1.0, seed=124, max_tokens=10, ignore_eos=True)])
+    assert c.tokens() != a.tokens(0)
 
 
-def test_n_choices_share_one_prompt_prefill(pipe):
-    """n > 1: the prompt is processed once; the other choices copy its cache and match it exactly."""
-    e = make_engine(pipe, max_seqs=4, prefill_chunk=8)
-    try:
-        prompt = PROMPTS[1]  # 23 tokens: three prefill chunks
-        greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-        alone = run(e, [prompt], [greedy])[0].tokens()
-        before = e.snapshot()["prompt_tokens"]
-        c = run(e, [prompt], [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, n=3)])[0]
-        assert e.snapshot()["prompt_tokens"] - before == len(prompt)
-        assert c.tokens(0) == c.tokens(1) == c.tokens(2) == alone
-        assert e.snapshot()["kv_slots_in_use"] == 0
-    finally:
-        e.stop()
+def test_preempted_sequences_recompute_their_scripted_tokens(engine, caplog):
+    # 4 sequences of up to 23 + 20 tokens need ~130 cached tokens; the budget holds 64 (8 bytes a token)
+    e = engine(FakePipeline(max_model_len=256), max_seqs=4, prefill_chunk=16, kv_cache_mb=64 * 8 / 2**20)
+    assert e.max_len == 64 and "contexts are served up to 64 tokens" in caplog.text
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    cols = run(e, PROMPTS, [params] * 4)
+    assert [c.tokens() for c in cols] == [expected(p, 20) for p in PROMPTS]
+    snap = e.snapshot()
+    assert snap["preempted"] > 0 and snap["kv_slots_in_use"] == 0 and snap["errors"] == 0
+
+
+def test_every_slot_a_sequence_took_is_released_once_with_its_report(engine):
+    pipe = FakePipeline()
+    e = engine(pipe, max_seqs=2, kv_cache_mb=40 * 8 / 2**20)  # tight: preemptions happen too
+    cols = run(e, PROMPTS, [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)] * 4)
+    assert sorted(pipe.begun) == sorted(pipe.ended) and len(pipe.begun) >= 4
+    assert all(c.final().extra == {"fake_report": c.final().extra["fake_report"]} for c in cols)
+
+
+def test_stop_tokens_and_eos_end_a_sequence(engine):
+    e = engine(max_seqs=2)
+    want = expected(PROMPTS[0], 12)
+    stop_at = want[5]
+    (c,) = run(e, [PROMPTS[0]], [SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=(stop_at,))])
+    done = c.final()
+    assert done.finish_reason == "stop" and done.stop_reason == stop_at
+    assert c.tokens() == want[: want.index(stop_at) + 1]
+    # the bias forces EOS as the first token: finished with "stop" and no text
+    (c,) = run(e, [PROMPTS[0]], [SamplingParams(temperature=0.0, max_tokens=12, logit_bias={EOS: 100.0})])
+    assert c.final().finish_reason == "stop" and c.tokens() == [EOS] and c.text() == ""
+
+
+def test_stop_strings_cut_the_text(engine):
+    e = engine(max_seqs=1)
+    tok, prompt = e.pipe.tokenizer, PROMPTS[3]
+    text = tok.decode(prompt + expected(prompt, 12))[len(tok.decode(prompt)):]  # " d c b v u ..."
+    words = text.split()
+    stop = f"{words[2]} {words[3]}"  # spans two tokens: held back until it is decided
+    (c,) = run(e, [prompt], [SamplingParams(temperature=0.0, max_tokens=12, stop=(stop,))])
+    assert c.final().finish_reason == "stop" and c.final().stop_reason == stop
+    assert c.text() == text[: text.index(stop)]
+
+
+def test_abort_frees_the_slot_and_the_engine_goes_on(engine):
+    pipe = FakePipeline(max_model_len=4096)
+    e = engine(pipe, max_seqs=2)
+    c = Collector()
+    e.add_request(Request("long", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4000, ignore_eos=True), c))
+    while not c.events:
+        time.sleep(0.001)
+    e.abort("long")
+    deadline = time.monotonic() + 10
+    while e.snapshot()["kv_slots_in_use"] and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert e.snapshot()["kv_slots_in_use"] == 0 and e.snapshot()["aborted"] == 1
+    assert len(c.tokens()) < 4000 and not c.done.is_set()  # an aborted request gets no more events
+    assert pipe.ended == pipe.begun
+    (d,) = run(e, [PROMPTS[2]], [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)])
+    assert d.tokens() == expected(PROMPTS[2], 3)
+
+
+def test_a_failed_forward_fails_its_step_only(engine):
+    pipe = FakePipeline()
+    e = engine(pipe, max_seqs=4)
+    pipe.fail_on = 39  # a token only the bad prompt has
+    bad, good = Collector(), Collector()
+    e.add_request(Request("bad", [39, 5], GREEDY, bad))
+    assert bad.done.wait(10)
+    assert "model forward failed: RuntimeError" in bad.errors()[0].message
+    pipe.fail_on = None
+    (good,) = run(e, [PROMPTS[0]], [GREEDY])
+    assert good.tokens() == expected(PROMPTS[0], 12)
+    snap = e.snapshot()
+    assert snap["errors"] == 1 and snap["kv_slots_in_use"] == 0 and e.alive
+
+
+def test_a_dead_engine_fails_everything_and_refuses_new_work(engine, monkeypatch):
+    e = engine(max_seqs=1)
+    cols = [Collector() for _ in range(3)]
+    boom = threading.Event()
+    real = e.scheduler.schedule
+
+    def schedule():
+        if boom.is_set():
+            raise RuntimeError("injected engine fault")
+        return real()
+
+    monkeypatch.setattr(e.scheduler, "schedule", schedule)
+    boom.set()
+    for i, c in enumerate(cols):
+        e.add_request(Request(f"r{i}", PROMPTS[0], GREEDY, c))
+    assert all(c.done.wait(10) for c in cols)
+    assert all(c.errors() and "the engine stopped: RuntimeError" in c.errors()[0].message for c in cols)
+    assert not e.alive
+    with pytest.raises(EngineDead):
+        e.add_request(Request("late", PROMPTS[0], GREEDY, Collector()))

@@ -13,7 +13,8 @@ from mistralrs_py.engine.request import SamplingParams
 from mistralrs_py.pipeline.base import ModelSpec
 from mistralrs_py.pipeline.hf import load_safetensors_dir
 
-from .test_engine import make_engine, run
+from .fake import run
+from .test_engine_model import make_engine
 
 
 def test_buckets():
@@ -39,9 +40,9 @@ def pool_for(pipe, slots: int) -> KVCachePool:
 def test_padded_static_decode_equals_the_plain_step(pipe):
     torch.manual_seed(0)
     pool = pool_for(pipe, 4)
-    assert pool.scratch_slot == 4 and pool.num_free == 4
+    assert pool.scratch_slot == 4
     lengths = [5, 17, 11]
-    slots = [pool.allocate() for _ in lengths]
+    slots = [0, 1, 2]
     prompts = [torch.randint(5, 300, (n,)).tolist() for n in lengths]
     for s, ids in zip(slots, prompts):
         view = pool.build_view([], [(s, 0, len(ids))], pipe.config.sliding_window, [True])
@@ -58,7 +59,7 @@ def test_padded_static_decode_equals_the_plain_step(pipe):
     assert pool.k[0][4, :, 0].abs().sum() > 0 and pool._zeroed[3] == 0
 
 
-def test_engine_with_static_decode_gives_the_same_tokens(pipe):
+def test_engine_with_static_decode_gives_the_same_tokens(pipe, monkeypatch):
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     prompts = [[5, 9, 14], list(range(20, 43)), [7] * 11]
     plain = make_engine(pipe, max_seqs=4)
@@ -66,12 +67,15 @@ def test_engine_with_static_decode_gives_the_same_tokens(pipe):
         ref = [c.tokens() for c in run(plain, prompts, [params] * 3)]
     finally:
         plain.stop()
-    eng = Engine(pipe, max_seqs=4)
-    eng.pool = pool_for(pipe, 4)
-    eng.graphs = DecodeGraphs(pipe.forward, eng.pool, 4, pipe.config.sliding_window, capture=False)
+    # NOTE: --compile's path with the compiler taken out: decode steps on the static, bucketed
+    # buffers of engine/graphs.py, run eagerly (what CUDA graphs capture on a GPU)
+    monkeypatch.setattr(pipe, "compile_decode", lambda: None)
     calls = []
-    real_run = eng.graphs.run
-    eng.graphs.run = lambda ids, dec: calls.append(len(dec)) or real_run(ids, dec)
+    real_run = DecodeGraphs.run
+    monkeypatch.setattr(DecodeGraphs, "run", lambda self, ids, dec: calls.append(len(dec)) or real_run(self, ids, dec))
+    eng = Engine(pipe, max_seqs=4, compile=True)
+    assert eng.runner.graphs is not None and eng.pool.scratch_slot == 4
+    calls.clear()  # the warm-up ran every bucket
     eng.start()
     try:
         got = [c.tokens() for c in run(eng, prompts, [params] * 3)]

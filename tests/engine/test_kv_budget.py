@@ -7,31 +7,30 @@ import torch
 from mistralrs_py.engine.engine import Engine
 from mistralrs_py.engine.kv_cache import CacheShape, KVCachePool, plan_pool, release_pages
 from mistralrs_py.engine.request import Request, SamplingParams
-from mistralrs_py.engine.scheduler import Scheduler
+from mistralrs_py.engine.scheduler import PrefillChunk, Scheduler
 from mistralrs_py.engine.sequence import Sequence, SeqStatus
 from mistralrs_py.pipeline.base import ModelSpec
 from mistralrs_py.pipeline.hf import load_safetensors_dir
 
-from .test_engine import make_engine, run, tokens_alone
+from .fake import run
+from .test_engine_model import make_engine, tokens_alone
 
 
 def seq(rid: str, prompt_len: int) -> Sequence:
     return Sequence(Request(rid, list(range(prompt_len)), SamplingParams(), lambda e: None), 0, None)
 
 
-def prefill_all(sched: Scheduler, free_slots: int = 8):
+def prefill_all(sched: Scheduler):
     """One step that prefills everything admitted; the 'model' then appends one token per prompt."""
-    out = sched.schedule(free_slots)
-    for s, n in out.prefill:
-        s.num_cached += n
-        if s.num_cached == len(s.tokens):
-            s.tokens.append(0)
+    out = sched.schedule()
+    for chunk in out.prefill:
+        if chunk.ends_prompt:
+            chunk.seq.tokens.append(0)
     return out
 
 
 def decode(out):
     for s in out.decode:
-        s.num_cached += 1
         s.tokens.append(0)
 
 
@@ -43,7 +42,7 @@ def test_a_prompt_is_admitted_only_when_it_fits_whole():
         sched.add(s)
     out = prefill_all(sched)
     assert out.admitted == [a, b]  # 24 of 30 tokens promised; c (12) would not fit
-    assert c.status is SeqStatus.WAITING and [s for s, _ in out.prefill] == [a, b]
+    assert c.status is SeqStatus.WAITING and [ch.seq for ch in out.prefill] == [a, b]
 
 
 def test_newest_running_sequences_are_preempted_and_requeued_first():
@@ -53,12 +52,12 @@ def test_newest_running_sequences_are_preempted_and_requeued_first():
     sched.add(b)
     prefill_all(sched)  # a, b hold 12 each; 2 tokens left
     sched.add(w)
-    out = sched.schedule(8)
+    out = sched.schedule()
     assert out.decode == [a, b] and not out.preempted and not out.admitted  # 24 + 2 == 26 fits
     decode(out)
-    out = sched.schedule(8)  # 26 held, both need one more: b (newest) goes
-    assert out.preempted == [b] and out.decode == [a]
-    assert b.status is SeqStatus.WAITING and b.num_cached == 0 and b.num_preemptions == 1
+    out = sched.schedule()  # 26 held, both need one more: b (newest) goes
+    assert out.preempted == [b] and out.decode == [a] and out.freed == [1]  # b's slot goes back
+    assert b.status is SeqStatus.WAITING and b.num_cached == 0 and b.slot is None
     assert list(sched.waiting) == [b, w]  # the preempted sequence is first in line
     assert not out.admitted  # nothing is admitted in a step that preempted
     assert sched.num_preemptions == 1
@@ -70,7 +69,7 @@ def test_the_oldest_sequence_is_never_preempted():
     sched.add(a)
     out = prefill_all(sched)
     assert out.admitted == [a]
-    out = sched.schedule(8)  # 19 held + 1 == 20: fits; the engine caps max_len at capacity
+    out = sched.schedule()  # 19 held + 1 == 20: fits; the engine caps max_len at capacity
     assert out.decode == [a] and not out.preempted
 
 
@@ -80,14 +79,15 @@ def test_a_recomputed_sequence_prefills_its_output_too():
     sched.add(a)
     sched.add(b)
     prefill_all(sched)
-    decode(sched.schedule(8))
-    out = sched.schedule(8)
+    decode(sched.schedule())
+    out = sched.schedule()
     assert out.preempted == [b]
     decode(out)
-    sched.remove(a)  # a finishes
-    a.status = SeqStatus.FINISHED
-    out = sched.schedule(8)
-    assert out.admitted == [b] and out.prefill == [(b, 14)]  # 12 prompt + 2 generated tokens
+    a.finish("length")
+    assert sched.drop(a) == 0  # a finishes: slot 0 is free again
+    out = sched.schedule()
+    assert out.admitted == [b] and out.prefill == [PrefillChunk(b, 0, 14)]  # 12 prompt + 2 generated tokens
+    assert b.slot == 0 and sched.cache.num_used == 1
 
 
 # ---- the engine on a tiny model ---------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_preempted_sequences_recompute_to_the_same_greedy_output(tiny_mistral, c
     # 4 sequences of 40 tokens need 160; the cache holds 64 (and serves at most 64-token contexts)
     tight = make_engine(pipe, max_seqs=4, prefill_chunk=16, kv_cache_mb=64 * per_token / 2**20)
     try:
-        assert tight.pool.capacity_tokens == 64 and tight.max_len == 64
+        assert tight.scheduler.cache.capacity_tokens == 64 and tight.max_len == 64
         assert "contexts are served up to 64 tokens (the model's: 256)" in caplog.text
         got = [col.tokens() for col in run(tight, prompts, [params] * 4)]
         snap = tight.snapshot()
@@ -140,16 +140,15 @@ def rss_bytes() -> int:
 def test_a_freed_slot_gives_its_memory_back():
     shape = CacheShape(num_layers=2, num_kv_heads=4, head_dim=64)
     pool = KVCachePool(shape, num_slots=2, max_len=32768, dtype=torch.float32, device=torch.device("cpu"))
-    slot = pool.allocate()
+    slot = 1
     before = rss_bytes()
     pool.build_view([(slot, 0)], [], None, [])
     for t in (*pool.k, *pool.v):
         t[slot].fill_(1.0)  # as a sequence of 32k tokens would
     used = rss_bytes() - before
     assert used > 0.9 * 4 * 32768 * 4 * 64 * 4  # 4 tensors of 32 MiB each were touched
-    pool.free(slot)
+    pool.release(slot)
     assert rss_bytes() - before < 0.1 * used
-    slot = pool.allocate()
     # the next sequence in the slot reads zeros, never the old keys (the slot's edge pages keep theirs)
     pool.build_view([(slot, 0)], [], None, [])
     for t in (*pool.k, *pool.v):

@@ -13,7 +13,7 @@ from mistralrs_py.engine.worker import TorchThread
 from mistralrs_py.pipeline.base import ModelSpec
 from mistralrs_py.pipeline.hf import load_safetensors_dir
 
-from .test_engine import run
+from .fake import run
 
 
 def test_call_runs_there_and_raises_here():
@@ -42,11 +42,9 @@ def test_the_engine_loop_runs_on_the_thread_that_loaded_the_model(tiny_llama, mo
     assert w.call(lambda: 1 + 1) == 2  # the thread outlives the loop and still takes calls
 
 
-def test_the_cli_start_up_loads_on_the_engine_thread(tiny_llama, monkeypatch):
-    from types import SimpleNamespace
-
+def test_the_client_start_up_loads_on_the_engine_thread(tiny_llama, monkeypatch):
+    from mistralrs_py.engine.client import EngineClient, EngineOptions
     from mistralrs_py.pipeline import base
-    from mistralrs_py.server import launch
 
     threads = {}
     real = base.load_pipeline
@@ -56,8 +54,11 @@ def test_the_cli_start_up_loads_on_the_engine_thread(tiny_llama, monkeypatch):
         return real(spec, progress)
 
     monkeypatch.setattr(base, "load_pipeline", load)
-    opts = SimpleNamespace(threads=1, chat_template=None, max_seqs=2, scheduler="continuous", prefill_chunk=64)
     spec = ModelSpec(model_id=str(tiny_llama), dtype="float32", device="cpu")
-    pipe, engine = launch.load_engine(opts, spec)
-    assert engine.worker is not None and threads["load"] is engine.worker.thread
-    assert threads["load"] is not threading.main_thread()
+    client = EngineClient.start(spec, EngineOptions(max_seqs=2, prefill_chunk=64, threads=1))
+    try:
+        assert client.engine.worker is not None and threads["load"] is client.engine.worker.thread
+        assert threads["load"] is not threading.main_thread()
+        assert client.alive
+    finally:
+        client.stop()

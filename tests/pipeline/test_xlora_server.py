@@ -15,7 +15,8 @@ from tests.server.conftest import client, running_server
 def xlora_server(tiny_llama, tmp_path_factory):
     case = build_xlora(tiny_llama, tmp_path_factory.mktemp("xs") / "x", seed=5)
     with running_server(["--max-seqs", "4", "--max-model-len", "128", "--dtype", "float32"],
-                        ["x-lora-mistral", "-m", str(tiny_llama), "-x", str(case.xlora_dir), "-o", str(case.ordering)]) as url:
+                        ["x-lora-mistral", "-m", str(tiny_llama), "-x", str(case.xlora_dir), "-o", str(case.ordering)]) as srv:
+        url = srv.url
         yield url, case
 
 

@@ -10,14 +10,16 @@ import time
 import httpx
 import pytest
 import torch
-import uvicorn
 
+from mistralrs_py.engine.client import EngineClient
 from mistralrs_py.engine.engine import Engine
+from mistralrs_py.engine.model_runner import ModelRunner
+from mistralrs_py.openai.service import OpenAIService
 from mistralrs_py.pipeline.base import ModelSpec
 from mistralrs_py.pipeline.hf import load_safetensors_dir
 from mistralrs_py.server.app import ServerConfig, create_app
 
-from .conftest import free_port
+from .conftest import in_process_server
 
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -26,33 +28,21 @@ MSG = [{"role": "user", "content": "hello"}]
 def live(tiny_llama):
     pipe = load_safetensors_dir(tiny_llama, ModelSpec(model_id=str(tiny_llama)), torch.device("cpu"), torch.float32)
     engine = Engine(pipe, max_seqs=4)
-    app = create_app(engine, pipe, ServerConfig(served_model_name="tiny", metrics=False, ui=False))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url, engine
-    server.should_exit = True
-    t.join(10)
+    service = OpenAIService(EngineClient(pipe, engine), model_name="tiny")
+    with in_process_server(create_app(service, ServerConfig(metrics=False, ui=False))) as url:
+        yield url, engine
 
 
 def test_a_failing_sequence_fails_alone(live, monkeypatch):
     url, engine = live
-    real = Engine._sample
+    real = ModelRunner._sample_row
 
     def flaky(self, seq, row):
         if seq.params.seed == 666 and seq.num_output >= 2:
             raise RuntimeError("injected sampling fault")
         return real(self, seq, row)
 
-    monkeypatch.setattr(Engine, "_sample", flaky)
+    monkeypatch.setattr(ModelRunner, "_sample_row", flaky)
     # the batched sampler fails the whole step when a bad row is in it; the engine then samples
     # row by row, where the fault above hits the one bad sequence
     from mistralrs_py import sampling
@@ -89,10 +79,10 @@ def test_engine_death_is_reported_quickly(live):
     boom = threading.Event()
     real = engine.scheduler.schedule
 
-    def schedule(free):
+    def schedule():
         if boom.is_set():
             raise RuntimeError("injected engine fault")
-        return real(free)
+        return real()
 
     engine.scheduler.schedule = schedule
 

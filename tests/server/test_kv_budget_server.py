@@ -15,7 +15,8 @@ KV_MB = CAPACITY * 512 / 2**20
 
 def test_requests_beyond_the_cache_wait_or_are_recomputed(tiny_llama):
     args = ["--max-seqs", "4", "--dtype", "float32", "--kv-cache-mb", repr(KV_MB)]
-    with running_server(args, ["mistral", "-m", str(tiny_llama)]) as url:
+    with running_server(args, ["mistral", "-m", str(tiny_llama)]) as srv:
+        url = srv.url
         models = httpx.get(f"{url}/v1/models").json()
         assert models["data"][0]["max_model_len"] == CAPACITY
 

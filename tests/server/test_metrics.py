@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import httpx
 import pytest
@@ -10,7 +9,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from mistralrs_py.engine.engine import Engine
-from mistralrs_py.engine.request import Delta, Done, Request, SamplingParams
+from mistralrs_py.engine.request import Delta, Request, SamplingParams
 from mistralrs_py.pipeline.base import ModelSpec
 from mistralrs_py.pipeline.hf import load_safetensors_dir
 from mistralrs_py.server.metrics import Metrics
@@ -90,7 +89,7 @@ def test_engine_gauges_show_a_running_sequence(tiny_llama):
     """The scrape-time gauges, on a real engine stepped by hand, between two steps of a request."""
     pipe = load_safetensors_dir(tiny_llama, ModelSpec(model_id=str(tiny_llama)), torch.device("cpu"), torch.float32)
     engine = Engine(pipe, max_seqs=2, prefill_chunk=8)
-    metrics = Metrics(engine, "tiny")
+    metrics = Metrics(_Unstarted(engine), "tiny")  # NOTE: not started: the test steps the engine by hand
     engine.add_request(Request("r", list(range(5, 25)), SamplingParams(temperature=0, max_tokens=50), lambda ev: None))
     engine.add_request(Request("q", list(range(5, 25)), SamplingParams(temperature=0, max_tokens=50), lambda ev: None))
     engine.add_request(Request("w", list(range(5, 9)), SamplingParams(temperature=0, max_tokens=50), lambda ev: None))
@@ -111,26 +110,12 @@ def test_engine_gauges_show_a_running_sequence(tiny_llama):
     assert value(m, "mistralrs_engine_steps_total") == 1
 
 
-def test_closing_a_tracked_stream_aborts_it_and_counts_abort():
-    """The wrapper must close the engine stream at once: that stream's own finally aborts the request."""
+def test_a_request_observer_counts_an_abort_and_its_tokens():
+    """What the engine client reports for a stream closed after its first delta (two tokens)."""
     metrics = Metrics(_NoEngine(), "x")
-    closed = []
-
-    async def events():
-        try:
-            yield Delta(0, "a", [1, 2])
-            yield Delta(0, "b", [3])
-            yield Done(0, "length", 4, 3)
-        finally:
-            closed.append(True)
-
-    async def go():
-        tracked = metrics.track(events(), prompt_tokens=4, n=1)
-        assert (await tracked.__anext__()).text == "a"
-        await tracked.aclose()
-
-    asyncio.run(go())
-    assert closed == [True]
+    obs = metrics.observer(prompt_tokens=4, n=1)
+    obs.event(Delta(0, "a", [1, 2]))
+    obs.end("aborted")
     m = parse(_latest(metrics))
     assert value(m, "mistralrs_sequences_finished_total", finish_reason="abort") == 1
     assert value(m, "mistralrs_prompt_tokens_total") == 4 and value(m, "mistralrs_generation_tokens_total") == 2
@@ -139,7 +124,8 @@ def test_closing_a_tracked_stream_aborts_it_and_counts_abort():
 
 
 def test_no_metrics_and_no_ui_turn_the_routes_off(tiny_llama):
-    with running_server(["--no-metrics", "--no-ui", "--max-model-len", "64", "--max-seqs", "1"], ["mistral", "-m", str(tiny_llama)]) as url:
+    with running_server(["--no-metrics", "--no-ui", "--max-model-len", "64", "--max-seqs", "1"], ["mistral", "-m", str(tiny_llama)]) as srv:
+        url = srv.url
         assert httpx.get(f"{url}/metrics").status_code == 404
         assert httpx.get(f"{url}/ui/").status_code == 404
         assert httpx.get(f"{url}/").status_code == 404
@@ -148,20 +134,28 @@ def test_no_metrics_and_no_ui_turn_the_routes_off(tiny_llama):
 
 
 class _NoEngine:
-    """Just enough engine for the collector."""
+    """Just enough engine client for the collector."""
 
     alive = False
 
-    class pool:
-        num_slots, max_len, capacity_tokens = 1, 8, 8
-
-        @staticmethod
-        def bytes_in_use(tokens):
-            return tokens * 10
-
     @staticmethod
     def snapshot():
-        return {"running": 0, "waiting": 0, "kv_slots_in_use": 0, "kv_cache_bytes_in_use": 0, "steps": 0, "preempted": 0}
+        return {"running": 0, "waiting": 0, "kv_slots_in_use": 0, "kv_slots_total": 1, "kv_cache_bytes_in_use": 0,
+                "kv_cache_capacity_tokens": 8, "kv_cache_capacity_bytes": 80, "steps": 0, "preempted": 0}
+
+
+class _Unstarted:
+    """An engine client over an engine that is stepped by hand (no thread)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @property
+    def alive(self):
+        return self.engine.alive
+
+    def snapshot(self):
+        return self.engine.snapshot()
 
 
 def _latest(metrics: Metrics) -> str:

@@ -32,7 +32,8 @@ def long_llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(long_llama):
     with running_server(["--max-seqs", "4", "--max-waiting", "4", "--max-body-bytes", "65536", "--max-model-len", "1024",
-                         "--dtype", "float32"], ["mistral", "-m", str(long_llama)]) as url:
+                         "--dtype", "float32"], ["mistral", "-m", str(long_llama)]) as srv:
+        url = srv.url
         yield url
 
 
@@ -264,7 +265,8 @@ def _pid_of(url) -> int:
 def test_api_key_and_cors(tiny_llama, monkeypatch):
     monkeypatch.setenv("MISTRALRS_API_KEY", "s3cret")
     with running_server(["--allowed-origins", "http://good.test", "--max-model-len", "64"],
-                        ["mistral", "-m", str(tiny_llama)]) as url:
+                        ["mistral", "-m", str(tiny_llama)]) as srv:
+        url = srv.url
         for path in ("/v1/models", "/metrics", "/tokenize"):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
                 r = httpx.request("POST" if path == "/tokenize" else "GET", f"{url}{path}", headers=headers, json={"prompt": "x"})
@@ -293,20 +295,10 @@ def test_cors_off_by_default(server):
 
 # ---- shutdown ------------------------------------------------------------------------------------------
 def test_sigterm_finishes_then_ends_streams_and_exits_0(long_llama):
-    port = free_port()
     # NOTE: the long stream must outlast the grace period: 8000 tokens of this tiny model take
     # several seconds even with our fused CPU ops (the 200-token request needs ~0.2 s)
-    cmd = [sys.executable, "-m", "mistralrs_py", "--port", str(port), "--threads", "1", "--shutdown-timeout", "1.5",
-           "--max-model-len", "8192", "mistral", "-m", str(long_llama)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with running_server(["--shutdown-timeout", "1.5", "--max-model-len", "8192"], ["mistral", "-m", str(long_llama)]) as srv:
+        url, proc = srv.url, srv.proc
         lines: list[str] = []
 
         def stream():
@@ -337,6 +329,3 @@ def test_sigterm_finishes_then_ends_streams_and_exits_0(long_llama):
         assert "error" in json.loads(lines[-2][6:])
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/health", timeout=2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()

@@ -4,20 +4,17 @@ made of, and the ready line that points at it."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
 from mistralrs_py.server.app import UI_DIR
 
-from .conftest import free_port
+from .conftest import running_server
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 needs_chromium = pytest.mark.skipif(
@@ -167,40 +164,22 @@ def test_server_errors_are_shown_not_swallowed(page):
 
 
 # ---- the ready line -----------------------------------------------------------------------------------
-def test_ready_line_names_the_ui_and_its_curl_works(tiny_llama, tmp_path):
-    port = free_port()
-    cmd = [sys.executable, "-m", "mistralrs_py", "--port", str(port), "--threads", "1", "--max-model-len", "64",
-           "--max-seqs", "1", "mistral", "-m", str(tiny_llama)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "400"})
-    try:
-        lines, deadline = [], time.monotonic() + 120
-        while not any(line.startswith("try:") for line in lines):
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "".join(lines)
-            assert time.monotonic() < deadline, "".join(lines)
-            lines.append(line.strip())
+def test_ready_line_names_the_ui_and_its_curl_works(tiny_llama):
+    args = ["--max-model-len", "64", "--max-seqs", "1"]
+    with running_server(args, ["mistral", "-m", str(tiny_llama)], env={"COLUMNS": "400"}) as srv:
+        lines = [line.strip() for line in srv.output().splitlines()]
         ready = next(line for line in lines if line.startswith("ready "))
-        assert ready.endswith(f"| http://127.0.0.1:{port}/ui"), ready
+        assert ready.endswith(f"| http://127.0.0.1:{srv.port}/ui"), ready
         assert str(tiny_llama) in ready and "ctx 64 x 1 seqs" in ready
         curl = shlex.split(next(line for line in lines if line.startswith("try:"))[4:])
-        assert curl[:2] == ["curl", f"http://127.0.0.1:{port}/v1/chat/completions"]
+        assert curl[:2] == ["curl", f"http://127.0.0.1:{srv.port}/v1/chat/completions"]
         assert curl[2:5] == ["-H", "Content-Type: application/json", "-d"]
-        for _ in range(100):  # the line is printed just before uvicorn binds
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health")
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         if shutil.which("curl"):
             out = subprocess.run([*curl, "-s", "--max-time", "60"], capture_output=True, text=True).stdout
         else:  # the same request without the curl binary
             out = httpx.post(curl[1], headers={"Content-Type": "application/json"}, content=curl[5], timeout=60).text
         answer = json.loads(out)
         assert answer["object"] == "chat.completion" and answer["usage"]["completion_tokens"] >= 1
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 def test_public_url_never_shows_a_wildcard_address():

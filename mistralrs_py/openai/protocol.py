@@ -1,14 +1,15 @@
-"""OpenAI wire types (pydantic) and their conversion to engine types.
+"""OpenAI wire types (pydantic), their validation errors, and their conversion to engine types.
 
 Requests are validated strictly (no "5" -> 5 coercion); unknown fields are ignored, as OpenAI does.
+`parse()` is the one validation path (HTTP, Runner and the terminal chat give the same messages);
 `to_sampling_params()` is the one place where OpenAI names become engine names.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..engine.request import SamplingParams
 
@@ -190,8 +191,9 @@ class DetokenizeRequest(OpenAIModel):
     tokens: list[int]
 
 
-class InvalidRequest(Exception):
-    """A request the server refuses; mapped to OpenAI's error JSON by the app."""
+class InvalidRequest(ValueError):
+    """A request that is refused; the server answers it with OpenAI's error JSON and `status`, the
+    Python API raises it (a ValueError), the terminal chat prints it: the same message everywhere."""
 
     def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
                  type: str = "invalid_request_error", code: Optional[str] = None, headers: Optional[dict] = None):
@@ -200,8 +202,37 @@ class InvalidRequest(Exception):
         self.headers = headers
 
 
+class ContextTooLong(InvalidRequest):
+    """The prompt (plus max_tokens) does not fit the served context."""
+
+    def __init__(self, message: str, prompt_tokens: int, limit: int):
+        super().__init__(message, "messages", code="context_length_exceeded")
+        self.prompt_tokens, self.limit = prompt_tokens, limit
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(model: type[M], body: dict) -> M:
+    """Validates a request body; the first problem becomes an InvalidRequest naming its field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False, include_input=False)[0]
+        loc = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
+        raise InvalidRequest(f"{loc or 'body'}: {err['msg']}", loc or None) from None
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic puts the member type of a union into error locations ('str', 'list[int]', ...)."""
+    if not isinstance(part, str):
+        return False
+    return part in ("str", "int", "float", "bool", "none") or part.startswith(
+        ("list[", "dict[", "tuple[", "function-", "constrained-", "tagged-union"))
+
+
 def fit_context(ids: list[int], max_tokens: Optional[int], limit: int, truncate: bool) -> list[int]:
-    """The context rule. NOTE: the seed's --truncate-sequence: an over-long prompt loses tokens
+    """The context rule. NOTE: --truncate-sequence (as mistral.rs): an over-long prompt loses tokens
     from the left so that max_tokens (or 10 tokens when absent) still fit; without it, an error."""
     room = max_tokens or 0
     if len(ids) + room <= limit and len(ids) < limit:
@@ -209,10 +240,10 @@ def fit_context(ids: list[int], max_tokens: Optional[int], limit: int, truncate:
     keep = limit - (max_tokens or 10)
     if truncate and keep > 0:
         return ids[-keep:]
-    raise InvalidRequest(
+    raise ContextTooLong(
         f"This model's maximum context length is {limit} tokens. However, you requested {len(ids) + room} tokens "
         f"({len(ids)} in the prompt, {room} in the completion). Reduce the prompt or max_tokens, "
-        "or start the server with --truncate-sequence.", "messages", code="context_length_exceeded")
+        "or turn on --truncate-sequence (truncate_sequence=True in Python).", len(ids), limit)
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None) -> dict:

@@ -1,0 +1,223 @@
+"""Engine events -> OpenAI response objects and stream chunks, written once for every front end.
+
+An assembler is fed a submission's events in order. It returns the chunks each event makes
+(streaming) and keeps every choice's text, so that after the last event it can also build the whole
+response (not streaming) or a log record. The loops that feed it are the front ends' (sync in the
+Python API, async in the server): that part is the only one they write.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .. import __version__
+from ..engine.request import Delta, Done, Event, TokenLogprob
+from ..pipeline.tokenizer import Tokenizer
+
+FINGERPRINT = f"mistralrs-py-{__version__}"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass
+class Choice:
+    """One choice's output so far."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    stop_reason: object = None
+    completion_tokens: int = 0
+    extra: Optional[dict] = None
+
+    def add(self, ev: Event) -> None:
+        if isinstance(ev, Delta):
+            self.text += ev.text
+            self.token_ids += ev.token_ids
+            self.logprobs += ev.logprobs or []
+        elif isinstance(ev, Done):
+            self.finish_reason = "length" if ev.finish_reason == "length" else "stop"
+            self.stop_reason = ev.stop_reason
+            self.completion_tokens = ev.completion_tokens
+            self.extra = ev.extra
+
+
+# ---- logprobs in OpenAI's two shapes ------------------------------------------------------------
+def chat_logprobs(tok: Tokenizer, lps: list[TokenLogprob]) -> dict:
+    def entry(tid: int, lp: float) -> dict:
+        b = tok.token_bytes(tid)
+        return {"token": b.decode("utf-8", "replace"), "logprob": lp, "bytes": list(b)}
+
+    return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]} for t in lps]}
+
+
+def completion_logprobs(tok: Tokenizer, lps: list[TokenLogprob], text_start: int) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    pos = text_start
+    for t in lps:
+        s = tok.token_bytes(t.token_id).decode("utf-8", "replace")
+        tokens.append(s)
+        token_lps.append(t.logprob)
+        top: dict[str, float] = {}
+        for i, v in t.top:  # NOTE: two tokens can share a text (byte fragments); keep the likelier
+            top.setdefault(tok.token_bytes(i).decode("utf-8", "replace"), v)
+        tops.append(top)
+        offsets.append(pos)
+        pos += len(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+# ---- assemblers ---------------------------------------------------------------------------------
+class Assembler:
+    """What chat and text completions share: ids, choices, usage, extension fields."""
+
+    object_name = ""
+
+    def __init__(self, rid: str, model: str, tok: Tokenizer, prompt_tokens: int, choices: int, *,
+                 logprobs: bool = False, include_usage: bool = False, xlora_scalings: bool = False):
+        self.rid, self.created, self.model, self.tok = rid, now(), model, tok
+        self.prompt_tokens, self.logprobs = prompt_tokens, logprobs
+        self.include_usage, self.xlora_scalings = include_usage, xlora_scalings
+        self.choices = [Choice(i) for i in range(choices)]
+
+    def head(self) -> list[dict]:
+        """Chunks before any event."""
+        return []
+
+    def feed(self, ev: Event) -> list[dict]:
+        """Takes one event; returns the chunks it makes."""
+        choice = self.choices[ev.index]
+        choice.add(ev)
+        if isinstance(ev, Delta) and (ev.text or ev.logprobs):
+            return [self.delta_chunk(choice, ev)]
+        if isinstance(ev, Done):
+            chunk = self.chunk(choice.index, self.final_delta(), choice.finish_reason)
+            chunk["choices"][0].update(self.extras(choice))
+            return [chunk]
+        return []
+
+    def tail(self) -> list[dict]:
+        """Chunks after the last event: the usage chunk when the request asked for it."""
+        if not self.include_usage:
+            return []
+        return [{"id": self.rid, "object": self.object_name, "created": self.created, "model": self.model,
+                 "choices": [], "usage": self.usage()}]
+
+    def usage(self) -> dict:
+        return usage(self.prompt_tokens, sum(c.completion_tokens for c in self.choices))
+
+    def extras(self, choice: Choice) -> dict:
+        """Extension fields of a finished choice that the request asked for."""
+        if self.xlora_scalings and choice.extra and "xlora_scalings" in choice.extra:
+            return {"xlora_scalings": choice.extra["xlora_scalings"]}
+        return {}
+
+    def texts(self) -> list[dict]:
+        """Each choice's text so far (request logs of streams)."""
+        return [{"index": c.index, "text": c.text} for c in self.choices]
+
+    def chunk(self, index: int, body, finish_reason=None, logprobs=None) -> dict:
+        raise NotImplementedError
+
+    def delta_chunk(self, choice: Choice, ev: Delta) -> dict:
+        raise NotImplementedError
+
+    def final_delta(self):
+        raise NotImplementedError
+
+    def response(self) -> dict:
+        raise NotImplementedError
+
+
+class ChatAssembler(Assembler):
+    object_name = "chat.completion.chunk"
+
+    def head(self) -> list[dict]:
+        return [self.chunk(c.index, {"role": "assistant", "content": ""}) for c in self.choices]
+
+    def chunk(self, index: int, delta: dict, finish_reason=None, logprobs=None) -> dict:
+        return {"id": self.rid, "object": self.object_name, "created": self.created, "model": self.model,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+    def delta_chunk(self, choice: Choice, ev: Delta) -> dict:
+        lp = chat_logprobs(self.tok, ev.logprobs or []) if self.logprobs else None
+        return self.chunk(choice.index, {"content": ev.text}, None, lp)
+
+    def final_delta(self) -> dict:
+        return {}
+
+    def response(self) -> dict:
+        return {
+            "id": self.rid, "object": "chat.completion", "created": self.created, "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [{
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(self.tok, c.logprobs) if self.logprobs else None,
+                "finish_reason": c.finish_reason,
+                **self.extras(c),
+            } for c in self.choices],
+            "usage": self.usage(),
+        }
+
+
+class CompletionAssembler(Assembler):
+    """Text completions: choice k * n + i is prompt k's choice i; `echo[k]` (the prompt's text, with
+    echo) comes first in its choices' text and shifts their logprobs' text offsets."""
+
+    object_name = "text_completion"
+
+    def __init__(self, *args, n: int = 1, echo: Optional[list[str]] = None, **kw):
+        super().__init__(*args, **kw)
+        self.n = n
+        self.echo = echo or [""] * (len(self.choices) // n)
+        self.offsets = [len(self.echo[c.index // n]) for c in self.choices]
+
+    def head(self) -> list[dict]:
+        return [self.chunk(c.index, self.echo[c.index // self.n]) for c in self.choices if self.echo[c.index // self.n]]
+
+    def chunk(self, index: int, text: str, finish_reason=None, logprobs=None) -> dict:
+        return {"id": self.rid, "object": self.object_name, "created": self.created, "model": self.model,
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+    def delta_chunk(self, choice: Choice, ev: Delta) -> dict:
+        lp = completion_logprobs(self.tok, ev.logprobs or [], self.offsets[choice.index]) if self.logprobs else None
+        self.offsets[choice.index] += len(ev.text)
+        return self.chunk(choice.index, ev.text, None, lp)
+
+    def final_delta(self) -> str:
+        return ""
+
+    def texts(self) -> list[dict]:
+        return [{"index": c.index, "text": self.echo[c.index // self.n] + c.text} for c in self.choices]
+
+    def response(self) -> dict:
+        return {
+            "id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [{
+                "index": c.index,
+                "text": self.echo[c.index // self.n] + c.text,
+                "logprobs": completion_logprobs(self.tok, c.logprobs, len(self.echo[c.index // self.n]))
+                if self.logprobs else None,
+                "finish_reason": c.finish_reason,
+                **self.extras(c),
+            } for c in self.choices],
+            "usage": self.usage(),
+        }

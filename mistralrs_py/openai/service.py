@@ -1,0 +1,189 @@
+"""OpenAI semantics over the engine client, shared by the server, the Python API and the terminal chat.
+
+    service = OpenAIService(client, model_name="smollm2")
+    gen = service.chat({"messages": [...], "temperature": 0})   # validated, rendered, fitted: or InvalidRequest
+    gen.response()                          # a chat.completion dict (sync)
+    for chunk in gen.chunks(): ...          # chat.completion.chunk dicts (sync)
+    await gen.aresponse(); gen.achunks()    # the same in asyncio
+
+Every request is refused here or nowhere: the same bad field gives the same InvalidRequest (a
+ValueError) whichever front end it came through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterator
+
+from ..engine.client import EngineClient, RequestStream
+from ..engine.request import SamplingParams
+from ..pipeline.tokenizer import ChatTemplateError
+from . import protocol as P
+from .responses import Assembler, ChatAssembler, CompletionAssembler, new_id, now
+
+NO_TEMPLATE = ("this model has no chat template: give one with --chat-template FILE (Runner(chat_template=FILE) in "
+               "Python), or use the completions API with a prompt you format yourself")
+
+
+@dataclass
+class Generation:
+    """A validated request, ready to run: its prompts, engine parameters and response assembler.
+    Nothing reaches the engine until one of the methods below runs it (each runs it once)."""
+
+    client: EngineClient
+    request: P.SamplingFields
+    prompts: list[list[int]]
+    params: SamplingParams
+    assembler: Assembler
+
+    @property
+    def stream(self) -> bool:
+        return self.request.stream
+
+    def submit(self, loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+        return self.client.submit(self.prompts, self.params, self.assembler.rid, loop=loop)
+
+    # ---- sync ------------------------------------------------------------------------------------
+    def response(self) -> dict:
+        """Runs to the end; the whole response (a KeyboardInterrupt meanwhile aborts the request)."""
+        with contextlib.closing(self.submit()) as events:
+            for ev in events:
+                self.assembler.feed(ev)
+        return self.assembler.response()
+
+    def chunks(self) -> Iterator[dict]:
+        """Submits now (a refusal raises here), then yields chunks as tokens arrive; leaving the
+        loop early aborts the request."""
+        events = self.submit()
+
+        def gen() -> Iterator[dict]:
+            with contextlib.closing(events):
+                yield from self.assembler.head()
+                for ev in events:
+                    yield from self.assembler.feed(ev)
+                yield from self.assembler.tail()
+
+        return gen()
+
+    # ---- async -----------------------------------------------------------------------------------
+    async def aresponse(self) -> dict:
+        events = self.submit(asyncio.get_running_loop())
+        try:
+            async for ev in events:
+                self.assembler.feed(ev)
+        finally:
+            await events.aclose()
+        return self.assembler.response()
+
+    def achunks(self) -> AsyncIterator[dict]:
+        """Must be called on the event loop that iterates the result; submits now."""
+        events = self.submit(asyncio.get_running_loop())
+
+        async def gen() -> AsyncIterator[dict]:
+            try:
+                for chunk in self.assembler.head():
+                    yield chunk
+                async for ev in events:
+                    for chunk in self.assembler.feed(ev):
+                        yield chunk
+                for chunk in self.assembler.tail():
+                    yield chunk
+            finally:
+                await events.aclose()
+
+        return gen()
+
+
+class OpenAIService:
+    def __init__(self, client: EngineClient, *, model_name: str | None = None, truncate_sequence: bool = False,
+                 repeat_last_n: int = 64):
+        self.client, self.tok = client, client.tokenizer
+        self.model_name = model_name or client.name
+        self.truncate_sequence, self.repeat_last_n = truncate_sequence, repeat_last_n
+
+    # ---- generation --------------------------------------------------------------------------------
+    def chat(self, body: dict) -> Generation:
+        req = P.parse(P.ChatCompletionRequest, body)
+        self.check_model(req.model)
+        ids = self.fit(self.encode_chat(req.messages, req.add_generation_prompt, req.chat_template_kwargs),
+                       req.wanted_max_tokens())
+        params = self.sampling(req, req.logprobs, req.top_logprobs or 0)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        asm = ChatAssembler(new_id("chatcmpl"), self.model_name, self.tok, len(ids), params.n, logprobs=params.logprobs,
+                            include_usage=include_usage, xlora_scalings=req.return_xlora_scalings)
+        return Generation(self.client, req, [ids], params, asm)
+
+    def completion(self, body: dict) -> Generation:
+        req = P.parse(P.CompletionRequest, body)
+        self.check_model(req.model)
+        if req.suffix:
+            raise P.InvalidRequest("suffix is not supported", "suffix")
+        if req.echo and req.logprobs is not None:
+            # NOTE: OpenAI would also return the prompt tokens' logprobs; rather than a silently
+            # partial answer, say so (prefill keeps only the last row's logits today).
+            raise P.InvalidRequest("echo together with logprobs is not supported yet; use one or the other", "echo")
+        prompts = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                ids = self.tok.encode(p)
+            else:
+                self.check_ids(p, "prompt", "prompt token id")
+                ids = list(p)
+            prompts.append(self.fit(ids, req.max_tokens))
+        params = self.sampling(req, req.logprobs is not None, req.logprobs or 0)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        echo = [self.tok.decode(ids) if req.echo else "" for ids in prompts]
+        asm = CompletionAssembler(new_id("cmpl"), self.model_name, self.tok, sum(len(p) for p in prompts),
+                                  params.n * len(prompts), logprobs=params.logprobs, include_usage=include_usage,
+                                  xlora_scalings=req.return_xlora_scalings, n=params.n, echo=echo)
+        return Generation(self.client, req, prompts, params, asm)
+
+    # ---- the other routes --------------------------------------------------------------------------
+    def tokenize(self, body: dict) -> dict:
+        req = P.parse(P.TokenizeRequest, body)
+        self.check_model(req.model)
+        if req.messages is not None:
+            ids = self.encode_chat(req.messages, req.add_generation_prompt, None)
+        else:
+            ids = self.tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"count": len(ids), "max_model_len": self.client.max_len, "tokens": ids}
+
+    def detokenize(self, body: dict) -> dict:
+        req = P.parse(P.DetokenizeRequest, body)
+        self.check_model(req.model)
+        self.check_ids(req.tokens, "tokens", "token id")
+        return {"prompt": self.tok.decode(req.tokens, skip_special_tokens=False)}
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": now(),
+                                            "owned_by": "mistralrs-py", "max_model_len": self.client.max_len}]}
+
+    # ---- the steps ---------------------------------------------------------------------------------
+    def check_model(self, name: str) -> None:
+        if name not in (self.model_name, "default"):
+            raise P.InvalidRequest(f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
+                                   "model", 404, "not_found_error", "model_not_found")
+
+    def check_ids(self, ids: list[int], param: str, what: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.tok.vocab_size]
+        if bad:
+            raise P.InvalidRequest(f"{what} {bad[0]} is outside the vocabulary", param)
+
+    def encode_chat(self, messages: list[P.ChatMessage], add_generation_prompt: bool, kwargs: dict | None) -> list[int]:
+        if not self.tok.chat_template:
+            raise P.InvalidRequest(NO_TEMPLATE, "messages")
+        rendered = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in messages]
+        try:
+            return self.tok.encode_chat(rendered, add_generation_prompt=add_generation_prompt, **(kwargs or {}))
+        except ChatTemplateError as e:
+            raise P.InvalidRequest(str(e), "messages") from None
+
+    def fit(self, ids: list[int], max_tokens: int | None) -> list[int]:
+        return P.fit_context(ids, max_tokens, self.client.max_len, self.truncate_sequence)
+
+    def sampling(self, req: P.SamplingFields, logprobs: bool, top: int) -> SamplingParams:
+        return req.to_sampling_params(repeat_last_n=self.repeat_last_n, vocab_size=self.tok.vocab_size,
+                                      logprobs=logprobs, top_logprobs=top)

@@ -1,0 +1,80 @@
+"""POST /v1/chat/completions and /v1/completions: a JSON answer, or Server-Sent Events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import AsyncIterator, Awaitable
+
+from sse_starlette.sse import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from ..engine.client import GenerationFailed
+from ..openai.protocol import error_body
+from ..openai.service import Generation
+from .body import read_json
+
+
+async def chat(request: Request):
+    return await _generate(request, "chat/completions")
+
+
+async def completions(request: Request):
+    return await _generate(request, "completions")
+
+
+async def _generate(request: Request, endpoint: str):
+    state = request.app.state.server
+    body = await read_json(request)
+    service = state.service
+    gen = service.chat(body) if endpoint == "chat/completions" else service.completion(body)
+    state.check_open()
+    if gen.stream:
+        return _sse(state, gen, gen.achunks(), body, endpoint)
+    resp = await _unless_disconnected(request, gen.aresponse())
+    state.reqlog.write({"endpoint": f"/v1/{endpoint}", "request": body, "response": resp})
+    return JSONResponse(resp)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[dict]) -> dict:
+    """Runs a non-streaming answer; NOTE: a client that disconnects meanwhile cancels it, which
+    aborts the request in the engine (and frees its cache slot)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            # NOTE: every 0.1 s: a small model finishes a long answer in well under a second, and
+            # a gone client's slot should be freed before that
+            await asyncio.wait({task}, timeout=0.1)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+        return await task
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _sse(state, gen: Generation, chunks: AsyncIterator[dict], body: dict, endpoint: str) -> EventSourceResponse:
+    async def frames():
+        status = "completed"
+        try:
+            async for chunk in chunks:
+                yield {"data": json.dumps(chunk, ensure_ascii=False)}
+        except GenerationFailed as e:
+            status = "error"
+            yield {"data": json.dumps(error_body(e.message, "server_error", None, e.code))}
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "aborted"
+            raise
+        finally:
+            await chunks.aclose()  # NOTE: a stream left early aborts the request in the engine
+            state.reqlog.write({"endpoint": f"/v1/{endpoint}", "request": body, "stream": True, "status": status,
+                                "response": {"choices": gen.assembler.texts()}})
+        yield {"data": "[DONE]"}
+
+    # NOTE: on shutdown, streams keep going for the grace period: by then the engine has ended
+    # them with an error event (see launch.GracefulServer), so clients see a clean end.
+    return EventSourceResponse(frames(), sep="\n", ping=15, shutdown_grace_period=state.cfg.shutdown_timeout + 2)
