@@ -130,6 +130,12 @@ class EngineClient:
     def alive(self) -> bool:
         return self.engine.alive
 
+    @property
+    def max_request_sequences(self) -> Optional[int]:
+        """The most sequences (prompts x choices) one submission may create: what the engine runs
+        plus what may wait (None: no limit)."""
+        return None if self.max_waiting is None else self.max_seqs + self.max_waiting
+
     def snapshot(self) -> dict:
         return {**self.engine.snapshot(), "requests": self.accounting.as_dict()}
 

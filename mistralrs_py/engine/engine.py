@@ -176,18 +176,36 @@ class Engine:
                 return True
 
     def _add(self, req: Request) -> None:
-        first = None
+        """Creates the request's sequences; anything their set-up raises fails this request alone."""
+        try:
+            seqs = self._sequences(req)
+        except Exception as e:  # noqa: BLE001 - one request's bad set-up must not stop the engine
+            log.exception("request %s could not be set up", req.id)
+            self.stats.errors += 1
+            req.emit(Error(f"the request could not be set up: {type(e).__name__}: {e}", "server_error"))
+            return
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _sequences(self, req: Request) -> list[Sequence]:
+        n = len(req.prompt_ids)
+        # NOTE: a sequence with no token can never make progress (nothing to compute logits from),
+        # and one that fills the context cannot take a token; the OpenAI layer refuses both with a
+        # 400, this keeps any other caller from parking one in the scheduler forever.
+        if not 0 < n < self.max_len:
+            raise ValueError(f"a prompt must have 1 to {self.max_len - 1} tokens, this one has {n}")
+        seqs: list[Sequence] = []
         for i in range(req.params.n):
             gen = torch.Generator(device=self.pipe.device)
             seed = req.params.seed
-            gen.manual_seed(seed + i if seed is not None else random.getrandbits(63))
+            # NOTE: torch takes seeds in [0, 2**64): wrap, so that seed + i never overflows
+            gen.manual_seed((seed + i) % 2**64 if seed is not None else random.getrandbits(63))
             detok = IncrementalDetokenizer(self.pipe.tokenizer, req.prompt_ids, req.params.skip_special_tokens)
             seq = Sequence(req, i, detok, gen)
-            if first is None:
-                first = seq
-            elif self.pipe.shares_prefixes:
-                seq.share_from = first  # NOTE: the prompt is processed once for all n choices
-            self.scheduler.add(seq)
+            if seqs and self.pipe.shares_prefixes:
+                seq.share_from = seqs[0]  # NOTE: the prompt is processed once for all n choices
+            seqs.append(seq)
+        return seqs
 
     def _end(self, seq: Sequence, reason: str, message: str = "") -> dict | None:
         """Ends a sequence that did not finish by itself (abort, error) or did (stop, length):

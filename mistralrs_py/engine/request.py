@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
+from .stops import StopStrings
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -27,6 +29,12 @@ class SamplingParams:
     top_logprobs: int = 0
     n: int = 1
     skip_special_tokens: bool = True
+    # NOTE: the stop strings' matching tables, built once here (on the thread that prepares the
+    # request, not the engine's) and shared by the request's sequences
+    stop_strings: Optional[StopStrings] = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_strings", StopStrings(self.stop) if self.stop else None)
 
 
 @dataclass

@@ -40,7 +40,8 @@ class Sequence:
         self.sent = 0  # characters of `text` already emitted
         self.pending_ids: list[int] = []  # token ids not yet emitted with text
         self.pending_logprobs: list[TokenLogprob] = []
-        self.max_stop = max((len(s) for s in request.params.stop), default=0)
+        strings = request.params.stop_strings
+        self.stops = strings.matcher() if strings is not None else None
         self.share_from: Sequence | None = None  # choice 0 of the same request: copy its prompt cache
 
     @property
@@ -74,20 +75,24 @@ class Sequence:
             self.finish("stop", token)
             self.text += self.detok.flush()
             return
-        delta = self.detok.add(token)
-        if delta:
-            start = max(0, len(self.text) - self.max_stop + 1)
-            self.text += delta
-            if p.stop:
-                hit = find_stop(self.text, p.stop, start)
-                if hit is not None:
-                    idx, s = hit
-                    self.text = self.text[:idx]
-                    self.finish("stop", s)
-                    return
+        if self._add_text(self.detok.add(token)):
+            return
         if p.max_tokens is not None and self.num_output >= p.max_tokens or len(self.tokens) >= max_len:
             self.finish("length")
-            self.text += self.detok.flush()
+            self._add_text(self.detok.flush())
+
+    def _add_text(self, delta: str) -> bool:
+        """Appends decoded text; True when a stop string completed in it (the text is cut before it)."""
+        if not delta:
+            return False
+        self.text += delta
+        hit = self.stops.feed(delta) if self.stops is not None else None
+        if hit is None:
+            return False
+        start, stop = hit
+        self.text = self.text[:start]
+        self.finish("stop", stop)
+        return True
 
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
         self.status = SeqStatus.FINISHED
@@ -98,30 +103,9 @@ class Sequence:
         """Text that can be shown now: everything, once finished; otherwise all but a tail that
         could still become the start of a stop string."""
         end = len(self.text)
-        if not self.status.is_finished and self.params.stop:
-            end -= held_back(self.text, self.params.stop)
+        if not self.status.is_finished and self.stops is not None:
+            end -= self.stops.held()
         end = max(end, self.sent)
         delta = self.text[self.sent : end]
         self.sent = end
         return delta
-
-
-def find_stop(text: str, stops: tuple[str, ...], start: int) -> tuple[int, str] | None:
-    """The earliest stop string in text[start:], as (index, string)."""
-    best = None
-    for s in stops:
-        i = text.find(s, start)
-        if i != -1 and (best is None or i < best[0]):
-            best = (i, s)
-    return best
-
-
-def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-    n = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), n, -1):
-            if text.endswith(s[:k]):
-                n = k
-                break
-    return n

@@ -7,6 +7,7 @@ Requests are validated strictly (no "5" -> 5 coercion); unknown fields are ignor
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -14,6 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..engine.request import SamplingParams
 
 MAX_STOP = 4
+MAX_DEPTH = 64  # JSON nesting a request may have (ours need a handful of levels; tool schemas ~20)
+# NOTE: a seed is a 64-bit integer, signed or not (the engine seeds choice i with (seed + i) mod 2**64)
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+# NOTE: below this a temperature is greedy decoding: dividing logits by 1e-45 overflows float32
+# (vLLM treats temperatures under 1e-5 the same way)
+GREEDY_BELOW = 1e-5
+# NOTE: names the chat template is rendered with; chat_template_kwargs may not replace them
+TEMPLATE_ARGUMENTS = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "raise_exception",
+                                "strftime_now", "range", "namespace", "tools", "documents"})
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class OpenAIModel(BaseModel):
@@ -64,12 +75,13 @@ class SamplingFields(OpenAIModel):
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]]] = None
-    seed: Optional[int] = None
+    seed: Optional[Seed] = None
     user: Optional[str] = None
     # extensions
     top_k: Optional[Annotated[int, Field(ge=-1)]] = None
     min_p: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None
-    repetition_penalty: Optional[Annotated[float, Field(gt=0.0, le=10.0)]] = None
+    # NOTE: from 0.01: dividing a logit by a vanishing penalty overflows
+    repetition_penalty: Optional[Annotated[float, Field(ge=0.01, le=10.0)]] = None
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
@@ -96,10 +108,10 @@ class SamplingFields(OpenAIModel):
         if self.logit_bias:
             bias = {}
             for k, v in self.logit_bias.items():
-                try:
-                    tid = int(k)
-                except ValueError:
-                    raise InvalidRequest(f"logit_bias keys must be token ids, got {k!r}", "logit_bias") from None
+                # NOTE: int() would also take "+5", " 5", "5_0" and non-ASCII digits ("٥")
+                if not (k.isascii() and k.isdigit()):
+                    raise InvalidRequest(f"logit_bias keys must be token ids (decimal digits), got {k!r}", "logit_bias")
+                tid = int(k)
                 if not 0 <= tid < vocab_size:
                     raise InvalidRequest(f"logit_bias token id {tid} is outside the vocabulary (0..{vocab_size - 1})", "logit_bias")
                 bias[tid] = float(v)
@@ -107,7 +119,7 @@ class SamplingFields(OpenAIModel):
             if not 0 <= t < vocab_size:
                 raise InvalidRequest(f"stop_token_ids: {t} is outside the vocabulary", "stop_token_ids")
         return SamplingParams(
-            temperature=1.0 if self.temperature is None else float(self.temperature),
+            temperature=1.0 if self.temperature is None else 0.0 if self.temperature < GREEDY_BELOW else float(self.temperature),
             top_p=1.0 if self.top_p is None else float(self.top_p),
             top_k=max(0, self.top_k or 0),
             min_p=float(self.min_p or 0.0),
@@ -136,6 +148,14 @@ class ChatCompletionRequest(SamplingFields):
     response_format: Optional[ResponseFormat] = None
     add_generation_prompt: bool = True
     chat_template_kwargs: Optional[dict[str, Any]] = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v):
+        taken = sorted(k for k in v or () if k in TEMPLATE_ARGUMENTS or k.startswith("_"))
+        if taken:
+            raise ValueError(f"may not set {', '.join(taken)} (the server passes those to the template itself)")
+        return v
 
     def wanted_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -215,12 +235,32 @@ M = TypeVar("M", bound=BaseModel)
 
 def parse(model: type[M], body: dict) -> M:
     """Validates a request body; the first problem becomes an InvalidRequest naming its field."""
+    check_body(body)
     try:
         return model.model_validate(body)
     except ValidationError as e:
         err = e.errors(include_url=False, include_input=False)[0]
         loc = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
         raise InvalidRequest(f"{loc or 'body'}: {err['msg']}", loc or None) from None
+
+
+def check_body(body: Any) -> None:
+    """What every request body must be before its fields are read: at most MAX_DEPTH levels deep,
+    and text that is valid Unicode (JSON's \\ud800 escapes can make lone surrogates, which no
+    tokenizer or UTF-8 file takes). Iterative, so no nesting can exhaust the stack."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidRequest(f"body: nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise InvalidRequest("body: text is not valid Unicode (it holds a lone surrogate such as \\ud800)")
+        elif isinstance(value, dict):
+            stack.extend((k, depth) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, depth + 1) for v in value)
 
 
 def _is_union_tag(part) -> bool:

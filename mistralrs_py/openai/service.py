@@ -107,8 +107,11 @@ class OpenAIService:
     def chat(self, body: dict) -> Generation:
         req = P.parse(P.ChatCompletionRequest, body)
         self.check_model(req.model)
-        ids = self.fit(self.encode_chat(req.messages, req.add_generation_prompt, req.chat_template_kwargs),
-                       req.wanted_max_tokens())
+        self.check_fan_out(1, req.n)
+        ids = self.encode_chat(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        if not ids:
+            raise P.InvalidRequest("the chat template rendered these messages to no tokens", "messages")
+        ids = self.fit(ids, req.wanted_max_tokens())
         params = self.sampling(req, req.logprobs, req.top_logprobs or 0)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         asm = ChatAssembler(new_id("chatcmpl"), self.model_name, self.tok, len(ids), params.n, logprobs=params.logprobs,
@@ -124,13 +127,21 @@ class OpenAIService:
             # NOTE: OpenAI would also return the prompt tokens' logprobs; rather than a silently
             # partial answer, say so (prefill keeps only the last row's logits today).
             raise P.InvalidRequest("echo together with logprobs is not supported yet; use one or the other", "echo")
+        texts = req.prompts()
+        self.check_fan_out(len(texts), req.n)  # NOTE: before tokenizing what may be thousands of prompts
         prompts = []
-        for p in req.prompts():
+        for p in texts:
             if isinstance(p, str):
                 ids = self.tok.encode(p)
             else:
                 self.check_ids(p, "prompt", "prompt token id")
                 ids = list(p)
+            if not ids:
+                # NOTE: nothing to compute the first token from; a model with a BOS token starts there
+                if self.tok.bos_id is None:
+                    raise P.InvalidRequest("prompt encodes to no tokens (and this model has no BOS token to start "
+                                           "from); give at least one token of text", "prompt")
+                ids = [self.tok.bos_id]
             prompts.append(self.fit(ids, req.max_tokens))
         params = self.sampling(req, req.logprobs is not None, req.logprobs or 0)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -165,6 +176,13 @@ class OpenAIService:
         if name not in (self.model_name, "default"):
             raise P.InvalidRequest(f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
                                    "model", 404, "not_found_error", "model_not_found")
+
+    def check_fan_out(self, prompts: int, n: int) -> None:
+        """One request may not create more sequences than the server runs and queues together."""
+        limit = self.client.max_request_sequences
+        if limit is not None and prompts * n > limit:
+            raise P.InvalidRequest(f"this request asks for {prompts * n} sequences ({prompts} prompt(s) x n={n}); "
+                                   f"one request may ask for at most {limit} (--max-seqs + --max-waiting)", "n")
 
     def check_ids(self, ids: list[int], param: str, what: str) -> None:
         bad = [t for t in ids if not 0 <= t < self.tok.vocab_size]

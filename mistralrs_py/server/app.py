@@ -13,7 +13,6 @@ from typing import Optional
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Mount, Route
@@ -24,7 +23,7 @@ from ..openai.protocol import InvalidRequest, error_body
 from ..openai.service import OpenAIService
 from . import completions, info
 from .metrics import HTTPMetricsMiddleware, Metrics
-from .middleware import APIKeyMiddleware
+from .middleware import APIKeyMiddleware, JSONCORSMiddleware
 from .request_log import RequestLog
 
 log = logging.getLogger("mistralrs.server")
@@ -107,7 +106,7 @@ def create_app(service: OpenAIService, cfg: ServerConfig) -> Starlette:
     ]
     middleware = []
     if cfg.allowed_origins:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_methods=["*"],
+        middleware.append(Middleware(JSONCORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_methods=["*"],
                                      allow_headers=["*"]))
     if cfg.api_key:
         middleware.append(Middleware(APIKeyMiddleware, key=cfg.api_key))

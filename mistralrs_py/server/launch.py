@@ -63,7 +63,8 @@ def run_server(opts, spec) -> None:
     console.print(f"{ready_line(client, name, opts.scheduler)} | {url}{'/ui' if opts.ui else '/v1'}",
                   highlight=False, soft_wrap=True)
     console.print(f"[dim]try:[/] {escape(example_curl(url, name))}", highlight=False, soft_wrap=True)
-    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="info",
+    # NOTE: no `server: uvicorn` header: what software answers is nobody's business
+    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="info", server_header=False,
                             timeout_graceful_shutdown=opts.shutdown_timeout + 5)
     GracefulServer(config, app.state.server, opts.shutdown_timeout).run()
     sys.exit(0)

@@ -1,9 +1,11 @@
-"""ASGI middleware of our own: the API key check (CORS and metrics middleware live beside their users)."""
+"""ASGI middleware of our own: the API key check, and CORS whose refusals are OpenAI error JSON
+(the metrics middleware lives with the metrics)."""
 
 from __future__ import annotations
 
 import hmac
 
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 
 from ..openai.protocol import error_body
@@ -29,3 +31,16 @@ class APIKeyMiddleware:
                           "authentication_error", None, "invalid_api_key")
         resp = JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
         await resp(scope, receive, send)
+
+
+class JSONCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, but a refused preflight is a 400 with OpenAI's error JSON, not plain text."""
+
+    def preflight_response(self, request_headers):
+        resp = super().preflight_response(request_headers)
+        if resp.status_code < 400:
+            return resp
+        why = resp.body.decode("utf-8", "replace")
+        headers = {k: v for k, v in resp.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return JSONResponse(error_body(f"CORS preflight refused: {why}", "invalid_request_error", None, "cors_refused"),
+                            resp.status_code, headers=headers)

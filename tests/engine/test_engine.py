@@ -170,3 +170,24 @@ def test_a_dead_engine_fails_everything_and_refuses_new_work(engine, monkeypatch
     assert not e.alive
     with pytest.raises(EngineDead):
         e.add_request(Request("late", PROMPTS[0], GREEDY, Collector()))
+
+
+@pytest.mark.parametrize("prompt", [[], list(range(2, 42)) * 2], ids=["empty", "fills-the-context"])
+def test_a_prompt_that_cannot_progress_fails_alone(engine, prompt):
+    e = engine(FakePipeline(max_model_len=64), max_seqs=2)
+    bad = Collector()
+    e.add_request(Request("bad", prompt, GREEDY, bad))
+    assert bad.done.wait(10) and "a prompt must have 1 to 63 tokens" in bad.errors()[0].message
+    (good,) = run(e, [PROMPTS[0]], [GREEDY])
+    assert good.tokens() == expected(PROMPTS[0], 12)
+    assert e.snapshot()["waiting"] == e.snapshot()["running"] == 0 and e.alive
+
+
+def test_seeds_at_the_ends_of_the_64_bit_range_work(engine):
+    e = engine(max_seqs=4)
+    top = SamplingParams(temperature=1.0, seed=2**64 - 1, max_tokens=4, ignore_eos=True, n=2)  # choice 1: seed 0
+    low = SamplingParams(temperature=1.0, seed=-(2**63), max_tokens=4, ignore_eos=True)
+    zero = SamplingParams(temperature=1.0, seed=0, max_tokens=4, ignore_eos=True)
+    a, b, z = run(e, [PROMPTS[1]] * 3, [top, low, zero])
+    assert not a.errors() and not b.errors() and len(a.tokens(1)) == 4 and len(b.tokens()) == 4
+    assert a.tokens(1) == z.tokens()  # (2**64 - 1) + 1 wraps to 0

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 from mistralrs_py.engine.request import Request, SamplingParams
-from mistralrs_py.engine.sequence import Sequence, find_stop, held_back
+from mistralrs_py.engine.sequence import Sequence
+from mistralrs_py.engine.stops import StopStrings
 
 
 class CharDetok:
@@ -30,12 +33,49 @@ def feed(s, text, eos=(3,)):
     return out
 
 
-def test_find_stop_and_held_back():
-    assert find_stop("hello world", ("wor", "lo"), 0) == (3, "lo")
-    assert find_stop("hello", ("x",), 0) is None
-    assert held_back("abc</", ("</s>",)) == 2
-    assert held_back("abc", ("</s>",)) == 0
-    assert held_back("ab<", ("<<x", "<y")) == 1
+def brute_first_stop(text: str, stops) -> tuple[int, str] | None:
+    """The reference: the first character at which some stop string ends; the longest such one."""
+    for end in range(1, len(text) + 1):
+        done = [s for s in stops if text[:end].endswith(s)]
+        if done:
+            best = max(done, key=len)
+            return end - len(best), best
+    return None
+
+
+def brute_held(text: str, stops) -> int:
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def test_the_stop_matcher_agrees_with_brute_force_on_random_text():
+    rng = random.Random(0)
+    for _ in range(400):
+        stops = tuple("".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3)))
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
+        m = StopStrings(stops).matcher()
+        got, fed = None, ""
+        pieces = []
+        i = 0
+        while i < len(text):  # random delta sizes, as tokens decode to 1..4 characters
+            n = rng.randint(1, 4)
+            pieces.append(text[i : i + n])
+            i += n
+        for piece in pieces:
+            got = m.feed(piece)
+            if got is not None:
+                break
+            fed += piece
+            assert m.held() == brute_held(fed, stops), (stops, fed)
+        assert got == brute_first_stop(text, stops), (stops, text)
+
+
+def test_held_back_text_examples():
+    m = StopStrings(("</s>",)).matcher()
+    assert m.feed("abc</") is None and m.held() == 2
+    m = StopStrings(("<<x", "<y")).matcher()
+    assert m.feed("ab<") is None and m.held() == 1
+    m = StopStrings(("wor", "lo")).matcher()
+    assert m.feed("hello world") == (3, "lo")
 
 
 def test_stop_string_spanning_tokens_is_cut_and_never_streamed():
