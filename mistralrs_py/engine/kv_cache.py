@@ -243,7 +243,6 @@ class KVCachePool(KVStream):
             window=window,
             # NOTE: decode rows here have distinct slots and real positions (no padding rows), what
             # the fused CPU op requires (--compile's padded views pass their scratch slot to skip).
-            fused_decode=self.device.type == "cpu" and kernels.ready(),
         )
         if decode:
             slots = [s for s, _ in decode]

@@ -11,8 +11,6 @@ the base projection and this update in one op of ours (models/csrc/linear.cpp).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor, nn
 
@@ -55,14 +53,14 @@ class XLoraLinear(nn.Module):
     where tiny bf16 matmuls cost several times more than float32 ones): the input is upcast for
     them and their sum added back in the base's dtype."""
 
+    # NOTE: whether decode rows may use our CPU ops (torch.ops.mistralrs.lora_linear / lora_add_);
+    # set with the rest of the model's modules at load (models.llama.use_cpu_kernels)
+    cpu_ops: bool = False
+
     def __init__(self, base: nn.Module, lora_a: Tensor, lora_bt: Tensor, scalings: Scalings, rows: list[int],
-                 indices: list[int], spans: list[tuple[int, int]] | None = None,
-                 small_rows_op: Callable[[Tensor], bool] | None = None):
+                 indices: list[int], spans: list[tuple[int, int]] | None = None):
         super().__init__()
         self.base = base
-        # NOTE: given by the model (lora sits below models): whether a call may use our CPU ops
-        # (torch.ops.mistralrs.lora_linear / lora_add_) for the adapters of decode rows
-        self.small_rows_op = small_rows_op
         self.parts = len(rows)
         self.rank = lora_bt.shape[0]
         if lora_a.shape[0] != self.parts * self.rank:
@@ -92,7 +90,7 @@ class XLoraLinear(nn.Module):
         s = self.scalings
         if s.rank is None and s.constant == 0.0:
             return self.base(x)
-        if x.dim() == 2 and x.shape[0] <= 8 and self.small_rows_op is not None and self.small_rows_op(x):
+        if self.cpu_ops and x.dim() == 2 and x.shape[0] <= 8:
             return self._kernel(x, s)
         y = self.base(x)
         xa = x if x.dtype == self.lora_a.dtype else x.to(self.lora_a.dtype)

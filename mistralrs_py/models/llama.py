@@ -3,6 +3,14 @@
 One implementation serves Llama-layout models (SmolLM2, TinyLlama, Llama 2/3) and Mistral
 (sliding-window attention). Linear layers are `layers.Linear` (an nn.Linear) by default; loaders may replace
 them with quantized or LoRA-wrapped modules that have the same call signature.
+
+Our fused CPU ops (models/csrc, built by kernels.py) are chosen once, when the model is loaded:
+`use_cpu_kernels(model, enabled)` sets the plain attribute `cpu_ops` on every module whose class
+declares one (Linear, RMSNorm, Attention, MLP, CausalLM here; XLoraLinear in lora/). A forward then
+tests its own `cpu_ops` (and the shapes and dtypes the op takes), never module-level state.
+NOTE: an attribute rather than gpt-fast's swap of module classes: loaders and X-LoRA replace and
+wrap modules by type (fusion, quantized layers, the adapters' wrapper), and one flag per module
+keeps those types unchanged; torch.compile treats the flag as a constant of the module.
 """
 
 from __future__ import annotations
@@ -12,11 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .layers import BatchView, Linear, RMSNorm, Rotary, apply_rotary, attend, cpu_kernels, decode_attention_cpu
+from . import kernels
+from .layers import BatchView, Linear, RMSNorm, Rotary, apply_rotary, attend, decode_attention_cpu
 from .quant import QuantLinear
 
 
 class Attention(nn.Module):
+    cpu_ops: bool = False  # decode rows through our fused op (decode_attention_cpu)
+
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -38,7 +49,8 @@ class Attention(nn.Module):
             qk = torch.cat([self.q_proj(x).view(n, H, hd), self.k_proj(x).view(n, Hk, hd)], dim=1)
             v = self.v_proj(x).view(n, Hk, hd)
         # qk: [N, H + Hk, hd] before rope; v: [N, Hk, hd]
-        if view.fused_decode and view.num_decode:
+        # NOTE: the fused op wants float32 rope tables (CausalLM.hidden_states makes them so)
+        if self.cpu_ops and view.num_decode:
             o = decode_attention_cpu(qk[:, :H], qk[:, H:], v, cos, sin, k_cache, v_cache, view)  # [B, H, hd]
             if view.num_decode < n:
                 qk = apply_rotary(qk, cos.to(qk.dtype), sin.to(qk.dtype))
@@ -51,6 +63,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    cpu_ops: bool = False  # our fused silu(gate) * up
+
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
         kw = dict(bias=cfg.mlp_bias, device=device, dtype=dtype)
@@ -63,7 +77,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # x: [N, D] -> [N, D]
         if self.gate_up_proj is not None:
-            if cpu_kernels(x):
+            if self.cpu_ops:
                 return self.down_proj(torch.ops.mistralrs.silu_mul(self.gate_up_proj(x)))
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate).mul_(up))
@@ -87,6 +101,8 @@ class CausalLM(nn.Module):
     """Parameter names follow transformers' `LlamaForCausalLM` (minus the `model.` prefix), so an HF
     state dict loads with one prefix strip."""
 
+    cpu_ops: bool = False  # float32 rope tables for the fused decode attention; float32 logits from our kernels
+
     def __init__(self, cfg: ModelConfig, max_positions: int, device=None, dtype=None):
         super().__init__()
         self.cfg = cfg
@@ -104,7 +120,7 @@ class CausalLM(nn.Module):
         # input_ids: [N] -> final-norm hidden states [N, D]
         x = self.embed_tokens(input_ids)
         # NOTE: the fused CPU op applies rope in float32 from float32 tables (no rounding on the way)
-        cos, sin = self.rotary.tables(view.positions, torch.float32 if view.fused_decode and view.num_decode else x.dtype)
+        cos, sin = self.rotary.tables(view.positions, torch.float32 if self.cpu_ops and view.num_decode else x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], view)
         return self.norm(x)
@@ -119,10 +135,11 @@ class CausalLM(nn.Module):
         # accumulators: bf16 output would round each logit to 8 bits (a step of 0.125 at 20), which
         # ties or swaps near-equal top tokens; on the embedded model it flips greedy answers.
         head = self.lm_head
-        if isinstance(head, QuantLinear) and cpu_kernels(h):
-            return head.forward_f32(h)
-        if isinstance(head, nn.Linear) and cpu_kernels(h) and h.dtype == head.weight.dtype:
-            return torch.ops.mistralrs.linear(h, head.weight, head.bias, True)
+        if self.cpu_ops:
+            if isinstance(head, QuantLinear):
+                return head.forward_f32(h)
+            if isinstance(head, nn.Linear) and h.dtype == head.weight.dtype:
+                return torch.ops.mistralrs.linear(h, head.weight, head.bias, True)
         return head(h).float()
 
 
@@ -141,6 +158,23 @@ def fuse_projections(model: CausalLM, fuse) -> int:
         if fused is not None:
             mlp.gate_up_proj, n = fused, n + 1
             del mlp.gate_proj, mlp.up_proj
+    return n
+
+
+def use_cpu_kernels(model: nn.Module, enabled: bool) -> int:
+    """Chooses, once, whether the modules of `model` run our fused CPU ops: sets `cpu_ops` on every
+    module whose class declares it. Returns how many modules were set.
+
+    NOTE: call it when the modules are final (after fuse_projections and any X-LoRA wrapping):
+    a module made later keeps its class default, torch's ops. `enabled` needs the kernels built
+    (kernels.available()) and the model on the CPU: the ops exist for the CPU only."""
+    if enabled and not kernels.available():
+        raise RuntimeError(f"our CPU kernels are not available: {kernels.why_unavailable()}")
+    n = 0
+    for m in model.modules():
+        if hasattr(type(m), "cpu_ops"):
+            m.cpu_ops = enabled
+            n += 1
     return n
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..lora.classifier import XLoraClassifier, XLoraConfig, top_k_scalings
 from ..lora.linear import Scalings, XLoraLinear
-from .layers import BatchView, cpu_kernels
+from .layers import BatchView
 from .llama import CausalLM
 
 
@@ -65,7 +65,7 @@ class XLoraModel(nn.Module):
         spans = [(off, off + st.lora_b.shape[0]) for off, st in adapted]
         idx = [st.index for _, st in adapted]
         lin = XLoraLinear(getattr(owner, leaf), a, bt, self.scalings, rows=idx if self.cfg.layerwise_scalings else [0] * len(idx),
-                          indices=idx, spans=spans, small_rows_op=cpu_kernels)
+                          indices=idx, spans=spans)
         setattr(owner, leaf, lin)
         return lin
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..lora.classifier import XLoraClassifier, XLoraConfig, XLoraConfigError
 from ..lora.ordering import LEAF_NAMES, Ordering, OrderingError, check_layers, load_ordering, make_ordering, module_paths, resolve_order
@@ -296,6 +296,9 @@ class XLoraPipeline(Pipeline):
             self._steps = [0] * slots  # decode steps since the prompt
             self._frozen_set = [False] * slots
             self._frozen = torch.zeros(slots, self.xlora.classifier.rows, n, dtype=self.dtype, device=dev)
+
+    def network(self) -> nn.Module:
+        return self.xlora  # NOTE: the base model with its wrapped linears, and the classifier
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, view: BatchView, cache) -> Tensor:

@@ -35,7 +35,7 @@ class Opaque(nn.Module):
         return self.inner(x)
 
 
-def make(in_f, part_rows, ranks, layers, layerwise, dtype=torch.float32, lora_dtype=torch.float32, small_rows_op=None,
+def make(in_f, part_rows, ranks, layers, layerwise, dtype=torch.float32, lora_dtype=torch.float32, cpu_ops=False,
          opaque=False):
     base = nn.Linear(in_f, sum(part_rows), bias=True).to(dtype)
     nn.init.normal_(base.weight, generator=G)
@@ -52,22 +52,22 @@ def make(in_f, part_rows, ranks, layers, layerwise, dtype=torch.float32, lora_dt
         off += rows
     sc = Scalings()
     lin = XLoraLinear(Opaque(base) if opaque else base, torch.cat(a_all).to(lora_dtype), bt.to(lora_dtype), sc,
-                      rows=list(layers) if layerwise else [0] * len(layers), indices=list(layers), spans=spans,
-                      small_rows_op=small_rows_op)
+                      rows=list(layers) if layerwise else [0] * len(layers), indices=list(layers), spans=spans)
+    lin.cpu_ops = cpu_ops
     rank_index = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
     return lin, base, parts, sc, rank_index
 
 
-def cpu_op(name):
+def cpu_op(name) -> bool:
     """None: torch ops; "lora_linear" / "lora_add_": decode rows through our CPU ops (models/csrc/linear.cpp):
     the base and the adapters in one op, or the adapters after a base that is not an nn.Linear."""
     if name is None:
-        return None
+        return False
     from mistralrs_py.models import kernels
 
     if not kernels.available():
         pytest.skip(f"CPU kernels off: {kernels.why_unavailable()}")
-    return lambda x: True
+    return True
 
 
 OPS = [None, "lora_linear", "lora_add_"]
@@ -78,7 +78,7 @@ OPS = [None, "lora_linear", "lora_add_"]
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_matches_per_adapter_formula(layers, layerwise, op):
     lin, base, parts, sc, rank_index = make(6, [5, 3, 3][: len(layers)], [2, 3, 1], layers, layerwise,
-                                            small_rows_op=cpu_op(op), opaque=op == "lora_add_")
+                                            cpu_ops=cpu_op(op), opaque=op == "lora_add_")
     x = torch.randn(4, 6, generator=G)
     lam = torch.randn(4, 5 if layerwise else 1, 3, generator=G)  # [N, rows, n]
     sc.set_rank(lam.index_select(-1, rank_index))
@@ -92,7 +92,7 @@ def test_matches_per_adapter_formula(layers, layerwise, op):
 
 @pytest.mark.parametrize("op", OPS)
 def test_float32_adapters_on_a_bf16_base(op):
-    lin, base, parts, sc, rank_index = make(8, [6], [2, 2], [0], True, dtype=torch.bfloat16, small_rows_op=cpu_op(op),
+    lin, base, parts, sc, rank_index = make(8, [6], [2, 2], [0], True, dtype=torch.bfloat16, cpu_ops=cpu_op(op),
                                             opaque=op == "lora_add_")
     x = torch.randn(3, 8, generator=G).to(torch.bfloat16)
     lam = torch.rand(3, 1, 2, generator=G)
@@ -116,7 +116,7 @@ def test_decode_rows_take_one_op_over_a_dense_base(dtype):
     small = cpu_op("lora_linear")
     x = torch.randn(2, 8, generator=G).to(dtype)
     for opaque, want in [(False, {"mistralrs::lora_linear"}), (True, {"mistralrs::lora_add_"})]:
-        lin, _, _, sc, rank_index = make(8, [6, 4], [2, 2], [0, 1], True, dtype=dtype, small_rows_op=small, opaque=opaque)
+        lin, _, _, sc, rank_index = make(8, [6, 4], [2, 2], [0, 1], True, dtype=dtype, cpu_ops=small, opaque=opaque)
         sc.set_rank(torch.rand(2, 2, 2, generator=G).index_select(-1, rank_index))
         with torch.inference_mode():
             assert ops_called(lambda: lin(x)) & {"mistralrs::lora_linear", "mistralrs::lora_add_"} == want

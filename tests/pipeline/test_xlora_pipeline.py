@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from mistralrs_py.pipeline.xlora import load_xlora
+from mistralrs_py.pipeline.base import load_pipeline
 from tests.lora.xlora_util import build_xlora, full_scalings, make_pool, ref, rel_err, step
 
 MODES = pytest.mark.parametrize("no_kv_cache", [False, True], ids=["dual-cache", "no-cache"])
@@ -35,7 +35,7 @@ def seqs_for(vocab, lengths, seed):
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_chunked_prefill_then_decode_equals_peft(request, arch, no_kv_cache):
     case = request.getfixturevalue(f"{arch}_case")
-    pipe = load_xlora(case.spec(no_xlora_kv_cache=no_kv_cache))
+    pipe = load_pipeline(case.spec(no_xlora_kv_cache=no_kv_cache))
     assert pipe.cache_streams == (1 if no_kv_cache else 2)
     (ids,) = seqs_for(pipe.config.vocab_size, [21], 7)
     want, want_s = ref(case, ids)
@@ -54,7 +54,7 @@ def test_chunked_prefill_then_decode_equals_peft(request, arch, no_kv_cache):
 @MODES
 def test_batched_decode_of_sequences_at_different_lengths(llama_case, no_kv_cache):
     """Decode rows of three lengths in non-contiguous slots plus a prefill chunk, in one step."""
-    pipe = load_xlora(llama_case.spec(no_xlora_kv_cache=no_kv_cache))
+    pipe = load_pipeline(llama_case.spec(no_xlora_kv_cache=no_kv_cache))
     seqs = seqs_for(pipe.config.vocab_size, [6, 14, 10, 8], 11)
     wants = [ref(llama_case, s)[0] for s in seqs]
     pool = make_pool(pipe, slots=6)
@@ -77,7 +77,7 @@ def test_batched_decode_of_sequences_at_different_lengths(llama_case, no_kv_cach
 def test_tgt_non_granular_index_freezes_scalings(llama_case, monkeypatch, no_kv_cache, tgt):
     """Reference: PEFT with the classifier's scalings after position P = prompt_len - 1 + tgt replaced by
     those at P. Sequence A is frozen while B (a later prompt) is not, then both are (no scaling pass)."""
-    pipe = load_xlora(llama_case.spec(no_xlora_kv_cache=no_kv_cache, tgt_non_granular_index=tgt))
+    pipe = load_pipeline(llama_case.spec(no_xlora_kv_cache=no_kv_cache, tgt_non_granular_index=tgt))
     a, b = seqs_for(pipe.config.vocab_size, [12, 12], 5)
     pa, pb = 5, 7  # prompt lengths
 
@@ -125,7 +125,7 @@ def test_tgt_non_granular_index_freezes_scalings(llama_case, monkeypatch, no_kv_
 
 
 def test_release_slot_reports_mean_scalings_per_adapter(llama_case):
-    pipe = load_xlora(llama_case.spec())
+    pipe = load_pipeline(llama_case.spec())
     a, b = seqs_for(pipe.config.vocab_size, [9, 6], 3)
     pool = make_pool(pipe)
     step(pipe, pool, prefill=[(0, 0, a[:6]), (2, 0, b)])
@@ -151,7 +151,7 @@ def test_gguf_base_quantized(tmp_path):
     (tmp_path / "g").mkdir()
     path = write_gguf(hf, tmp_path / "g" / "tiny.gguf")
     case = build_xlora(path.parent, tmp_path / "x", gguf_file=path.name, seed=4)
-    pipe = load_xlora(case.spec())
+    pipe = load_pipeline(case.spec())
     assert "quantized" in pipe.summary["format"] and "X-LoRA 3 adapters" in pipe.summary["format"]
     (ids,) = seqs_for(pipe.config.vocab_size, [15], 1)
     want, want_s = ref(case, ids)
@@ -168,7 +168,7 @@ def test_engine_batched_greedy_equals_peft_generate(llama_case, no_kv_cache):
     from mistralrs_py.engine.engine import Engine
     from mistralrs_py.engine.request import Delta, Done, Request, SamplingParams
 
-    pipe = load_xlora(llama_case.spec(no_xlora_kv_cache=no_kv_cache))
+    pipe = load_pipeline(llama_case.spec(no_xlora_kv_cache=no_kv_cache))
     prompts = seqs_for(pipe.config.vocab_size, [5, 11, 8], 9)
     engine = Engine(pipe, max_seqs=3, prefill_chunk=6)  # the 11-token prompt takes two chunks
     out: dict[int, list[int]] = {}
