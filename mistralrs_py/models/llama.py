@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from ..lora.linear import Scalings, project
 from . import kernels
 from .layers import BatchView, Linear, RMSNorm, Rotary, apply_rotary, attend, decode_attention_cpu
 from .quant import QuantLinear
@@ -38,16 +39,21 @@ class Attention(nn.Module):
         self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype)
         self.qkv_proj: nn.Module | None = None  # set by fuse_projections(): q, k, v in one matmul
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView) -> Tensor:
-        # x: [N, D]
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView,
+                lora: Scalings | None = None) -> Tensor:
+        # x: [N, D]; lora: the pass's X-LoRA scalings, for the projections the adapters wrap
         n, H, Hk, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)  # [N, (H + 2 Hk) hd]
+            qkv = self.qkv_proj(x) if lora is None else project(self.qkv_proj, x, lora)  # [N, (H + 2 Hk) hd]
             qk = qkv[:, : (H + Hk) * hd].view(n, H + Hk, hd)
             v = qkv[:, (H + Hk) * hd :].view(n, Hk, hd)
-        else:
+        elif lora is None:
             qk = torch.cat([self.q_proj(x).view(n, H, hd), self.k_proj(x).view(n, Hk, hd)], dim=1)
             v = self.v_proj(x).view(n, Hk, hd)
+        else:
+            q, k = project(self.q_proj, x, lora).view(n, H, hd), project(self.k_proj, x, lora).view(n, Hk, hd)
+            qk = torch.cat([q, k], dim=1)
+            v = project(self.v_proj, x, lora).view(n, Hk, hd)
         # qk: [N, H + Hk, hd] before rope; v: [N, Hk, hd]
         # NOTE: the fused op wants float32 rope tables (CausalLM.hidden_states makes them so)
         if self.cpu_ops and view.num_decode:
@@ -59,7 +65,8 @@ class Attention(nn.Module):
         else:
             qk = apply_rotary(qk, cos, sin)  # one rope for q and k
             o = attend(qk[:, :H], qk[:, H:], v, k_cache, v_cache, view)  # [N, H, hd]
-        return self.o_proj(o.reshape(n, H * hd))
+        o = o.reshape(n, H * hd)
+        return self.o_proj(o) if lora is None else project(self.o_proj, o, lora)
 
 
 class MLP(nn.Module):
@@ -74,14 +81,21 @@ class MLP(nn.Module):
 
         self.gate_up_proj: nn.Module | None = None  # set by fuse_projections()
 
-    def forward(self, x: Tensor) -> Tensor:
-        # x: [N, D] -> [N, D]
+    def forward(self, x: Tensor, lora: Scalings | None = None) -> Tensor:
+        # x: [N, D] -> [N, D]; lora: the pass's X-LoRA scalings, for the projections the adapters wrap
         if self.gate_up_proj is not None:
+            gate_up = self.gate_up_proj(x) if lora is None else project(self.gate_up_proj, x, lora)  # [N, 2 I]
             if self.cpu_ops:
-                return self.down_proj(torch.ops.mistralrs.silu_mul(self.gate_up_proj(x)))
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate).mul_(up))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+                h = torch.ops.mistralrs.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                h = F.silu(gate).mul_(up)
+        elif lora is None:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = F.silu(project(self.gate_proj, x, lora)) * project(self.up_proj, x, lora)
+        # h: [N, I]
+        return self.down_proj(h) if lora is None else project(self.down_proj, h, lora)
 
 
 class DecoderLayer(nn.Module):
@@ -92,9 +106,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
         self.mlp = MLP(cfg, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, view)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView,
+                lora: Scalings | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, view, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class CausalLM(nn.Module):
@@ -116,18 +131,20 @@ class CausalLM(nn.Module):
         self.max_positions = max_positions
         self.rotary = Rotary(cfg, max_positions, device=None if device == torch.device("meta") else device)
 
-    def hidden_states(self, input_ids: Tensor, view: BatchView, cache: "KVLayers") -> Tensor:
-        # input_ids: [N] -> final-norm hidden states [N, D]
+    def hidden_states(self, input_ids: Tensor, view: BatchView, cache: "KVLayers", lora: Scalings | None = None) -> Tensor:
+        # input_ids: [N] -> final-norm hidden states [N, D]. lora: X-LoRA scalings of this pass
+        # (models/xlora.py), None for the plain model
         x = self.embed_tokens(input_ids)
-        # NOTE: the fused CPU op applies rope in float32 from float32 tables (no rounding on the way)
+        # NOTE: the fused CPU op applies rope in float32 from float32 tables (no rounding on the way);
+        # use_cpu_kernels sets this model's choice and its attention modules' together
         cos, sin = self.rotary.tables(view.positions, torch.float32 if self.cpu_ops and view.num_decode else x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], view)
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], view, lora)
         return self.norm(x)
 
-    def forward(self, input_ids: Tensor, view: BatchView, cache: "KVLayers") -> Tensor:
+    def forward(self, input_ids: Tensor, view: BatchView, cache: "KVLayers", lora: Scalings | None = None) -> Tensor:
         # -> logits [S, V] in float32 for the rows in view.logit_rows
-        h = self.hidden_states(input_ids, view, cache)
+        h = self.hidden_states(input_ids, view, cache, lora)
         return self.logits(h[view.logit_rows])
 
     def logits(self, h: Tensor) -> Tensor:

@@ -320,7 +320,7 @@ class XLoraPipeline(Pipeline):
                 if len(cache.streams) < 2:
                     raise RuntimeError("X-LoRA needs a KV cache pool with 2 streams (Pipeline.cache_streams)")
                 h = xl.scaling_hidden(input_ids, view, cache.streams[1])
-            s = xl.classify(h)
+            s = xl.classifier(h)  # [N, rows, n]
             if plan is not None and plan.frozen_rows:
                 s[plan.frozen_rows] = self._frozen[plan.frozen_slots]
         if plan is not None and plan.freeze_rows:

@@ -97,3 +97,20 @@ def test_layer_indices_of_the_ordering_are_used(tiny_llama, tmp_path):
     save_file(t, str(f))
     fixed = step(p := load_pipeline(case.spec()), make_pool(p), prefill=[(0, 0, ids)], all_rows=True)
     assert rel_err(fixed, want) < 1e-4
+
+
+def test_the_decoder_without_scalings_is_the_base_model(tiny_llama, tmp_path):
+    """Scalings reach the wrapped linears only through a pass's forward: the same decoder called
+    without them (lora=None), after an X-LoRA step, is the bare base model."""
+    case = build_xlora(tiny_llama, tmp_path / "x", targets=ALL)
+    pipe = load_pipeline(case.spec())
+    ids = list(range(40, 52))
+    step(pipe, make_pool(pipe), prefill=[(0, 0, ids)], all_rows=True)
+    pool = make_pool(pipe)
+    view = pool.build_view([], [(0, 0, len(ids))], pipe.config.sliding_window, [True])
+    view.logit_rows = torch.arange(len(ids))
+    with torch.inference_mode():
+        got = pipe.model(torch.tensor(ids), view, pool)
+    with torch.no_grad():
+        want = load_base(pretrained_model_name_or_path=str(tiny_llama))(torch.tensor([ids])).logits[0]
+    assert rel_err(got, want) < 1e-5
