@@ -190,7 +190,7 @@ class Engine:
             self.scheduler.remove(seq)
         extra = None
         if seq.slot is not None:
-            extra = self.pipe.release_slot(seq.slot)
+            extra = self.pipe.end_slot(seq.slot)
             self.pool.free(seq.slot)
             seq.slot = None
         return extra
@@ -217,6 +217,7 @@ class Engine:
             self.stats.preempted += 1
         for seq in out.admitted:
             seq.slot = self.pool.allocate()
+            self.pipe.begin_slot(seq.slot)
         for src, dst, n in out.copies:
             self.pool.copy_prefix(src.slot, dst.slot, n)
         if out.empty:

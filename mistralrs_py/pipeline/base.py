@@ -107,9 +107,13 @@ class Pipeline:
             return self.compiled_decode(input_ids, view.positions, view.decode_slots, mask, view.logit_rows, cache)
         return self.model(input_ids, view, cache)
 
-    def release_slot(self, slot: int) -> dict | None:
-        """Called by the engine when the sequence in `slot` ends; per-sequence extras to report
-        (X-LoRA: mean scalings per adapter), or None."""
+    def begin_slot(self, slot: int) -> None:
+        """Called by the engine when it gives `slot` to a sequence (admitted, or readmitted after a
+        preemption): per-slot state of a pipeline starts afresh there."""
+
+    def end_slot(self, slot: int) -> dict | None:
+        """Called by the engine when the sequence that owned `slot` ends or is preempted, before the
+        slot is freed: per-sequence extras to report (X-LoRA: mean scalings per adapter), or None."""
         return None
 
 

@@ -6,7 +6,8 @@ GGUF kept quantized) plus an X-LoRA checkpoint in the xlora package's layout:
 
 Everything X-LoRA-specific at run time lives in `XLoraPipeline`: the engine only sees
 `cache_streams` (2: real pass in stream 0, scaling pass in stream 1; 1 with --no-xlora-kv-cache),
-`forward` and `release_slot` (which reports the sequence's mean scalings per adapter).
+`forward`, and the per-slot hooks `begin_slot` (a new sequence: its scaling state starts afresh) and
+`end_slot` (which reports the sequence's mean scalings per adapter).
 """
 
 from __future__ import annotations
@@ -304,10 +305,6 @@ class XLoraPipeline(Pipeline):
     def forward(self, input_ids: Tensor, view: BatchView, cache) -> Tensor:
         self._state_for(cache)
         xl = self.xlora
-        for seg in view.prefills:
-            if seg.start_pos == 0:  # a new sequence in this slot: its report starts afresh
-                self._sums[seg.slot].zero_()
-                self._counts[seg.slot] = 0
         if self.no_kv_cache:
             self._ids[view.row_slots, view.positions] = input_ids
         plan = self._non_granular_plan(view) if self.tgt_non_granular_index is not None else None
@@ -332,17 +329,31 @@ class XLoraPipeline(Pipeline):
         self.last_scalings = s
         return logits
 
+    # ---- per-slot hooks (the engine's) -------------------------------------------------------
     @torch.inference_mode()  # NOTE: the per-slot state was made inside forward's inference mode
-    def release_slot(self, slot: int) -> dict | None:
-        if self._pool() is None:
+    def begin_slot(self, slot: int) -> None:
+        if self._has_state(slot):
+            self._reset(slot)
+
+    @torch.inference_mode()
+    def end_slot(self, slot: int) -> dict | None:
+        if not self._has_state(slot):
             return None
         count = float(self._counts[slot])
         means = (self._sums[slot] / max(count, 1.0)).tolist()
+        self._reset(slot)
+        return {"xlora_scalings": dict(zip(self.adapter_names, means))} if count else None
+
+    def _has_state(self, slot: int) -> bool:
+        """NOTE: the state is made (zeroed) when forward first sees a pool; before that, or after the
+        pool is gone, a slot has nothing to reset or report."""
+        return self._pool() is not None and slot < self._counts.shape[0]
+
+    def _reset(self, slot: int) -> None:
         self._sums[slot].zero_()
         self._counts[slot] = 0
         if self.tgt_non_granular_index is not None:
             self._steps[slot], self._frozen_set[slot] = 0, False
-        return {"xlora_scalings": dict(zip(self.adapter_names, means))} if count else None
 
     # ---- --no-xlora-kv-cache ------------------------------------------------------------------
     def _uncached_scaling_hidden(self, view: BatchView) -> Tensor:
@@ -382,8 +393,6 @@ class XLoraPipeline(Pipeline):
         token's scalings. Unlike mistral.rs (which forces --max-seqs 1), the state is per slot."""
         tgt, plan = self.tgt_non_granular_index, _Plan()
         for seg in view.prefills:
-            if seg.start_pos == 0:
-                self._steps[seg.slot], self._frozen_set[seg.slot] = 0, False
             if tgt == 0:
                 plan.freeze_rows.append(seg.end_row - 1)
                 plan.freeze_slots.append(seg.slot)

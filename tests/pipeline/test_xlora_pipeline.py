@@ -1,6 +1,6 @@
 """The X-LoRA pipeline step by step against PEFT's full recomputation: chunked prefill, decode steps
 and batches of sequences at different lengths, with the dual KV cache and with --no-xlora-kv-cache;
---tgt-non-granular-index; the per-sequence scalings report; a GGUF base; the engine end to end."""
+--tgt-non-granular-index; the per-slot hooks and the per-sequence scalings report; a GGUF base; the engine end to end."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ def test_chunked_prefill_then_decode_equals_peft(request, arch, no_kv_cache):
     (ids,) = seqs_for(pipe.config.vocab_size, [21], 7)
     want, want_s = ref(case, ids)
     pool = make_pool(pipe)
+    pipe.begin_slot(2)
     got = step(pipe, pool, prefill=[(2, 0, ids[:9])])
     assert rel_err(got[0], want[8]) < 1e-4
     got = step(pipe, pool, prefill=[(2, 9, ids[9:16])])  # the second chunk reads cached keys
@@ -59,6 +60,8 @@ def test_batched_decode_of_sequences_at_different_lengths(llama_case, no_kv_cach
     wants = [ref(llama_case, s)[0] for s in seqs]
     pool = make_pool(pipe, slots=6)
     slots = [5, 0, 3, 1]
+    for s in slots:
+        pipe.begin_slot(s)
     for s, toks in zip(slots[:3], seqs[:3]):
         step(pipe, pool, prefill=[(s, 0, toks[:-3])])
     step(pipe, pool, prefill=[(slots[3], 0, seqs[3][:4])])
@@ -102,6 +105,7 @@ def test_tgt_non_granular_index_freezes_scalings(llama_case, monkeypatch, no_kv_
     real = pipe.xlora.scaling_hidden
     monkeypatch.setattr(pipe.xlora, "scaling_hidden", lambda *x: calls.append(1) or real(*x))
     pool = make_pool(pipe)
+    pipe.begin_slot(0)
     step(pipe, pool, prefill=[(0, 0, a[:pa])])
     for pos in range(pa, pb):  # A decodes alone
         calls.clear()
@@ -109,6 +113,7 @@ def test_tgt_non_granular_index_freezes_scalings(llama_case, monkeypatch, no_kv_
         assert rel_err(got[0], want_a[pos]) < 1e-4, pos
         assert bool(calls) == (pos - pa + 1 <= tgt), pos  # the scaling pass stops after the freeze
     assert rel_err(want_a[-1], unfrozen_a[-1]) > 1e-3  # freezing changes the model
+    pipe.begin_slot(1)
     got = step(pipe, pool, decode=[(0, pb, a[pb])], prefill=[(1, 0, b[:pb])])  # mixed: B's prompt runs the pass
     assert rel_err(got[0], want_a[pb]) < 1e-4 and rel_err(got[1], want_b[pb - 1]) < 1e-4
     for pos in range(pb + 1, 12):
@@ -116,29 +121,46 @@ def test_tgt_non_granular_index_freezes_scalings(llama_case, monkeypatch, no_kv_
         got = step(pipe, pool, decode=[(0, pos, a[pos]), (1, pos - 1, b[pos - 1])])
         assert rel_err(got[0], want_a[pos]) < 1e-4 and rel_err(got[1], want_b[pos - 1]) < 1e-4, pos
         assert bool(calls) == (pos - 1 - pb + 1 <= tgt), pos
-    # a new sequence in a released slot starts unfrozen
-    pipe.release_slot(0)
+    # a new sequence in slot 0 starts unfrozen: begin_slot resets the slot (A never ended here)
+    pipe.begin_slot(0)
     calls.clear()
     step(pipe, pool, prefill=[(0, 0, b[:pb])])
     got = step(pipe, pool, decode=[(0, pb, b[pb])])
     assert rel_err(got[0], want_b[pb]) < 1e-4
 
 
-def test_release_slot_reports_mean_scalings_per_adapter(llama_case):
+def test_end_slot_reports_mean_scalings_per_adapter(llama_case):
     pipe = load_pipeline(llama_case.spec())
     a, b = seqs_for(pipe.config.vocab_size, [9, 6], 3)
     pool = make_pool(pipe)
+    pipe.begin_slot(0)
+    pipe.begin_slot(2)
     step(pipe, pool, prefill=[(0, 0, a[:6]), (2, 0, b)])
     for pos in range(6, 9):
         step(pipe, pool, decode=[(0, pos, a[pos])])
-    rep = pipe.release_slot(0)["xlora_scalings"]
+    rep = pipe.end_slot(0)["xlora_scalings"]
     assert list(rep) == llama_case.names
     want = ref(llama_case, a)[1].mean(dim=(0, 1))  # mean over positions and layers
     assert torch.allclose(torch.tensor(list(rep.values())), want, atol=1e-5)
     assert abs(sum(rep.values()) - 1) < 1e-5
-    assert pipe.release_slot(0) is None  # reset: nothing ran in slot 0 since
-    assert torch.allclose(torch.tensor(list(pipe.release_slot(2)["xlora_scalings"].values())),
+    assert pipe.end_slot(0) is None  # reset: nothing ran in slot 0 since
+    assert torch.allclose(torch.tensor(list(pipe.end_slot(2)["xlora_scalings"].values())),
                           ref(llama_case, b)[1].mean(dim=(0, 1)), atol=1e-5)
+
+
+def test_begin_slot_starts_a_fresh_report(llama_case):
+    """A sequence given a slot whose previous owner never ended (no end_slot) reports its own
+    scalings only: begin_slot resets the slot, not the sight of a prompt at position 0."""
+    pipe = load_pipeline(llama_case.spec())
+    a, b = seqs_for(pipe.config.vocab_size, [9, 6], 4)
+    pool = make_pool(pipe)
+    pipe.begin_slot(1)
+    step(pipe, pool, prefill=[(1, 0, a)])
+    pipe.begin_slot(1)
+    step(pipe, pool, prefill=[(1, 0, b[:4])])
+    step(pipe, pool, prefill=[(1, 4, b[4:])])
+    rep = pipe.end_slot(1)["xlora_scalings"]
+    assert torch.allclose(torch.tensor(list(rep.values())), ref(llama_case, b)[1].mean(dim=(0, 1)), atol=1e-5)
 
 
 def test_gguf_base_quantized(tmp_path):
@@ -156,6 +178,7 @@ def test_gguf_base_quantized(tmp_path):
     (ids,) = seqs_for(pipe.config.vocab_size, [15], 1)
     want, want_s = ref(case, ids)
     pool = make_pool(pipe)
+    pipe.begin_slot(0)
     got = step(pipe, pool, prefill=[(0, 0, ids[:12])], all_rows=True)
     assert rel_err(got, want[:12]) < 1e-4
     for pos in range(12, 15):
