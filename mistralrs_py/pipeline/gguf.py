@@ -152,7 +152,7 @@ def config_from_gguf(fields: dict, tensor_names: set[str], path: Path) -> ModelC
 
 def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: bool, progress=None, name=None) -> Pipeline:
     """Dense: every tensor dequantized to `dtype`. Quantized: linear layers and the embedding keep
-    the file's blocks (models/quant.py picks a kernel per type); norms are dense."""
+    the file's blocks (models/quant_kernels.py picks a kernel per type); norms are dense."""
     fields, tensor_list = read_gguf(path)
     tensors = {t.name: t for t in tensor_list}
     cfg = config_from_gguf(fields, set(tensors), path)
@@ -171,7 +171,7 @@ def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: boo
     kinds: dict[str, int] = {}
 
     def dense(ours: str):
-        from ..models.quant import dequantize
+        from ..models.ggml_blocks import dequantize
 
         t, raw = raw_of[ours]
         return dequantize(raw, t.qtype, t.shape)
@@ -241,7 +241,7 @@ def _remap_embedding(model, path: Path, t: GGUFTensor) -> None:
 
 
 def _supported() -> frozenset[int]:
-    from ..models.quant import GGML_SUPPORTED
+    from ..models.ggml_blocks import GGML_SUPPORTED
 
     return GGML_SUPPORTED
 
