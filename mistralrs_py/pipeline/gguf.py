@@ -96,12 +96,6 @@ def resolve_gguf(model_id: str | None, filename: str | None, revision: str | Non
     return hub.download_file(model_id, filename, revision)
 
 
-def read_fields(reader) -> dict:
-    from .gguf_tokenizer import read_gguf_fields
-
-    return read_gguf_fields(reader)
-
-
 @dataclass(frozen=True)
 class GGUFTensor:
     name: str
@@ -116,8 +110,10 @@ def read_gguf(path: Path) -> tuple[dict, list[GGUFTensor]]:
 
     NOTE: the gguf reader is dropped (and its heap returned) before any weight is allocated: it
     holds ~150 MB of small objects for a 49k vocabulary, which would otherwise pin heap pages."""
+    from .gguf_tokenizer import read_gguf_fields
+
     reader = open_gguf(path)
-    fields = read_fields(reader)
+    fields = read_gguf_fields(reader)
     infos = [(t.name, int(t.tensor_type), tuple(int(d) for d in reversed(t.shape.tolist())), int(t.data_offset), int(t.n_bytes))
              for t in reader.tensors]  # GGUF lists ne0 (columns) first
     del reader

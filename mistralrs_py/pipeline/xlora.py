@@ -101,9 +101,10 @@ def num_layers_of(model_id: str | None, revision: str | None = None) -> int:
         if len(found) == 1:
             path = found[0]
     if path.is_file():
-        from .gguf import open_gguf, read_fields
+        from .gguf import open_gguf
+        from .gguf_tokenizer import read_gguf_fields
 
-        fields = read_fields(open_gguf(path))
+        fields = read_gguf_fields(open_gguf(path))
         arch = fields.get("general.architecture")
         if f"{arch}.block_count" not in fields:
             raise LoadError(f"{path}: GGUF metadata has no {arch}.block_count")
