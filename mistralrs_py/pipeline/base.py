@@ -118,24 +118,19 @@ class Pipeline:
 
 
 Loader = Callable[[ModelSpec, "Progress | None"], Pipeline]
-LOADERS: dict[ModelKind, Loader] = {}
-
-
-def register(kind: ModelKind):
-    def deco(fn: Loader) -> Loader:
-        LOADERS[kind] = fn
-        return fn
-
-    return deco
 
 
 def load_pipeline(spec: ModelSpec, progress=None) -> Pipeline:
-    # NOTE: importing the loader modules registers them; done here so `--help` never imports torch.
-    from . import gguf, hf, xlora  # noqa: F401
+    # NOTE: the loader modules are imported here, when a model is loaded, so `--help` never imports torch.
+    from .gguf import load_quantized
+    from .hf import load_plain
+    from .xlora import load_xlora
 
-    if spec.kind not in LOADERS:
+    loaders: dict[ModelKind, Loader] = {ModelKind.PLAIN: load_plain, ModelKind.GGUF: load_quantized,
+                                        ModelKind.XLORA: load_xlora}
+    if spec.kind not in loaders:
         raise LoadError(f"`{spec.kind.value}` is not built yet")
-    pipeline = LOADERS[spec.kind](spec, progress)
+    pipeline = loaders[spec.kind](spec, progress)
     ok = False
     if pipeline.device.type == "cpu":
         from ..models import kernels

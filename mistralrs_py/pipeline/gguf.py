@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from ..models.config import ConfigError, ModelConfig
 from . import hub
-from .base import LoadError, ModelKind, ModelSpec, Pipeline, register, resolve_device, resolve_dtype
+from .base import LoadError, ModelSpec, Pipeline, resolve_device, resolve_dtype
 from .weights import build_empty, load_tensors, memory_bytes, release_memory, serving_length
 
 # NOTE: llama.cpp's tensor names -> ours; `{i}` is the layer index.
@@ -55,7 +55,6 @@ def unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
     return h * hd + 2 * j + i
 
 
-@register(ModelKind.GGUF)
 def load_quantized(spec: ModelSpec, progress=None) -> Pipeline:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)

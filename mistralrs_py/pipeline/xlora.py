@@ -20,13 +20,12 @@ from ..lora.classifier import XLoraClassifier, XLoraConfigError
 from ..models.layers import BatchView, Linear, PrefillSegment, prefill_mask
 from ..models.xlora import AdapterStack, XLoraModel
 from . import hub
-from .base import LoadError, ModelKind, ModelSpec, Pipeline, register
+from .base import LoadError, ModelKind, ModelSpec, Pipeline
 from .weights import memory_bytes
 from .xlora_checkpoint import LoraAdapter, read_checkpoint, wrapped_modules
 
 
 # ---- loading --------------------------------------------------------------------------------------
-@register(ModelKind.XLORA)
 def load_xlora(spec: ModelSpec, progress=None) -> "XLoraPipeline":
     # NOTE: the X-LoRA files are read and checked first, so a wrong ordering or adapter fails in a
     # second instead of after the base model's load.
