@@ -147,8 +147,8 @@ def read_checkpoint(spec: ModelSpec) -> tuple[XLoraConfig, Ordering | None, list
 
 def wrapped_modules(cfg: XLoraConfig, ordering: Ordering | None, adapters: list[LoraAdapter], base: ModelConfig,
                     order_source: str) -> tuple[list[str], list[int]]:
-    """The checkpoint against the base model's config: (HF paths of the linears to wrap, in
-    ordering order; the X-LoRA layer index of each)."""
+    """The checkpoint against the base model's config: (HF module paths of the linears to wrap; the
+    X-LoRA layer index of each, from the ordering)."""
     if cfg.hidden_size != base.hidden_size:
         raise LoadError(f"xlora_config.json: hidden_size is {cfg.hidden_size}, the base model's is {base.hidden_size}: "
                         "the X-LoRA model was trained on another base model")
