@@ -134,3 +134,11 @@ def test_the_kernel_choice_is_the_modules_own(tiny_llama):
     # the model, its norm and head; per layer two norms, attention, MLP and four fused projections
     assert use_cpu_kernels(pipe.model, False) == 3 + 8 * pipe.config.num_layers
     assert not mistralrs_ops(lambda: step(pipe, pool, decode=[(0, 8, 13)]))
+
+
+def test_cpu_kernels_are_not_chosen_without_their_build(tiny_llama, monkeypatch):
+    monkeypatch.setattr(kernels, "_state", {"ok": False, "why": "test: no build"})
+    pipe = load_safetensors_dir(tiny_llama, ModelSpec(model_id=str(tiny_llama)), torch.device("cpu"), torch.float32)
+    with pytest.raises(RuntimeError, match="test: no build"):
+        use_cpu_kernels(pipe.model, True)
+    assert not any(getattr(m, "cpu_ops", False) for m in pipe.model.modules())

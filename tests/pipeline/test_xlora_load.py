@@ -64,6 +64,16 @@ def test_nested_adapter_folders_and_adapters_as_a_list(case):
     assert rel_err(step(pipe, make_pool(pipe), prefill=[(0, 0, ids)]), ref(case, ids)[0][-1:]) < 1e-4
 
 
+def test_the_kernel_choice_reaches_the_wrapped_linears_and_the_classifier(built):
+    """load_pipeline makes the CPU kernels' choice once the X-LoRA loader has made every module."""
+    from mistralrs_py.models import kernels
+
+    on = kernels.available()
+    pipe = load_pipeline(built.spec())
+    assert pipe.xlora.classifier.last.cpu_ops == on and all(w.cpu_ops == on for w in pipe.xlora.wrapped)
+    assert {m.cpu_ops for m in pipe.network().modules() if hasattr(type(m), "cpu_ops")} == {on}
+
+
 def test_unknown_adapter_in_the_ordering(case):
     edit_json(case.ordering, order=["adapter_a", "adapter_x", "adapter_c"])
     assert "unknown adapter 'adapter_x'" in load_error(case)
