@@ -342,7 +342,7 @@ def main() -> None:
 
     # X-LoRA vs its base, when the X-LoRA demo is available
     try:
-        from mistralrs_py.pipeline.xlora import bench_pipelines
+        from bench.xlora_pipelines import bench_pipelines
 
         xl, base = bench_pipelines()
         speeds = alternate({"xlora": Run(Engine(xl, max_seqs=4)), "base": Run(Engine(base, max_seqs=4))}, xl.tokenizer,

@@ -31,17 +31,6 @@ def is_greedy(p: SamplingOptions) -> bool:
     return p.temperature == 0.0 or p.top_k == 1
 
 
-def needs_processing(p: SamplingOptions) -> bool:
-    """False when sampling reduces to argmax of the raw logits (the batched fast path)."""
-    return not (
-        is_greedy(p)
-        and not p.logit_bias
-        and p.presence_penalty == 0.0
-        and p.frequency_penalty == 0.0
-        and p.repetition_penalty == 1.0
-    )
-
-
 def apply_logit_bias(logits: Tensor, bias: Mapping[int, float] | None) -> Tensor:
     # logits: [V]; OpenAI: the bias is added to the logits before sampling (-100 bans, 100 forces).
     if bias:
@@ -244,20 +233,6 @@ def _filter_batch(logits: Tensor, params: Sequence[SamplingOptions]) -> Tensor:
 
 def _sampled_rows(params: Sequence[SamplingOptions]) -> list[int]:
     return [r for r, p in enumerate(params) if not is_greedy(p)]
-
-
-def process_batch(logits: Tensor, params: Sequence[SamplingOptions], outputs: Sequence[Sequence[int]],
-                  contexts: Sequence[Sequence[int]]) -> Tensor:
-    """logits: [S, V] float32 raw logits -> [S, V]; row r equals (up to float rounding)
-    process_logits(logits[r], params[r], outputs[r], contexts[r])."""
-    x = _penalize_batch(logits.float(), params, outputs, contexts)
-    rows = _sampled_rows(params)
-    if not rows:
-        return x
-    if len(rows) == len(params):
-        return _filter_batch(x, params)
-    idx = torch.tensor(rows, dtype=torch.long, device=x.device)
-    return x.index_copy(0, idx, _filter_batch(x[idx], [params[r] for r in rows]))
 
 
 def sample_batch(logits: Tensor, params: Sequence[SamplingOptions], outputs: Sequence[Sequence[int]],

@@ -91,12 +91,6 @@ def test_token_logprobs_are_log_softmax():
     assert [i for i, _ in top] == [4, 0, 1] and all(math.isclose(v, ref[i].item(), rel_tol=1e-6) for i, v in top)
 
 
-def test_needs_processing():
-    assert not S.needs_processing(SamplingParams(temperature=0.0))
-    assert S.needs_processing(SamplingParams(temperature=0.0, logit_bias={1: 1.0}))
-    assert S.needs_processing(SamplingParams(temperature=1.0))
-
-
 def test_sample_refuses_an_empty_or_nan_distribution():
     with pytest.raises(ValueError):
         S.sample(torch.full((5,), float("-inf")), False, torch.Generator().manual_seed(0))
@@ -138,12 +132,23 @@ def batch_case(params, seed):
     return logits, params, outputs, contexts
 
 
+def processed_batch(logits, params, outputs, contexts):
+    """What sample_batch draws from: the batched penalties on every row, then the batched filters on
+    the sampled (not greedy) rows."""
+    x = S._penalize_batch(logits.float(), params, outputs, contexts)
+    rows = [r for r, p in enumerate(params) if not S.is_greedy(p)]
+    if not rows:
+        return x
+    idx = torch.tensor(rows)
+    return x.index_copy(0, idx, S._filter_batch(x[idx], [params[r] for r in rows]))
+
+
 @pytest.mark.parametrize("params", [MIXED, SAMPLED, GREEDY, TOP_K], ids=["mixed", "all-sampled", "all-greedy", "top-k"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_process_batch_equals_process_logits_row_by_row(params, seed):
+def test_batched_processing_equals_process_logits_row_by_row(params, seed):
     logits, params, outputs, contexts = batch_case(params, seed)
     before = logits.clone()
-    got = S.process_batch(logits, params, outputs, contexts)
+    got = processed_batch(logits, params, outputs, contexts)
     assert torch.equal(logits, before)  # the raw logits (logprobs read them) are left alone
     for r, p in enumerate(params):
         ref = S.process_logits(logits[r], p, outputs[r], contexts[r])
@@ -170,7 +175,7 @@ def test_top_p_of_one_stays_off_when_the_float_cumsum_reaches_one_early():
     # p0 rounds to 1.0 in float32, so (cumsum - prob) of the next tokens is already 1.0 >= p
     row = torch.tensor([0.0, -30.0, -30.0, -31.0, -40.0])
     p = SamplingParams(top_k=4, top_p=1.0)
-    got = S.process_batch(row[None], [p], [[]], [[]])[0]
+    got = processed_batch(row[None], [p], [[]], [[]])[0]
     assert banned(got) == banned(S.process_logits(row, p, [], [])) == [4]
 
 

@@ -78,6 +78,8 @@ class DecodeGraphs:
             positions=self.positions[:b], row_slots=self.slots[:b], logit_rows=self.logit_rows[:b],
             num_decode=b, decode_slots=self.slots[:b], decode_slot_range=None, decode_len=length,
             decode_mask=decode_mask(self.lengths[:b], length, self.window), static=True,
+            # NOTE: for a model whose fused CPU decode op reads them (eager static steps on the CPU)
+            window=self.window, scratch_slot=self.pool.scratch_slot,
         )
 
     def _run_static(self, b: int, length: int) -> Tensor:

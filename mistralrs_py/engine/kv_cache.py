@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import kernels
 from ..models.layers import BatchView, PrefillSegment, decode_mask, prefill_mask
 
 # NOTE: slots are zeroed lazily, this many positions at a time, the first time a step reads that far.
@@ -238,7 +237,6 @@ class KVCachePool(KVStream):
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
             prefills=segments,
             window=window,
-            fused_decode=self.device.type == "cpu" and kernels.ready(),
             **fields,
         )
         return view

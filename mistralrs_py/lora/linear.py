@@ -11,34 +11,40 @@ the base projection and this update in one op of ours (models/csrc/linear.cpp).
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 
+@dataclass(frozen=True, slots=True)
 class Scalings:
-    """What the wrapped linears of one model read during a pass; the model sets it before each pass.
+    """What one pass of the decoder gives its wrapped linears: an argument of the forward
+    (`CausalLM.hidden_states(..., lora=...)`), never state kept between passes.
 
-    NOTE: one object shared by the model and its wrappers (given to each at construction), so a pass
-    sets the scalings once instead of on every wrapped linear.
-
-    * `rank`: [N, rows, R] per-token scalings in rank space (rows = L when layerwise, else 1), or
-    * `constant`: one value for every token and adapter (the scaling pass's dummy scalings); with
-      `rank` None and `constant` 0 the adapters are skipped and the layer is the base linear.
+    * `rank`: [N, rows, R] per-token scalings in rank space (rows = L when layerwise, else 1): the
+      real pass (`per_token`), or
+    * `constant`: one value for every token and adapter: the scaling pass's dummy scalings
+      (`fixed`); with `rank` None and `constant` 0 the adapters are skipped and the layer is its
+      base linear, as with no scalings at all (lora=None).
     """
 
-    __slots__ = ("rank", "constant")
+    rank: Tensor | None = None
+    constant: float = 0.0
 
-    def __init__(self) -> None:
-        self.rank: Tensor | None = None
-        self.constant: float = 0.0
+    @classmethod
+    def per_token(cls, rank: Tensor) -> "Scalings":
+        return cls(rank, 0.0)
 
-    def set_rank(self, rank: Tensor) -> None:
-        self.rank, self.constant = rank, 0.0
+    @classmethod
+    def fixed(cls, value: float) -> "Scalings":
+        return cls(None, float(value))
 
-    def set_constant(self, value: float) -> None:
-        self.rank, self.constant = None, float(value)
+
+def project(mod: nn.Module, x: Tensor, lora: Scalings) -> Tensor:
+    """mod(x) within a pass that carries scalings: a wrapped linear takes them, any other
+    projection (one the adapters do not target) is called as is."""
+    return mod(x, lora) if isinstance(mod, XLoraLinear) else mod(x)
 
 
 class XLoraLinear(nn.Module):
@@ -55,14 +61,14 @@ class XLoraLinear(nn.Module):
     where tiny bf16 matmuls cost several times more than float32 ones): the input is upcast for
     them and their sum added back in the base's dtype."""
 
-    def __init__(self, base: nn.Module, lora_a: Tensor, lora_bt: Tensor, scalings: Scalings, rows: list[int],
-                 indices: list[int], spans: list[tuple[int, int]] | None = None,
-                 small_rows_op: Callable[[Tensor], bool] | None = None):
+    # NOTE: whether decode rows may use our CPU ops (torch.ops.mistralrs.lora_linear / lora_add_);
+    # set with the rest of the model's modules at load (models.llama.use_cpu_kernels)
+    cpu_ops: bool = False
+
+    def __init__(self, base: nn.Module, lora_a: Tensor, lora_bt: Tensor, rows: list[int],
+                 indices: list[int], spans: list[tuple[int, int]] | None = None):
         super().__init__()
         self.base = base
-        # NOTE: given by the model (lora sits below models): whether a call may use our CPU ops
-        # (torch.ops.mistralrs.lora_linear / lora_add_) for the adapters of decode rows
-        self.small_rows_op = small_rows_op
         self.parts = len(rows)
         self.rank = lora_bt.shape[0]
         if lora_a.shape[0] != self.parts * self.rank:
@@ -71,7 +77,6 @@ class XLoraLinear(nn.Module):
         self.lora_a = nn.Parameter(lora_a, requires_grad=False)  # [parts * R, in]
         # NOTE: transposed ([R, out], contiguous): the faster layout for x @ B^T; alpha/r and g folded in
         self.lora_bt = nn.Parameter(lora_bt, requires_grad=False)
-        self.scalings = scalings
         self._whole = self.parts == 1 and self.spans[0] == (0, lora_bt.shape[1])
         # NOTE: what our CPU ops take per part: (start, end, Scalings row), as one int64 tensor made
         # here (the op binding parses a tensor faster than a Python int list: ~2.5 us a call)
@@ -87,12 +92,12 @@ class XLoraLinear(nn.Module):
         self.register_buffer("row_index", torch.tensor(rows, device=lora_a.device), persistent=False)
         self.indices = indices  # X-LoRA layer index of each part (reports, tests)
 
-    def forward(self, x: Tensor) -> Tensor:
-        # x: [N, in] -> [N, out]
-        s = self.scalings
-        if s.rank is None and s.constant == 0.0:
+    def forward(self, x: Tensor, lora: Scalings | None = None) -> Tensor:
+        # x: [N, in] -> [N, out]; no scalings (or zero ones): the base layer alone
+        s = lora
+        if s is None or (s.rank is None and s.constant == 0.0):
             return self.base(x)
-        if x.dim() == 2 and x.shape[0] <= 8 and self.small_rows_op is not None and self.small_rows_op(x):
+        if self.cpu_ops and x.dim() == 2 and x.shape[0] <= 8:
             return self._kernel(x, s)
         y = self.base(x)
         xa = x if x.dtype == self.lora_a.dtype else x.to(self.lora_a.dtype)

@@ -40,39 +40,22 @@ def _fuse_dense(mods: list[nn.Linear]) -> nn.Linear | None:
 
 def _fuse_quant(mods: list[QuantLinear]) -> QuantLinear | None:
     first = mods[0]
-    mode = first._mode
-    if any(m._mode != mode or m.compute_dtype != first.compute_dtype or m.in_features != first.in_features for m in mods):
+    kernel_type = type(first.kernel)
+    if any(type(m.kernel) is not kernel_type or m.compute_dtype != first.compute_dtype or m.in_features != first.in_features
+           for m in mods):
         return None
     has_bias = [m.bias is not None for m in mods]
     if any(has_bias) and not all(has_bias):
         return None
     bias = torch.cat([m.bias for m in mods]) if all(has_bias) else None
-    out = QuantLinear(first.in_features, sum(m.out_features for m in mods), first.compute_dtype, bias)
-    out._qtype, out._raw, out._mode = first._qtype, None, mode
-    out.kind = first.kind
-    if mode == "dense":
-        out._weight = torch.cat([m._weight for m in mods])
-    elif mode == "int8":
-        out._w8, out._s8 = torch.cat([m._w8 for m in mods]), torch.cat([m._s8 for m in mods])
-    elif mode == "qmm":
-        if any(m._bits != first._bits for m in mods):
-            return None
-        out._bits = first._bits  # NOTE: the packed layout keeps whole groups of 16 rows: rows concatenate
-        out._qs, out._qd, out._qmw = (torch.cat([getattr(m, a) for m in mods]) for a in ("_qs", "_qd", "_qmw"))
-    elif mode in ("int4", "int4cuda"):
-        # NOTE: packed rows are concatenated; _agrees() below proves the layout allows it.
-        out._qweight = torch.cat([m._qweight for m in mods])
-        out._sz = torch.cat([m._sz for m in mods], dim=1)  # [K/32, N, 2]
-    else:
-        return None
-    return out
+    kernel = kernel_type.cat([m.kernel for m in mods])  # None where the packed layout cannot be joined
+    return None if kernel is None else QuantLinear(kernel, bias)
 
 
 def _dtype_device(m: nn.Module) -> tuple[torch.dtype, torch.device]:
     if isinstance(m, nn.Linear):
         return m.weight.dtype, m.weight.device
-    t = next(v for v in vars(m).values() if isinstance(v, torch.Tensor))
-    return m.compute_dtype, t.device
+    return m.compute_dtype, m.kernel.device
 
 
 @torch.inference_mode()

@@ -170,8 +170,9 @@ def why_unavailable() -> str:
 
 
 def ready() -> bool:
-    """Whether the kernels are built and loaded, without building them (the model asks this per
-    call; loaders call ``available()`` once, which builds)."""
+    """Whether the kernels are built and loaded, without building them. NOTE: the model never asks
+    this: ``load_pipeline`` calls ``available()`` once (which builds) and sets each module's choice
+    (``llama.use_cpu_kernels``)."""
     return _state.get("ok", False)
 
 

@@ -13,15 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
 from .config import ModelConfig
-
-
-def cpu_kernels(x: Tensor) -> bool:
-    """Whether CPU code should call our fused ops (models/csrc) on x (eager, and traced by
-    --compile as opaque ops: faster than what inductor makes of the torch ops they replace)."""
-    return x.device.type == "cpu" and kernels.ready()
-
 
 # NOTE: up to this many rows (decode steps) our matrix-vector kernel beats torch's bf16 matmul,
 # which reads the weight at well under the memory's speed; prompt chunks stay on torch's GEMM
@@ -29,17 +21,22 @@ _GEMV_ROWS = 8
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose decode-sized bf16/fp16 CPU calls run our kernel (csrc/linear.cpp)."""
+    """nn.Linear whose decode-sized bf16/fp16 calls run our CPU kernel (csrc/linear.cpp) when
+    `cpu_ops` is set (llama.use_cpu_kernels)."""
+
+    cpu_ops: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [M, K] -> [M, N]
-        if (x.dim() == 2 and x.shape[0] <= _GEMV_ROWS and x.dtype in (torch.bfloat16, torch.float16)
-                and x.dtype == self.weight.dtype and cpu_kernels(x)):
+        if (self.cpu_ops and x.dim() == 2 and x.shape[0] <= _GEMV_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+                and x.dtype == self.weight.dtype):
             return torch.ops.mistralrs.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
+    cpu_ops: bool = False  # our fused kernel (llama.use_cpu_kernels)
+
     def __init__(self, dim: int, eps: float, device=None, dtype=None):
         super().__init__()
         self.eps = eps
@@ -48,7 +45,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # NOTE: one fused kernel (float32 inside, rounded once); torch's CPU rms_norm is several ops
         # in bf16 (~13 us for one row against ~1 us), and this runs twice per layer per token.
-        if cpu_kernels(x):
+        if self.cpu_ops:
             return torch.ops.mistralrs.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
@@ -135,12 +132,11 @@ class BatchView:
     write_run: tuple[int, int] | None = None
     # NOTE: built by engine/graphs.py on static, bucketed buffers (the only views --compile runs)
     static: bool = False
-    # NOTE: set by the cache pool for CPU steps when our kernels are built: the decode rows then
-    # take rope, the cache write and attention in one op (decode_attention_cpu); `window` is the
-    # sliding window it applies (the mask above encodes it for the torch path).
-    fused_decode: bool = False
+    # NOTE: for attention modules that run our fused CPU op (decode_attention_cpu): the sliding
+    # window it applies (the masks above encode it for the torch path), and the slot of padding rows
+    # in bucketed batches (--compile), which it skips. Every other decode row is a distinct slot.
     window: int | None = None
-    scratch_slot: int = -1  # padding rows' slot in bucketed batches (--compile): the fused op skips them
+    scratch_slot: int = -1
 
     @property
     def num_tokens(self) -> int:

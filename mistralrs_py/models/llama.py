@@ -3,6 +3,14 @@
 One implementation serves Llama-layout models (SmolLM2, TinyLlama, Llama 2/3) and Mistral
 (sliding-window attention). Linear layers are `layers.Linear` (an nn.Linear) by default; loaders may replace
 them with quantized or LoRA-wrapped modules that have the same call signature.
+
+Our fused CPU ops (models/csrc, built by kernels.py) are chosen once, when the model is loaded:
+`use_cpu_kernels(model, enabled)` sets the plain attribute `cpu_ops` on every module whose class
+declares one (Linear, RMSNorm, Attention, MLP, CausalLM here; XLoraLinear in lora/). A forward then
+tests its own `cpu_ops` (and the shapes and dtypes the op takes), never module-level state.
+NOTE: an attribute rather than gpt-fast's swap of module classes: loaders and X-LoRA replace and
+wrap modules by type (fusion, quantized layers, the adapters' wrapper), and one flag per module
+keeps those types unchanged; torch.compile treats the flag as a constant of the module.
 """
 
 from __future__ import annotations
@@ -12,11 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .layers import BatchView, Linear, RMSNorm, Rotary, apply_rotary, attend, cpu_kernels, decode_attention_cpu
+from ..lora.linear import Scalings, project
+from . import kernels
+from .layers import BatchView, Linear, RMSNorm, Rotary, apply_rotary, attend, decode_attention_cpu
 from .quant import QuantLinear
 
 
 class Attention(nn.Module):
+    cpu_ops: bool = False  # decode rows through our fused op (decode_attention_cpu)
+
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -27,18 +39,24 @@ class Attention(nn.Module):
         self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype)
         self.qkv_proj: nn.Module | None = None  # set by fuse_projections(): q, k, v in one matmul
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView) -> Tensor:
-        # x: [N, D]
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView,
+                lora: Scalings | None = None) -> Tensor:
+        # x: [N, D]; lora: the pass's X-LoRA scalings, for the projections the adapters wrap
         n, H, Hk, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)  # [N, (H + 2 Hk) hd]
+            qkv = self.qkv_proj(x) if lora is None else project(self.qkv_proj, x, lora)  # [N, (H + 2 Hk) hd]
             qk = qkv[:, : (H + Hk) * hd].view(n, H + Hk, hd)
             v = qkv[:, (H + Hk) * hd :].view(n, Hk, hd)
-        else:
+        elif lora is None:
             qk = torch.cat([self.q_proj(x).view(n, H, hd), self.k_proj(x).view(n, Hk, hd)], dim=1)
             v = self.v_proj(x).view(n, Hk, hd)
+        else:
+            q, k = project(self.q_proj, x, lora).view(n, H, hd), project(self.k_proj, x, lora).view(n, Hk, hd)
+            qk = torch.cat([q, k], dim=1)
+            v = project(self.v_proj, x, lora).view(n, Hk, hd)
         # qk: [N, H + Hk, hd] before rope; v: [N, Hk, hd]
-        if view.fused_decode and view.num_decode:
+        # NOTE: the fused op wants float32 rope tables (CausalLM.hidden_states makes them so)
+        if self.cpu_ops and view.num_decode:
             o = decode_attention_cpu(qk[:, :H], qk[:, H:], v, cos, sin, k_cache, v_cache, view)  # [B, H, hd]
             if view.num_decode < n:
                 qk = apply_rotary(qk, cos.to(qk.dtype), sin.to(qk.dtype))
@@ -47,10 +65,13 @@ class Attention(nn.Module):
         else:
             qk = apply_rotary(qk, cos, sin)  # one rope for q and k
             o = attend(qk[:, :H], qk[:, H:], v, k_cache, v_cache, view)  # [N, H, hd]
-        return self.o_proj(o.reshape(n, H * hd))
+        o = o.reshape(n, H * hd)
+        return self.o_proj(o) if lora is None else project(self.o_proj, o, lora)
 
 
 class MLP(nn.Module):
+    cpu_ops: bool = False  # our fused silu(gate) * up
+
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
         kw = dict(bias=cfg.mlp_bias, device=device, dtype=dtype)
@@ -60,14 +81,21 @@ class MLP(nn.Module):
 
         self.gate_up_proj: nn.Module | None = None  # set by fuse_projections()
 
-    def forward(self, x: Tensor) -> Tensor:
-        # x: [N, D] -> [N, D]
+    def forward(self, x: Tensor, lora: Scalings | None = None) -> Tensor:
+        # x: [N, D] -> [N, D]; lora: the pass's X-LoRA scalings, for the projections the adapters wrap
         if self.gate_up_proj is not None:
-            if cpu_kernels(x):
-                return self.down_proj(torch.ops.mistralrs.silu_mul(self.gate_up_proj(x)))
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate).mul_(up))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate_up = self.gate_up_proj(x) if lora is None else project(self.gate_up_proj, x, lora)  # [N, 2 I]
+            if self.cpu_ops:
+                h = torch.ops.mistralrs.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                h = F.silu(gate).mul_(up)
+        elif lora is None:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = F.silu(project(self.gate_proj, x, lora)) * project(self.up_proj, x, lora)
+        # h: [N, I]
+        return self.down_proj(h) if lora is None else project(self.down_proj, h, lora)
 
 
 class DecoderLayer(nn.Module):
@@ -78,14 +106,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
         self.mlp = MLP(cfg, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, view)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView,
+                lora: Scalings | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, view, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class CausalLM(nn.Module):
     """Parameter names follow transformers' `LlamaForCausalLM` (minus the `model.` prefix), so an HF
     state dict loads with one prefix strip."""
+
+    cpu_ops: bool = False  # float32 rope tables for the fused decode attention; float32 logits from our kernels
 
     def __init__(self, cfg: ModelConfig, max_positions: int, device=None, dtype=None):
         super().__init__()
@@ -100,18 +131,20 @@ class CausalLM(nn.Module):
         self.max_positions = max_positions
         self.rotary = Rotary(cfg, max_positions, device=None if device == torch.device("meta") else device)
 
-    def hidden_states(self, input_ids: Tensor, view: BatchView, cache: "KVLayers") -> Tensor:
-        # input_ids: [N] -> final-norm hidden states [N, D]
+    def hidden_states(self, input_ids: Tensor, view: BatchView, cache: "KVLayers", lora: Scalings | None = None) -> Tensor:
+        # input_ids: [N] -> final-norm hidden states [N, D]. lora: X-LoRA scalings of this pass
+        # (models/xlora.py), None for the plain model
         x = self.embed_tokens(input_ids)
-        # NOTE: the fused CPU op applies rope in float32 from float32 tables (no rounding on the way)
-        cos, sin = self.rotary.tables(view.positions, torch.float32 if view.fused_decode and view.num_decode else x.dtype)
+        # NOTE: the fused CPU op applies rope in float32 from float32 tables (no rounding on the way);
+        # use_cpu_kernels sets this model's choice and its attention modules' together
+        cos, sin = self.rotary.tables(view.positions, torch.float32 if self.cpu_ops and view.num_decode else x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], view)
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], view, lora)
         return self.norm(x)
 
-    def forward(self, input_ids: Tensor, view: BatchView, cache: "KVLayers") -> Tensor:
+    def forward(self, input_ids: Tensor, view: BatchView, cache: "KVLayers", lora: Scalings | None = None) -> Tensor:
         # -> logits [S, V] in float32 for the rows in view.logit_rows
-        h = self.hidden_states(input_ids, view, cache)
+        h = self.hidden_states(input_ids, view, cache, lora)
         return self.logits(h[view.logit_rows])
 
     def logits(self, h: Tensor) -> Tensor:
@@ -119,10 +152,11 @@ class CausalLM(nn.Module):
         # accumulators: bf16 output would round each logit to 8 bits (a step of 0.125 at 20), which
         # ties or swaps near-equal top tokens; on the embedded model it flips greedy answers.
         head = self.lm_head
-        if isinstance(head, QuantLinear) and cpu_kernels(h):
-            return head.forward_f32(h)
-        if isinstance(head, nn.Linear) and cpu_kernels(h) and h.dtype == head.weight.dtype:
-            return torch.ops.mistralrs.linear(h, head.weight, head.bias, True)
+        if self.cpu_ops:
+            if isinstance(head, QuantLinear):
+                return head.forward_f32(h)
+            if isinstance(head, nn.Linear) and h.dtype == head.weight.dtype:
+                return torch.ops.mistralrs.linear(h, head.weight, head.bias, True)
         return head(h).float()
 
 
@@ -141,6 +175,23 @@ def fuse_projections(model: CausalLM, fuse) -> int:
         if fused is not None:
             mlp.gate_up_proj, n = fused, n + 1
             del mlp.gate_proj, mlp.up_proj
+    return n
+
+
+def use_cpu_kernels(model: nn.Module, enabled: bool) -> int:
+    """Chooses, once, whether the modules of `model` run our fused CPU ops: sets `cpu_ops` on every
+    module whose class declares it. Returns how many modules were set.
+
+    NOTE: call it when the modules are final (after fuse_projections and any X-LoRA wrapping):
+    a module made later keeps its class default, torch's ops. `enabled` needs the kernels built
+    (kernels.available()) and the model on the CPU: the ops exist for the CPU only."""
+    if enabled and not kernels.available():
+        raise RuntimeError(f"our CPU kernels are not available: {kernels.why_unavailable()}")
+    n = 0
+    for m in model.modules():
+        if hasattr(type(m), "cpu_ops"):
+            m.cpu_ops = enabled
+            n += 1
     return n
 
 

@@ -1,7 +1,8 @@
 """X-LoRA on the decoder: a scaling pass, the classifier, then the real pass (spec §4).
 
-The decoder is the plain `CausalLM` whose adapted linears were replaced by `XLoraLinear`s; all of
-them read one `Scalings` object that this model sets before each pass. Caches are passed in:
+The decoder is the plain `CausalLM` whose adapted linears were replaced by `XLoraLinear`s; each
+pass gives them its scalings through the decoder's forward (`lora=`, a `Scalings` value): the
+scaling pass a constant, the real pass the classifier's per-token scalings. Caches are passed in:
 the scaling pass and the real pass must each have their own (spec §5), since the same position
 has different keys and values in each.
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from ..lora.classifier import XLoraClassifier, XLoraConfig, top_k_scalings
 from ..lora.linear import Scalings, XLoraLinear
-from .layers import BatchView, cpu_kernels
+from .layers import BatchView
 from .llama import CausalLM
 
 
@@ -36,12 +37,17 @@ FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gat
 
 
 class XLoraModel(nn.Module):
+    """The base decoder with its wrapped linears, and the classifier. Not called as a whole: the
+    pipeline (pipeline/xlora.py) runs the passes, since it keeps per-sequence state between them.
+    """
+
     def __init__(self, base: CausalLM, cfg: XLoraConfig, classifier: XLoraClassifier, stacks: list[AdapterStack],
                  ranks: list[int]):
         super().__init__()
         self.base, self.cfg, self.classifier = base, cfg, classifier
         self.n, self.L = len(ranks), len(stacks)
-        self.scalings = Scalings()
+        # NOTE: the scaling pass's dummy scalings; 0 (the default) skips the adapters: the base model
+        self.scaling_pass = Scalings.fixed(cfg.scaling_pass_value)
         self.wrapped: list[XLoraLinear] = []
         for owner, leaf, parts in _groups(base, stacks):
             self.wrapped.append(self._wrap(owner, leaf, parts))
@@ -64,23 +70,16 @@ class XLoraModel(nn.Module):
             bt[:, off : off + st.lora_b.shape[0]] = st.lora_b.t() * g
         spans = [(off, off + st.lora_b.shape[0]) for off, st in adapted]
         idx = [st.index for _, st in adapted]
-        lin = XLoraLinear(getattr(owner, leaf), a, bt, self.scalings, rows=idx if self.cfg.layerwise_scalings else [0] * len(idx),
-                          indices=idx, spans=spans, small_rows_op=cpu_kernels)
+        lin = XLoraLinear(getattr(owner, leaf), a, bt, rows=idx if self.cfg.layerwise_scalings else [0] * len(idx),
+                          indices=idx, spans=spans)
         setattr(owner, leaf, lin)
         return lin
 
     # ---- the two passes ------------------------------------------------------------------------
     def scaling_hidden(self, input_ids: Tensor, view: BatchView, cache) -> Tensor:
-        """The scaling pass: final-norm hidden states [N, D] under the constant dummy scalings."""
-        self.scalings.set_constant(self.cfg.scaling_pass_value)
-        try:
-            return self.base.hidden_states(input_ids, view, cache)
-        finally:
-            self.scalings.set_constant(0.0)  # NOTE: outside a pass the decoder is the base model
-
-    def classify(self, h: Tensor) -> Tensor:
-        """h: [N, D] -> the classifier's scalings [N, rows, n] (rows = L when layerwise, else 1)."""
-        return self.classifier(h)
+        """The scaling pass: final-norm hidden states [N, D] under the constant dummy scalings; the
+        classifier turns them into scalings [N, rows, n] (rows = L when layerwise, else 1)."""
+        return self.base.hidden_states(input_ids, view, cache, self.scaling_pass)
 
     def real_logits(self, input_ids: Tensor, view: BatchView, cache, scalings: Tensor) -> Tensor:
         """The real pass with the classifier's scalings [N, rows, n] -> float32 logits of view.logit_rows."""
@@ -88,17 +87,8 @@ class XLoraModel(nn.Module):
             # NOTE: top-k acts on the classifier's scalings only, the dummy ones stay constant (§4.4);
             # like PEFT, what is reported (get_latest_scalings) is the classifier's output before it.
             scalings = top_k_scalings(scalings, self.cfg.top_k_lora, self.cfg.enable_softmax_topk)
-        self.scalings.set_rank(scalings.to(self.lora_dtype).index_select(-1, self.rank_index))  # [N, rows, R]
-        try:
-            h = self.base.hidden_states(input_ids, view, cache)
-        finally:
-            self.scalings.set_constant(0.0)  # NOTE: drops the reference to this step's scalings
-        return self.base.logits(h[view.logit_rows])
-
-    def forward(self, input_ids: Tensor, view: BatchView, cache, scaling_cache) -> tuple[Tensor, Tensor]:
-        """One step with a cache per pass: (logits [S, V], scalings [N, rows, n])."""
-        s = self.classify(self.scaling_hidden(input_ids, view, scaling_cache))
-        return self.real_logits(input_ids, view, cache, s), s
+        lora = Scalings.per_token(scalings.to(self.lora_dtype).index_select(-1, self.rank_index))  # [N, rows, R]
+        return self.base(input_ids, view, cache, lora)
 
 
 def _groups(base: CausalLM, stacks: list[AdapterStack]):

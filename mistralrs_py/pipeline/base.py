@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..models.config import ModelConfig
 from ..models.layers import BatchView
@@ -78,27 +78,25 @@ class Pipeline:
     compiled_decode: Callable | None = field(default=None, repr=False)
 
     def compile_decode(self) -> None:
-        model = self.model
+        model, window = self.model, self.model.cfg.sliding_window
 
         def decode(input_ids: Tensor, positions: Tensor, slots: Tensor, mask: Tensor, logit_rows: Tensor, cache) -> Tensor:
             # NOTE: the cache length reaches the graph only as a tensor size: Python ints (a view's
             # decode_len, slot numbers) would be baked in as constants and every new value would
-            # compile again.
+            # compile again. The window and the scratch slot are fixed per model and pool.
+            # On the CPU the graph calls our fused decode attention too (where the model's modules
+            # were set to, use_cpu_kernels); it skips padding rows (the scratch slot), so their
+            # duplicate slot is allowed.
             view = BatchView(positions=positions, row_slots=slots, logit_rows=logit_rows, num_decode=input_ids.shape[0],
-                             decode_slots=slots, decode_len=mask.shape[-1], decode_mask=mask,
-                             **(dict(fused, scratch_slot=cache.scratch_slot) if fused else {}))
+                             decode_slots=slots, decode_len=mask.shape[-1], decode_mask=mask, window=window,
+                             scratch_slot=-1 if cache.scratch_slot is None else cache.scratch_slot)
             return model(input_ids, view, cache)
 
-        # NOTE: on the CPU the graph calls our fused decode attention too; padding rows (the
-        # scratch slot) are skipped by it, so their duplicate slot is allowed
-        fused = {}
-        if self.device.type == "cpu":
-            from ..models import kernels
-
-            if kernels.available():
-                fused = dict(fused_decode=True, window=self.model.cfg.sliding_window)
-
         self.compiled_decode = torch.compile(decode)
+
+    def network(self) -> nn.Module:
+        """Every module this pipeline runs, under one root (X-LoRA adds its classifier)."""
+        return self.model
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, view: BatchView, cache) -> Tensor:
@@ -110,36 +108,30 @@ class Pipeline:
         return self.model(input_ids, view, cache)
 
     def begin_slot(self, slot: int) -> None:
-        """TEMP until the models-layer merge."""
+        """Called by the engine when it gives `slot` to a sequence (admitted, or readmitted after a
+        preemption): per-slot state of a pipeline starts afresh there."""
 
     def end_slot(self, slot: int) -> dict | None:
-        return self.release_slot(slot)
-
-    def release_slot(self, slot: int) -> dict | None:
-        """Called by the engine when the sequence in `slot` ends; per-sequence extras to report
-        (X-LoRA: mean scalings per adapter), or None."""
+        """Called by the engine when the sequence that owned `slot` ends or is preempted, before the
+        slot is freed: per-sequence extras to report (X-LoRA: mean scalings per adapter), or None."""
         return None
 
 
 Loader = Callable[[ModelSpec, "Progress | None"], Pipeline]
-LOADERS: dict[ModelKind, Loader] = {}
-
-
-def register(kind: ModelKind):
-    def deco(fn: Loader) -> Loader:
-        LOADERS[kind] = fn
-        return fn
-
-    return deco
 
 
 def load_pipeline(spec: ModelSpec, progress=None) -> Pipeline:
-    # NOTE: importing the loader modules registers them; done here so `--help` never imports torch.
-    from . import gguf, hf, xlora  # noqa: F401
+    # NOTE: the loader modules are imported here, when a model is loaded, so `--help` never imports torch.
+    from .gguf import load_quantized
+    from .hf import load_plain
+    from .xlora import load_xlora
 
-    if spec.kind not in LOADERS:
+    loaders: dict[ModelKind, Loader] = {ModelKind.PLAIN: load_plain, ModelKind.GGUF: load_quantized,
+                                        ModelKind.XLORA: load_xlora}
+    if spec.kind not in loaders:
         raise LoadError(f"`{spec.kind.value}` is not built yet")
-    pipeline = LOADERS[spec.kind](spec, progress)
+    pipeline = loaders[spec.kind](spec, progress)
+    ok = False
     if pipeline.device.type == "cpu":
         from ..models import kernels
 
@@ -154,6 +146,11 @@ def load_pipeline(spec: ModelSpec, progress=None) -> Pipeline:
 
         pipeline.summary["fused"] = fuse_projections(pipeline.model, fuse_linears)
         release_memory()
+    from ..models.llama import use_cpu_kernels
+
+    # NOTE: the one choice of kernels, made when every module exists (fused projections, X-LoRA's
+    # wrapped linears and classifier): the modules' forwards read only their own flag.
+    use_cpu_kernels(pipeline.network(), ok)
     return pipeline
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from ..models.config import ConfigError, ModelConfig
 from . import hub
-from .base import LoadError, ModelKind, ModelSpec, Pipeline, register, resolve_device, resolve_dtype
+from .base import LoadError, ModelSpec, Pipeline, resolve_device, resolve_dtype
 from .weights import build_empty, load_tensors, memory_bytes, release_memory, serving_length
 
 # NOTE: llama.cpp's tensor names -> ours; `{i}` is the layer index.
@@ -55,7 +55,6 @@ def unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
     return h * hd + 2 * j + i
 
 
-@register(ModelKind.GGUF)
 def load_quantized(spec: ModelSpec, progress=None) -> Pipeline:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
@@ -96,12 +95,6 @@ def resolve_gguf(model_id: str | None, filename: str | None, revision: str | Non
     return hub.download_file(model_id, filename, revision)
 
 
-def read_fields(reader) -> dict:
-    from .gguf_tokenizer import read_gguf_fields
-
-    return read_gguf_fields(reader)
-
-
 @dataclass(frozen=True)
 class GGUFTensor:
     name: str
@@ -116,8 +109,10 @@ def read_gguf(path: Path) -> tuple[dict, list[GGUFTensor]]:
 
     NOTE: the gguf reader is dropped (and its heap returned) before any weight is allocated: it
     holds ~150 MB of small objects for a 49k vocabulary, which would otherwise pin heap pages."""
+    from .gguf_tokenizer import read_gguf_fields
+
     reader = open_gguf(path)
-    fields = read_fields(reader)
+    fields = read_gguf_fields(reader)
     infos = [(t.name, int(t.tensor_type), tuple(int(d) for d in reversed(t.shape.tolist())), int(t.data_offset), int(t.n_bytes))
              for t in reader.tensors]  # GGUF lists ne0 (columns) first
     del reader
@@ -152,7 +147,7 @@ def config_from_gguf(fields: dict, tensor_names: set[str], path: Path) -> ModelC
 
 def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: bool, progress=None, name=None) -> Pipeline:
     """Dense: every tensor dequantized to `dtype`. Quantized: linear layers and the embedding keep
-    the file's blocks (models/quant.py picks a kernel per type); norms are dense."""
+    the file's blocks (models/quant_kernels.py picks a kernel per type); norms are dense."""
     fields, tensor_list = read_gguf(path)
     tensors = {t.name: t for t in tensor_list}
     cfg = config_from_gguf(fields, set(tensors), path)
@@ -171,7 +166,7 @@ def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: boo
     kinds: dict[str, int] = {}
 
     def dense(ours: str):
-        from ..models.quant import dequantize
+        from ..models.ggml_blocks import dequantize
 
         t, raw = raw_of[ours]
         return dequantize(raw, t.qtype, t.shape)
@@ -241,7 +236,7 @@ def _remap_embedding(model, path: Path, t: GGUFTensor) -> None:
 
 
 def _supported() -> frozenset[int]:
-    from ..models.quant import GGML_SUPPORTED
+    from ..models.ggml_blocks import GGML_SUPPORTED
 
     return GGML_SUPPORTED
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..models.config import ConfigError, ModelConfig
 from . import hub
-from .base import LoadError, ModelKind, ModelSpec, Pipeline, register, resolve_device, resolve_dtype
+from .base import LoadError, ModelSpec, Pipeline, resolve_device, resolve_dtype
 from .tokenizer import load_hf_tokenizer
 from .weights import build_empty, load_tensors, memory_bytes, serving_length
 
@@ -21,7 +21,6 @@ def hf_to_ours(name: str) -> str:
     return name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
 
 
-@register(ModelKind.PLAIN)
 def load_plain(spec: ModelSpec, progress=None) -> Pipeline:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)

@@ -39,7 +39,6 @@ class Tokenizer:
         self.add_bos = add_bos
         self.chat_template = chat_template
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self._special_ids = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
 
     # ---- text <-> ids --------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -59,9 +58,6 @@ class Tokenizer:
     def token_bytes(self, i: int) -> bytes:
         """The UTF-8 bytes of one token as decoded alone (for logprob `bytes` fields)."""
         return self.backend.decode([i], skip_special_tokens=False).encode("utf-8", "replace")
-
-    def is_special(self, i: int) -> bool:
-        return i in self._special_ids
 
     # ---- chat ----------------------------------------------------------------------------
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> str:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..models.config import ModelConfig
 from ..models.llama import CausalLM
+from ..models.quant import QuantLinear
 from .base import LoadError
 
 
@@ -95,11 +96,13 @@ def _meta_params(model: nn.Module, module_name: str):
 
 
 def memory_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's tensors: parameters, buffers, and tensors kept as plain module
-    attributes (quantized layers store their packed weights that way), each storage once."""
+    """Bytes held by the model's tensors: parameters, buffers, tensors kept as plain module
+    attributes, and quantized layers' packed weights (held by their kernel), each storage once."""
     seen, total = set(), 0
     for m in model.modules():
         tensors = [*m._parameters.values(), *m._buffers.values(), *(v for v in vars(m).values() if isinstance(v, Tensor))]
+        if isinstance(m, QuantLinear):
+            tensors += m.kernel.tensors()
         for t in tensors:
             if t is None or t.device.type == "meta":
                 continue

@@ -1,160 +1,38 @@
 """Loader and pipeline for `x-lora-mistral`: a base model (HF safetensors, the embedded default or a
-GGUF kept quantized) plus an X-LoRA checkpoint in the xlora package's layout:
-
-    <xlora>/xlora_config.json  <xlora>/xlora_classifier.safetensors
-    <xlora>/<adapter name>/adapter_config.json + adapter_model.safetensors   (any depth)
+GGUF kept quantized) plus an X-LoRA checkpoint in the xlora package's layout (xlora_checkpoint.py
+reads and checks it).
 
 Everything X-LoRA-specific at run time lives in `XLoraPipeline`: the engine only sees
 `cache_streams` (2: real pass in stream 0, scaling pass in stream 1; 1 with --no-xlora-kv-cache),
-`forward` and `release_slot` (which reports the sequence's mean scalings per adapter).
+`forward`, and the per-slot hooks `begin_slot` (a new sequence: its scaling state starts afresh) and
+`end_slot` (which reports the sequence's mean scalings per adapter).
 """
 
 from __future__ import annotations
 
-import json
-import re
 import weakref
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..lora.classifier import XLoraClassifier, XLoraConfig, XLoraConfigError
-from ..lora.ordering import LEAF_NAMES, Ordering, OrderingError, check_layers, load_ordering, make_ordering, module_paths, resolve_order
+from ..lora.classifier import XLoraClassifier, XLoraConfigError
 from ..models.layers import BatchView, Linear, PrefillSegment, prefill_mask
 from ..models.xlora import AdapterStack, XLoraModel
 from . import hub
-from .base import LoadError, ModelKind, ModelSpec, Pipeline, register
+from .base import LoadError, ModelKind, ModelSpec, Pipeline
 from .weights import memory_bytes
-
-XLORA_PATTERNS = ["*.json", "*.safetensors"]
-_ADAPTER_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
-                          r"\.lora_([AB])(?:\.[^.]+)?\.weight$")
-# NOTE: LoRA options mistral.rs silently ignores; computing something else than the adapter was
-# trained with is worse than refusing it. Value = the only accepted value (None: absent/empty).
-_LORA_DEFAULTS = {"use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
-                  "rank_pattern": None, "alpha_pattern": None, "modules_to_save": None, "layers_to_transform": None,
-                  "layer_replication": None, "target_parameters": None, "trainable_token_indices": None}
-
-
-# ---- the checkpoint -------------------------------------------------------------------------------
-@dataclass
-class LoraAdapter:
-    name: str
-    r: int
-    alpha: float
-    target_modules: object  # as written in adapter_config.json (compared across adapters)
-    weights: dict[str, tuple[Tensor, Tensor]]  # HF module path -> (A [r, in], B [out, r])
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r if self.r else 1.0
-
-
-def find_xlora_files(root: Path) -> tuple[Path, Path, dict[str, Path]]:
-    """(xlora_config.json, xlora_classifier.safetensors, {adapter name: folder}) found anywhere under root."""
-    def first(name: str) -> Path | None:
-        found = sorted(root.rglob(name), key=lambda p: (len(p.parts), str(p)))
-        return found[0] if found else None
-
-    cfg, clf = first("xlora_config.json"), first("xlora_classifier.safetensors")
-    if cfg is None or clf is None:
-        what = "xlora_config.json" if cfg is None else "xlora_classifier.safetensors"
-        hint = ""
-        top = root / "adapter_config.json"
-        if top.is_file() and "XLORA" in top.read_text():
-            hint = " (this looks like a PEFT X-LoRA save, which keeps the classifier elsewhere; the xlora package's layout is needed)"
-        raise LoadError(f"X-LoRA model {root} has no {what}{hint}")
-    adapters: dict[str, Path] = {}
-    for p in sorted(root.rglob("adapter_config.json")):
-        # NOTE: adapters are grouped by their folder's name, whatever the depth (as mistral.rs does).
-        name = p.parent.name
-        if name in adapters and adapters[name] != p.parent:
-            raise LoadError(f"X-LoRA model {root}: two adapter folders are named {name!r} ({adapters[name]}, {p.parent})")
-        adapters[name] = p.parent
-    return cfg, clf, adapters
-
-
-def read_adapter(folder: Path, name: str) -> LoraAdapter:
-    from safetensors import safe_open
-
-    cfg_path, w_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoadError(f"adapter {name}: {cfg_path} is not valid JSON ({e})") from None
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise LoadError(f"adapter {name}: peft_type is {cfg['peft_type']!r}; X-LoRA experts must be LoRA adapters")
-    for key, ok in _LORA_DEFAULTS.items():
-        v = cfg.get(key)
-        if v is not None and v != ok and not (ok is None and not v):
-            raise LoadError(f"adapter {name}: {key}={json.dumps(v)} is not supported (only {json.dumps(ok)})")
-    if not w_path.is_file():
-        pickles = [p.name for p in folder.glob("adapter_model.*")]
-        why = f"only {pickles[0]}, pickle weights are refused" if pickles else "no adapter_model.safetensors"
-        raise LoadError(f"adapter {name}: {folder} has {why}")
-    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
-    pairs: dict[str, dict[str, Tensor]] = {}
-    with safe_open(str(w_path), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            m = _ADAPTER_KEY.match(key)
-            if m is None:
-                what = "a bias" if key.endswith(".bias") else "an embedding or output head" if ("embed" in key or "lm_head" in key) else "unexpected"
-                raise LoadError(f"adapter {name}: tensor {key} is {what}; X-LoRA adapters may hold only lora_A/lora_B "
-                                f"of {', '.join(LEAF_NAMES)}")
-            module = f"model.layers.{m.group(1)}.{m.group(2)}"
-            pairs.setdefault(module, {})[m.group(3)] = f.get_tensor(key)
-    weights = {}
-    for module, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise LoadError(f"adapter {name}: {module} has lora_{'A' if 'A' in ab else 'B'} but no lora_{'B' if 'A' in ab else 'A'}")
-        a, b = ab["A"], ab["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
-            raise LoadError(f"adapter {name}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
-                            f"expected [r, in] and [out, r] with r={r}")
-        weights[module] = (a, b)
-    if not weights:
-        raise LoadError(f"adapter {name}: {w_path} holds no LoRA weights")
-    return LoraAdapter(name, r, alpha, cfg.get("target_modules"), weights)
-
-
-def _targets_of(adapters: list[LoraAdapter]) -> list[str]:
-    first = adapters[0]
-    for ad in adapters[1:]:
-        if _as_set(ad.target_modules) != _as_set(first.target_modules) or set(ad.weights) != set(first.weights):
-            raise LoadError(f"adapters {first.name} and {ad.name} target different modules; all X-LoRA adapters must "
-                            "have the same target_modules")
-    return sorted({m.rsplit(".", 1)[1] for m in first.weights}, key=LEAF_NAMES.index)
-
-
-def _as_set(t):
-    return frozenset(t) if isinstance(t, (list, tuple, set)) else t
+from .xlora_checkpoint import LoraAdapter, read_checkpoint, wrapped_modules
 
 
 # ---- loading --------------------------------------------------------------------------------------
-@register(ModelKind.XLORA)
 def load_xlora(spec: ModelSpec, progress=None) -> "XLoraPipeline":
     # NOTE: the X-LoRA files are read and checked first, so a wrong ordering or adapter fails in a
     # second instead of after the base model's load.
     cfg, ordering, adapters, clf_path = read_checkpoint(spec)
     base = _load_base(spec, progress)
     mc, order = base.config, [ad.name for ad in adapters]
-    if cfg.hidden_size != mc.hidden_size:
-        raise LoadError(f"xlora_config.json: hidden_size is {cfg.hidden_size}, the base model's is {mc.hidden_size}: "
-                        "the X-LoRA model was trained on another base model")
-    targets = _targets_of(adapters)
-    wrapped = module_paths(mc.num_layers, targets)
-    have = set(adapters[0].weights)
-    if have != set(wrapped):
-        odd = sorted(have ^ set(wrapped))[0]
-        raise LoadError(f"adapter {adapters[0].name}: {'has no weights for' if odd in wrapped else 'has weights for'} "
-                        f"{odd}; the adapters must cover every layer of the {mc.num_layers}-layer base model")
-    try:
-        index = check_layers(ordering or make_ordering(mc.num_layers, order, targets), wrapped, mc.num_layers,
-                             spec.order or "ordering")
-    except OrderingError as e:
-        raise LoadError(str(e)) from None
+    wrapped, index = wrapped_modules(cfg, ordering, adapters, mc, spec.order or "ordering")
     stacks = _stacks(base, adapters, wrapped, index)
     from safetensors.torch import load_file
 
@@ -179,26 +57,6 @@ def load_xlora(spec: ModelSpec, progress=None) -> "XLoraPipeline":
                          device=base.device, max_model_len=base.max_model_len, summary=summary, xlora=xmodel,
                          adapter_names=order, no_kv_cache=spec.no_xlora_kv_cache,
                          tgt_non_granular_index=spec.tgt_non_granular_index)
-
-
-def read_checkpoint(spec: ModelSpec) -> tuple[XLoraConfig, Ordering | None, list[LoraAdapter], Path]:
-    """(config, ordering file or None, adapters in class order, classifier file) of spec.xlora_model_id."""
-    if not spec.xlora_model_id:
-        raise LoadError("x-lora-mistral needs --xlora-model-id/-x (a directory or hub id with xlora_config.json)")
-    root = hub.resolve(spec.xlora_model_id, None, patterns=XLORA_PATTERNS, what="X-LoRA model")
-    if not root.is_dir():
-        raise LoadError(f"X-LoRA model {spec.xlora_model_id} is a file; pass the directory holding xlora_config.json")
-    cfg_path, clf_path, folders = find_xlora_files(root)
-    try:
-        cfg = XLoraConfig.from_dict(json.loads(cfg_path.read_text()), str(cfg_path))
-        ordering = load_ordering(spec.order) if spec.order else None
-        order = resolve_order(ordering or Ordering(), cfg.adapters, list(folders), spec.order or str(cfg_path))
-        cfg.check_adapters(len(order), str(cfg_path))
-    except (XLoraConfigError, OrderingError) as e:
-        raise LoadError(str(e)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoadError(f"{cfg_path} is not valid JSON ({e})") from None
-    return cfg, ordering, [read_adapter(folders[name], name) for name in order], clf_path
 
 
 def _stacks(base: Pipeline, adapters: list[LoraAdapter], wrapped: list[str], index: list[int]) -> list[AdapterStack]:
@@ -242,9 +100,10 @@ def num_layers_of(model_id: str | None, revision: str | None = None) -> int:
         if len(found) == 1:
             path = found[0]
     if path.is_file():
-        from .gguf import open_gguf, read_fields
+        from .gguf import open_gguf
+        from .gguf_tokenizer import read_gguf_fields
 
-        fields = read_fields(open_gguf(path))
+        fields = read_gguf_fields(open_gguf(path))
         arch = fields.get("general.architecture")
         if f"{arch}.block_count" not in fields:
             raise LoadError(f"{path}: GGUF metadata has no {arch}.block_count")
@@ -297,14 +156,13 @@ class XLoraPipeline(Pipeline):
             self._frozen_set = [False] * slots
             self._frozen = torch.zeros(slots, self.xlora.classifier.rows, n, dtype=self.dtype, device=dev)
 
+    def network(self) -> nn.Module:
+        return self.xlora  # NOTE: the base model with its wrapped linears, and the classifier
+
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, view: BatchView, cache) -> Tensor:
         self._state_for(cache)
         xl = self.xlora
-        for seg in view.prefills:
-            if seg.start_pos == 0:  # a new sequence in this slot: its report starts afresh
-                self._sums[seg.slot].zero_()
-                self._counts[seg.slot] = 0
         if self.no_kv_cache:
             self._ids[view.row_slots, view.positions] = input_ids
         plan = self._non_granular_plan(view) if self.tgt_non_granular_index is not None else None
@@ -317,7 +175,7 @@ class XLoraPipeline(Pipeline):
                 if len(cache.streams) < 2:
                     raise RuntimeError("X-LoRA needs a KV cache pool with 2 streams (Pipeline.cache_streams)")
                 h = xl.scaling_hidden(input_ids, view, cache.streams[1])
-            s = xl.classify(h)
+            s = xl.classifier(h)  # [N, rows, n]
             if plan is not None and plan.frozen_rows:
                 s[plan.frozen_rows] = self._frozen[plan.frozen_slots]
         if plan is not None and plan.freeze_rows:
@@ -329,17 +187,31 @@ class XLoraPipeline(Pipeline):
         self.last_scalings = s
         return logits
 
+    # ---- per-slot hooks (the engine's) -------------------------------------------------------
     @torch.inference_mode()  # NOTE: the per-slot state was made inside forward's inference mode
-    def release_slot(self, slot: int) -> dict | None:
-        if self._pool() is None:
+    def begin_slot(self, slot: int) -> None:
+        if self._has_state(slot):
+            self._reset(slot)
+
+    @torch.inference_mode()
+    def end_slot(self, slot: int) -> dict | None:
+        if not self._has_state(slot):
             return None
         count = float(self._counts[slot])
         means = (self._sums[slot] / max(count, 1.0)).tolist()
+        self._reset(slot)
+        return {"xlora_scalings": dict(zip(self.adapter_names, means))} if count else None
+
+    def _has_state(self, slot: int) -> bool:
+        """NOTE: the state is made (zeroed) when forward first sees a pool; before that, or after the
+        pool is gone, a slot has nothing to reset or report."""
+        return self._pool() is not None and slot < self._counts.shape[0]
+
+    def _reset(self, slot: int) -> None:
         self._sums[slot].zero_()
         self._counts[slot] = 0
         if self.tgt_non_granular_index is not None:
             self._steps[slot], self._frozen_set[slot] = 0, False
-        return {"xlora_scalings": dict(zip(self.adapter_names, means))} if count else None
 
     # ---- --no-xlora-kv-cache ------------------------------------------------------------------
     def _uncached_scaling_hidden(self, view: BatchView) -> Tensor:
@@ -379,8 +251,6 @@ class XLoraPipeline(Pipeline):
         token's scalings. Unlike mistral.rs (which forces --max-seqs 1), the state is per slot."""
         tgt, plan = self.tgt_non_granular_index, _Plan()
         for seg in view.prefills:
-            if seg.start_pos == 0:
-                self._steps[seg.slot], self._frozen_set[seg.slot] = 0, False
             if tgt == 0:
                 plan.freeze_rows.append(seg.end_row - 1)
                 plan.freeze_slots.append(seg.slot)
@@ -406,26 +276,3 @@ class _Plan:
     frozen_slots: list[int] = field(default_factory=list)
     freeze_rows: list[int] = field(default_factory=list)
     freeze_slots: list[int] = field(default_factory=list)
-
-
-# ---- benchmarking -----------------------------------------------------------------------------------
-def bench_pipelines(dtype: str = "auto", device: str = "auto", quantized: bool = False,
-                    no_xlora_kv_cache: bool = False) -> tuple[XLoraPipeline, Pipeline]:
-    """(X-LoRA pipeline, the same base without adapters) on the embedded SmolLM2, for `make bench`.
-
-    The X-LoRA side is the demo checkpoint (lora/demo.py: 3 random rank-8 adapters on all seven
-    projections, layerwise 2-layer classifier), built in a temporary directory. quantized=True puts
-    both on the GGUF base kept quantized (as `gguf-mistral`), else it is dequantized (as `mistral`)."""
-    import tempfile
-
-    from ..lora.demo import build_demo
-    from .base import load_pipeline
-
-    base_spec = ModelSpec(ModelKind.GGUF if quantized else ModelKind.PLAIN, dtype=dtype, device=device)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = build_demo(Path(tmp) / "xlora-demo")
-        spec = replace(base_spec, kind=ModelKind.XLORA, xlora_model_id=str(out), order=str(out / "ordering.json"),
-                       no_xlora_kv_cache=no_xlora_kv_cache,
-                       quantized_filename=str(hub.embedded_gguf_path()) if quantized else None)
-        xl = load_xlora(spec)
-    return xl, load_pipeline(base_spec)

@@ -59,7 +59,13 @@ def test_padded_static_decode_equals_the_plain_step(pipe):
     assert pool.k[0][4, :, 0].abs().sum() > 0 and pool._zeroed[3] == 0
 
 
-def test_engine_with_static_decode_gives_the_same_tokens(pipe, monkeypatch):
+@pytest.mark.parametrize("ops", ["torch-ops", "cpu-kernels"])
+def test_engine_with_static_decode_gives_the_same_tokens(pipe, monkeypatch, ops):
+    from mistralrs_py.models import kernels
+    from mistralrs_py.models.llama import use_cpu_kernels
+
+    if ops == "cpu-kernels" and not kernels.available():
+        pytest.skip(f"CPU kernels off: {kernels.why_unavailable()}")
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     prompts = [[5, 9, 14], list(range(20, 43)), [7] * 11]
     plain = make_engine(pipe, max_seqs=4)
@@ -67,6 +73,9 @@ def test_engine_with_static_decode_gives_the_same_tokens(pipe, monkeypatch):
         ref = [c.tokens() for c in run(plain, prompts, [params] * 3)]
     finally:
         plain.stop()
+    # NOTE: the padded rows of a static batch reach our fused decode op too (it must skip the
+    # scratch slot and honour the sliding window)
+    use_cpu_kernels(pipe.network(), ops == "cpu-kernels")
     # NOTE: --compile's path with the compiler taken out: decode steps on the static, bucketed
     # buffers of engine/graphs.py, run eagerly (what CUDA graphs capture on a GPU)
     monkeypatch.setattr(pipe, "compile_decode", lambda: None)
@@ -81,5 +90,6 @@ def test_engine_with_static_decode_gives_the_same_tokens(pipe, monkeypatch):
         got = [c.tokens() for c in run(eng, prompts, [params] * 3)]
     finally:
         eng.stop()
+        use_cpu_kernels(pipe.network(), False)
     assert got == ref
     assert calls and max(calls) == 3  # decode steps went through the static path, batched

@@ -35,7 +35,7 @@ class Opaque(nn.Module):
         return self.inner(x)
 
 
-def make(in_f, part_rows, ranks, layers, layerwise, dtype=torch.float32, lora_dtype=torch.float32, small_rows_op=None,
+def make(in_f, part_rows, ranks, layers, layerwise, dtype=torch.float32, lora_dtype=torch.float32, cpu_ops=False,
          opaque=False):
     base = nn.Linear(in_f, sum(part_rows), bias=True).to(dtype)
     nn.init.normal_(base.weight, generator=G)
@@ -50,24 +50,23 @@ def make(in_f, part_rows, ranks, layers, layerwise, dtype=torch.float32, lora_dt
         bt[:, off : off + rows] = torch.cat([bb * s for _, bb, s in adapters], dim=1).T
         spans.append((off, off + rows))
         off += rows
-    sc = Scalings()
-    lin = XLoraLinear(Opaque(base) if opaque else base, torch.cat(a_all).to(lora_dtype), bt.to(lora_dtype), sc,
-                      rows=list(layers) if layerwise else [0] * len(layers), indices=list(layers), spans=spans,
-                      small_rows_op=small_rows_op)
+    lin = XLoraLinear(Opaque(base) if opaque else base, torch.cat(a_all).to(lora_dtype), bt.to(lora_dtype),
+                      rows=list(layers) if layerwise else [0] * len(layers), indices=list(layers), spans=spans)
+    lin.cpu_ops = cpu_ops
     rank_index = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
-    return lin, base, parts, sc, rank_index
+    return lin, base, parts, rank_index
 
 
-def cpu_op(name):
+def cpu_op(name) -> bool:
     """None: torch ops; "lora_linear" / "lora_add_": decode rows through our CPU ops (models/csrc/linear.cpp):
     the base and the adapters in one op, or the adapters after a base that is not an nn.Linear."""
     if name is None:
-        return None
+        return False
     from mistralrs_py.models import kernels
 
     if not kernels.available():
         pytest.skip(f"CPU kernels off: {kernels.why_unavailable()}")
-    return lambda x: True
+    return True
 
 
 OPS = [None, "lora_linear", "lora_add_"]
@@ -77,27 +76,24 @@ OPS = [None, "lora_linear", "lora_add_"]
 @pytest.mark.parametrize("layers", [[3], [2, 3, 4], [4, 0, 2]], ids=["single", "fused-consecutive", "fused-gather"])
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_matches_per_adapter_formula(layers, layerwise, op):
-    lin, base, parts, sc, rank_index = make(6, [5, 3, 3][: len(layers)], [2, 3, 1], layers, layerwise,
-                                            small_rows_op=cpu_op(op), opaque=op == "lora_add_")
+    lin, base, parts, rank_index = make(6, [5, 3, 3][: len(layers)], [2, 3, 1], layers, layerwise,
+                                        cpu_ops=cpu_op(op), opaque=op == "lora_add_")
     x = torch.randn(4, 6, generator=G)
     lam = torch.randn(4, 5 if layerwise else 1, 3, generator=G)  # [N, rows, n]
-    sc.set_rank(lam.index_select(-1, rank_index))
     full = lam if layerwise else lam.expand(4, 5, 3)
-    assert torch.allclose(lin(x), naive(x, base, parts, full), atol=1e-4)
-    sc.set_constant(0.0)
-    assert torch.equal(lin(x), base(x))  # the adapters are skipped
-    sc.set_constant(0.3)
-    assert torch.allclose(lin(x), naive(x, base, parts, torch.full((4, 5, 3), 0.3)), atol=1e-4)
+    assert torch.allclose(lin(x, Scalings.per_token(lam.index_select(-1, rank_index))), naive(x, base, parts, full), atol=1e-4)
+    assert torch.equal(lin(x, Scalings.fixed(0.0)), base(x))  # the adapters are skipped
+    assert torch.equal(lin(x), base(x))  # no scalings: the base layer alone
+    assert torch.allclose(lin(x, Scalings.fixed(0.3)), naive(x, base, parts, torch.full((4, 5, 3), 0.3)), atol=1e-4)
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_float32_adapters_on_a_bf16_base(op):
-    lin, base, parts, sc, rank_index = make(8, [6], [2, 2], [0], True, dtype=torch.bfloat16, small_rows_op=cpu_op(op),
-                                            opaque=op == "lora_add_")
+    lin, base, parts, rank_index = make(8, [6], [2, 2], [0], True, dtype=torch.bfloat16, cpu_ops=cpu_op(op),
+                                        opaque=op == "lora_add_")
     x = torch.randn(3, 8, generator=G).to(torch.bfloat16)
     lam = torch.rand(3, 1, 2, generator=G)
-    sc.set_rank(lam.index_select(-1, rank_index))
-    y = lin(x)
+    y = lin(x, Scalings.per_token(lam.index_select(-1, rank_index)))
     assert y.dtype == torch.bfloat16
     want = naive(x.float(), lambda z: base(z.to(torch.bfloat16)).float(), parts, lam)
     assert torch.allclose(y.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
@@ -116,9 +112,9 @@ def test_decode_rows_take_one_op_over_a_dense_base(dtype):
     small = cpu_op("lora_linear")
     x = torch.randn(2, 8, generator=G).to(dtype)
     for opaque, want in [(False, {"mistralrs::lora_linear"}), (True, {"mistralrs::lora_add_"})]:
-        lin, _, _, sc, rank_index = make(8, [6, 4], [2, 2], [0, 1], True, dtype=dtype, small_rows_op=small, opaque=opaque)
-        sc.set_rank(torch.rand(2, 2, 2, generator=G).index_select(-1, rank_index))
+        lin, _, _, rank_index = make(8, [6, 4], [2, 2], [0, 1], True, dtype=dtype, cpu_ops=small, opaque=opaque)
+        lora = Scalings.per_token(torch.rand(2, 2, 2, generator=G).index_select(-1, rank_index))
         with torch.inference_mode():
-            assert ops_called(lambda: lin(x)) & {"mistralrs::lora_linear", "mistralrs::lora_add_"} == want
-            sc.set_constant(0.5)
-            assert not ops_called(lambda: lin(torch.randn(9, 8).to(dtype))) & {"mistralrs::lora_linear", "mistralrs::lora_add_"}
+            assert ops_called(lambda: lin(x, lora)) & {"mistralrs::lora_linear", "mistralrs::lora_add_"} == want
+            big = torch.randn(9, 8).to(dtype)
+            assert not ops_called(lambda: lin(big, Scalings.fixed(0.5))) & {"mistralrs::lora_linear", "mistralrs::lora_add_"}

@@ -8,27 +8,27 @@ import torch
 from mistralrs_py.engine.kv_cache import CacheShape, KVCachePool
 from mistralrs_py.models import kernels
 from mistralrs_py.models.fusion import fuse_linears
-from mistralrs_py.models.llama import fuse_projections
+from mistralrs_py.models.llama import fuse_projections, use_cpu_kernels
 from mistralrs_py.pipeline.base import ModelSpec
 from mistralrs_py.pipeline.hf import load_safetensors_dir
 from tests.conftest import make_tiny_model
 
 
 @pytest.fixture(params=["cpu-kernels", "torch-ops"])
-def ops(request, monkeypatch):
-    """Runs a test with our fused CPU ops (models/csrc) and again with torch's ops alone."""
-    if request.param == "cpu-kernels":
-        if not kernels.available():
-            pytest.skip(f"CPU kernels off: {kernels.why_unavailable()}")
-    else:
-        monkeypatch.setattr(kernels, "_state", {"ok": False, "why": "test: torch ops"})
-    return request.param
+def ops(request) -> bool:
+    """Runs a test with our fused CPU ops (models/csrc) and again with torch's ops alone: whether
+    load_ours turns the model's CPU kernels on."""
+    if request.param == "cpu-kernels" and not kernels.available():
+        pytest.skip(f"CPU kernels off: {kernels.why_unavailable()}")
+    return request.param == "cpu-kernels"
 
 
-def load_ours(path, dtype=torch.float32, fused=False):
+def load_ours(path, cpu_ops: bool, dtype=torch.float32, fused=False):
     pipe = load_safetensors_dir(path, ModelSpec(model_id=str(path)), torch.device("cpu"), dtype)
     if fused:
         assert fuse_projections(pipe.model, fuse_linears) == 2 * pipe.config.num_layers
+    # NOTE: after fusion, as load_pipeline does: the fused modules are new
+    use_cpu_kernels(pipe.model, cpu_ops)
     return pipe
 
 
@@ -69,7 +69,7 @@ def ref_logits(ref, ids):
 @pytest.mark.parametrize("fused", [False, True])
 def test_prefill_and_decode_match_transformers(tmp_path, arch, overrides, fused, ops):
     path = make_tiny_model(tmp_path / "m", arch, seed=hash(str(overrides)) % 1000, **overrides)
-    ours, ref = load_ours(path, fused=fused), load_ref(path)
+    ours, ref = load_ours(path, ops, fused=fused), load_ref(path)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, ours.config.vocab_size, (21,), generator=g).tolist()  # longer than the window
     full = ref_logits(ref, prompt)  # [T, V]
@@ -89,7 +89,7 @@ def test_prefill_and_decode_match_transformers(tmp_path, arch, overrides, fused,
 def test_mixed_batch_of_unequal_lengths(tmp_path, ops):
     """Decode rows of different lengths, non-contiguous slots and a prefill chunk, in one step."""
     path = make_tiny_model(tmp_path / "m", "mistral", sliding_window=6)
-    ours, ref = load_ours(path, fused=True), load_ref(path)
+    ours, ref = load_ours(path, ops, fused=True), load_ref(path)
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, ours.config.vocab_size, (n,), generator=g).tolist() for n in (5, 13, 9)]
     pool = make_pool(ours, slots=4)
@@ -103,7 +103,7 @@ def test_mixed_batch_of_unequal_lengths(tmp_path, ops):
 
 
 def test_bfloat16_close_to_float32(tiny_llama, ops):
-    ours32, ours16 = load_ours(tiny_llama), load_ours(tiny_llama, torch.bfloat16)
+    ours32, ours16 = load_ours(tiny_llama, ops), load_ours(tiny_llama, ops, torch.bfloat16)
     prompt = list(range(5, 25))
     pool32, pool16 = make_pool(ours32), make_pool(ours16)
     a = step(ours32, pool32, prefill=[(0, 0, prompt)])
@@ -113,3 +113,32 @@ def test_bfloat16_close_to_float32(tiny_llama, ops):
         a = step(ours32, pool32, decode=[(0, pos, pos)])
         b = step(ours16, pool16, decode=[(0, pos, pos)])
         assert b.dtype == torch.float32 and rel_err(b, a) < 0.05, pos
+
+
+def mistralrs_ops(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("mistralrs::")}
+
+
+def test_the_kernel_choice_is_the_modules_own(tiny_llama):
+    """Each module runs what use_cpu_kernels chose for it, whatever the kernels' build state: one
+    decode step calls every fused op when on and none when off."""
+    if not kernels.available():
+        pytest.skip(f"CPU kernels off: {kernels.why_unavailable()}")
+    pipe = load_ours(tiny_llama, True, torch.bfloat16, fused=True)
+    pool = make_pool(pipe)
+    step(pipe, pool, prefill=[(0, 0, list(range(5, 12)))])
+    on = mistralrs_ops(lambda: step(pipe, pool, decode=[(0, 7, 12)]))
+    assert {"mistralrs::rms_norm", "mistralrs::silu_mul", "mistralrs::linear", "mistralrs::decode_attention"} <= on
+    # the model, its norm and head; per layer two norms, attention, MLP and four fused projections
+    assert use_cpu_kernels(pipe.model, False) == 3 + 8 * pipe.config.num_layers
+    assert not mistralrs_ops(lambda: step(pipe, pool, decode=[(0, 8, 13)]))
+
+
+def test_cpu_kernels_are_not_chosen_without_their_build(tiny_llama, monkeypatch):
+    monkeypatch.setattr(kernels, "_state", {"ok": False, "why": "test: no build"})
+    pipe = load_safetensors_dir(tiny_llama, ModelSpec(model_id=str(tiny_llama)), torch.device("cpu"), torch.float32)
+    with pytest.raises(RuntimeError, match="test: no build"):
+        use_cpu_kernels(pipe.model, True)
+    assert not any(getattr(m, "cpu_ops", False) for m in pipe.model.modules())

@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType as T
 from mistralrs_py.models import kernels, qmatmul
 from mistralrs_py.models.fusion import fuse_linears
 from mistralrs_py.models.quant import QuantLinear
+from mistralrs_py.models.quant_kernels import Qmm
 from tests.models.test_quant import group_max, make_raw, ref_dequant
 
 torch.set_num_threads(1)
@@ -73,7 +74,7 @@ def test_equals_int8_activation_reference(qt, shape, dtype):
         x = (torch.randn(M, shape[1]) * torch.rand(M, 1) * 4).to(dtype)
         xq, dx = quantized_x(x)
         ref = xq @ Weff.T
-        got = ql(x) if dtype != torch.float32 else torch.ops.mistralrs.qmm(x, ql._qs, ql._qd, ql._qmw, ql._bits)
+        got = ql(x) if dtype != torch.float32 else torch.ops.mistralrs.qmm(x, ql.kernel.qs, ql.kernel.d, ql.kernel.mw, ql.kernel.bits)
         assert got.dtype == dtype and got.shape == (M, shape[0])
         slack = 2**-16 * ((xq.abs() + 128 * dx) @ Weff.abs().T)
         assert ((got.double() - ref).abs() <= ROUND[dtype] * ref.abs() + slack + 1e-6).all(), (qt, M)
@@ -119,7 +120,7 @@ def test_3d_input():
 def test_fused_projections_concatenate():
     parts = [build(qt, (n, 256), seed=i)[0] for i, (qt, n) in enumerate([(T.Q4_1, 64), (T.Q4_1, 32), (T.Q4_1, 32)])]
     fused = fuse_linears(parts)
-    assert fused is not None and fused._mode == "qmm" and fused.out_features == 128
+    assert fused is not None and isinstance(fused.kernel, Qmm) and fused.out_features == 128
     x = torch.randn(3, 256).to(torch.bfloat16)
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
     assert fuse_linears([parts[0], build(T.Q8_0, (32, 256))[0]]) is None  # 4-bit with 8-bit: kept apart
@@ -137,11 +138,11 @@ def test_bad_arguments_raise_instead_of_crashing():
     ql, _ = build(T.Q4_1, (64, 256))
     x = torch.randn(2, 256).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="bits"):
-        torch.ops.mistralrs.qmm(x, ql._qs, ql._qd, ql._qmw, 5)
+        torch.ops.mistralrs.qmm(x, ql.kernel.qs, ql.kernel.d, ql.kernel.mw, 5)
     with pytest.raises(RuntimeError, match="packed weight"):
-        torch.ops.mistralrs.qmm(torch.randn(2, 128).to(torch.bfloat16), ql._qs, ql._qd, ql._qmw, 4)
+        torch.ops.mistralrs.qmm(torch.randn(2, 128).to(torch.bfloat16), ql.kernel.qs, ql.kernel.d, ql.kernel.mw, 4)
     with pytest.raises(RuntimeError, match="offsets"):
-        torch.ops.mistralrs.qmm(x, ql._qs, ql._qd, ql._qmw.float(), 4)
+        torch.ops.mistralrs.qmm(x, ql.kernel.qs, ql.kernel.d, ql.kernel.mw.float(), 4)
 
 
 def test_unsupported_shapes_keep_torch_kernels():

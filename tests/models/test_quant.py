@@ -1,4 +1,5 @@
-"""Tests for mistralrs_py.models.quant (GGUF quantized weights + torch kernels).
+"""Tests for mistralrs_py.models.quant, quant_kernels and ggml_blocks (GGUF quantized weights +
+torch kernels).
 
 The hand-written kernels (models/qmatmul.cpp) are switched off here so that torch's int4/int8
 kernels, the fallback on machines without a compiler or AVX-512 VNNI, stay covered; they have their
@@ -21,8 +22,9 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from mistralrs_py.models import qmatmul, quant
-from mistralrs_py.models.quant import GGML_SUPPORTED, QuantEmbedding, QuantLinear, dequantize
+from mistralrs_py.models import ggml_blocks, qmatmul, quant_kernels
+from mistralrs_py.models.ggml_blocks import GGML_SUPPORTED, dequantize
+from mistralrs_py.models.quant import QuantEmbedding, QuantLinear
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -204,7 +206,7 @@ def test_chunked_conversion(qt, monkeypatch):
     shape = (208, 256)  # 64 + 64 + 64 + 16 rows
     raw = make_raw(qt, shape)
     whole = QuantLinear.from_gguf(raw, qt, shape, torch.bfloat16, CPU)
-    monkeypatch.setattr(quant, "_CHUNK_WEIGHTS", 64 * 256)
+    monkeypatch.setattr(ggml_blocks, "_CHUNK_WEIGHTS", 64 * 256)
     chunked = QuantLinear.from_gguf(raw, qt, shape, torch.bfloat16, CPU)
     assert torch.equal(whole.dequantized(), chunked.dequantized())
     x = torch.randn(2, 256, dtype=torch.bfloat16)
@@ -233,14 +235,12 @@ def test_bad_sizes():
 
 def test_int8_by_blocks_spans_block_edges():
     """16 rows through an int8 weight taller than one conversion block: equals the int8 kernel."""
-    from mistralrs_py.models import quant
-
-    N, K = quant._INT8_BLOCK_ROWS + 48, 64
+    N, K = quant_kernels._INT8_BLOCK_ROWS + 48, 64
     raw = make_raw(T.Q5_0, (N, K))
     ql = QuantLinear.from_gguf(raw, T.Q5_0, (N, K), torch.bfloat16, CPU, prefer="fast")
     assert "int8" in ql.kind
     x = torch.randn(16, K, dtype=torch.bfloat16)
-    kernel = torch.ops.aten._weight_int8pack_mm(x, ql._w8, ql._s8).float()
+    kernel = torch.ops.aten._weight_int8pack_mm(x, ql.kernel.w8, ql.kernel.s8).float()
     ref = x.float() @ ql.dequantized().T
     got = ql(x).float()
     assert ((got - ref).abs() <= 2**-7 * ref.abs() + 1e-2).all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mistralrs_py.pipeline.xlora import load_xlora
+from mistralrs_py.pipeline.base import load_pipeline
 from tests.lora.xlora_util import ALL, build_xlora, full_scalings, load_base, make_pool, ref, rel_err, step
 
 # Each case is a set of X-LoRA options PEFT implements; all compare logits and scalings at every position.
@@ -23,7 +23,7 @@ CASES = {
 @pytest.mark.parametrize("no_kv_cache", [False, True], ids=["dual-cache", "no-cache"])
 def test_full_prompt_logits_and_scalings_equal_peft(tiny_llama, tmp_path, name, no_kv_cache):
     case = build_xlora(tiny_llama, tmp_path / "x", seed=len(name), **CASES[name])
-    pipe = load_xlora(case.spec(no_xlora_kv_cache=no_kv_cache))
+    pipe = load_pipeline(case.spec(no_xlora_kv_cache=no_kv_cache))
     ids = torch.randint(0, pipe.config.vocab_size, (13,), generator=torch.Generator().manual_seed(len(name))).tolist()
     want, want_s = ref(case, ids)
     got = step(pipe, make_pool(pipe), prefill=[(1, 0, ids)], all_rows=True)
@@ -49,7 +49,7 @@ def test_forced_single_adapter_equals_merged_lora(tiny_llama, tmp_path):
     bias[:, 1] = 100.0
     t["last.bias"] = bias.flatten()
     save_file(t, str(f))
-    pipe = load_xlora(case.spec())
+    pipe = load_pipeline(case.spec())
     ids = list(range(5, 20))
     got = step(pipe, make_pool(pipe), prefill=[(0, 0, ids)], all_rows=True)
     assert torch.equal(full_scalings(pipe), torch.tensor([0.0, 1.0, 0.0]).expand(len(ids), case.n_layers, 3))
@@ -62,7 +62,7 @@ def test_forced_single_adapter_equals_merged_lora(tiny_llama, tmp_path):
 
 def test_zero_global_weight_is_the_base_model(tiny_llama, tmp_path):
     case = build_xlora(tiny_llama, tmp_path / "x", g=0.0, targets=["k_proj", "o_proj", "up_proj"])
-    pipe = load_xlora(case.spec())
+    pipe = load_pipeline(case.spec())
     ids = list(range(30, 41))
     got = step(pipe, make_pool(pipe), prefill=[(0, 0, ids)], all_rows=True)
     with torch.no_grad():
@@ -85,7 +85,7 @@ def test_layer_indices_of_the_ordering_are_used(tiny_llama, tmp_path):
     perm = torch.randperm(L, generator=torch.Generator().manual_seed(3)).tolist()  # module j -> index perm[j]
     order["layers"] = {k: perm[v] for k, v in order["layers"].items()}
     case.ordering.write_text(json.dumps(order))
-    shuffled = step(p := load_xlora(case.spec()), make_pool(p), prefill=[(0, 0, ids)], all_rows=True)
+    shuffled = step(p := load_pipeline(case.spec()), make_pool(p), prefill=[(0, 0, ids)], all_rows=True)
     assert rel_err(shuffled, want) > 1e-3
     f = case.xlora_dir / "xlora_classifier.safetensors"
     t = load_file(str(f))
@@ -95,5 +95,22 @@ def test_layer_indices_of_the_ordering_are_used(tiny_llama, tmp_path):
     rows = torch.tensor([inv[v] * n + a for v in range(L) for a in range(n)])
     t["last.weight"], t["last.bias"] = t["last.weight"][rows], t["last.bias"][rows]
     save_file(t, str(f))
-    fixed = step(p := load_xlora(case.spec()), make_pool(p), prefill=[(0, 0, ids)], all_rows=True)
+    fixed = step(p := load_pipeline(case.spec()), make_pool(p), prefill=[(0, 0, ids)], all_rows=True)
     assert rel_err(fixed, want) < 1e-4
+
+
+def test_the_decoder_without_scalings_is_the_base_model(tiny_llama, tmp_path):
+    """Scalings reach the wrapped linears only through a pass's forward: the same decoder called
+    without them (lora=None), after an X-LoRA step, is the bare base model."""
+    case = build_xlora(tiny_llama, tmp_path / "x", targets=ALL)
+    pipe = load_pipeline(case.spec())
+    ids = list(range(40, 52))
+    step(pipe, make_pool(pipe), prefill=[(0, 0, ids)], all_rows=True)
+    pool = make_pool(pipe)
+    view = pool.build_view([], [(0, 0, len(ids))], pipe.config.sliding_window, [True])
+    view.logit_rows = torch.arange(len(ids))
+    with torch.inference_mode():
+        got = pipe.model(torch.tensor(ids), view, pool)
+    with torch.no_grad():
+        want = load_base(pretrained_model_name_or_path=str(tiny_llama))(torch.tensor([ids])).logits[0]
+    assert rel_err(got, want) < 1e-5

@@ -18,12 +18,13 @@ def tok(tiny_llama):
 def smollm():
     import gguf
 
-    from mistralrs_py.pipeline.gguf import read_fields, tokenizer_from_fields
+    from mistralrs_py.pipeline.gguf import tokenizer_from_fields
+    from mistralrs_py.pipeline.gguf_tokenizer import read_gguf_fields
     from mistralrs_py.pipeline.base import ModelSpec
     from mistralrs_py.pipeline.hub import embedded_gguf_path
     from mistralrs_py.models.config import ModelConfig
 
-    fields = read_fields(gguf.GGUFReader(str(embedded_gguf_path())))
+    fields = read_gguf_fields(gguf.GGUFReader(str(embedded_gguf_path())))
     cfg = ModelConfig.from_gguf(fields, has_output_weight=False)
     return tokenizer_from_fields(fields, cfg, ModelSpec())
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from mistralrs_py.lora.demo import ADAPTERS, main
-from mistralrs_py.pipeline.base import ModelKind, ModelSpec
+from mistralrs_py.pipeline.base import ModelKind, ModelSpec, load_pipeline
 from mistralrs_py.pipeline.hub import embedded_gguf_path
-from mistralrs_py.pipeline.xlora import load_xlora
 from tests.lora.xlora_util import make_pool, rel_err, step
 
 
@@ -49,7 +48,7 @@ def test_demo_on_the_embedded_model_equals_peft(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted([*ADAPTERS, "ordering.json", "xlora_classifier.safetensors",
                                                              "xlora_config.json"])
     spec = ModelSpec(ModelKind.XLORA, xlora_model_id=str(out), order=str(out / "ordering.json"), dtype="float32", device="cpu")
-    pipe = load_xlora(spec)
+    pipe = load_pipeline(spec)
     assert pipe.xlora.L == 210 and pipe.summary["fused"] == 60
     ids = pipe.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
     peft = peft_from_demo(out)

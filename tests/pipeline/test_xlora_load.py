@@ -10,8 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from mistralrs_py import cli
-from mistralrs_py.pipeline.base import LoadError
-from mistralrs_py.pipeline.xlora import load_xlora
+from mistralrs_py.pipeline.base import LoadError, load_pipeline
 from tests.lora.xlora_util import build_xlora, make_pool, ref, rel_err, step
 
 
@@ -41,14 +40,14 @@ def edit_json(path, **changes):
 
 def load_error(case, **spec) -> str:
     with pytest.raises(LoadError) as e:
-        load_xlora(case.spec(**spec))
+        load_pipeline(case.spec(**spec))
     msg = str(e.value)
     assert "\n" not in msg
     return msg
 
 
 def test_without_ordering_file_the_default_is_generated(case):
-    pipe = load_xlora(case.spec(order=None))
+    pipe = load_pipeline(case.spec(order=None))
     ids = list(range(3, 14))
     assert rel_err(step(pipe, make_pool(pipe), prefill=[(0, 0, ids)], all_rows=True), ref(case, ids)[0]) < 1e-4
     assert pipe.adapter_names == case.names
@@ -60,9 +59,19 @@ def test_nested_adapter_folders_and_adapters_as_a_list(case):
     for n in case.names:
         shutil.move(str(case.xlora_dir / n), str(case.xlora_dir / "experts" / n))
     edit_json(case.xlora_dir / "xlora_config.json", adapters=case.names)
-    pipe = load_xlora(case.spec())
+    pipe = load_pipeline(case.spec())
     ids = list(range(40, 50))
     assert rel_err(step(pipe, make_pool(pipe), prefill=[(0, 0, ids)]), ref(case, ids)[0][-1:]) < 1e-4
+
+
+def test_the_kernel_choice_reaches_the_wrapped_linears_and_the_classifier(built):
+    """load_pipeline makes the CPU kernels' choice once the X-LoRA loader has made every module."""
+    from mistralrs_py.models import kernels
+
+    on = kernels.available()
+    pipe = load_pipeline(built.spec())
+    assert pipe.xlora.classifier.last.cpu_ops == on and all(w.cpu_ops == on for w in pipe.xlora.wrapped)
+    assert {m.cpu_ops for m in pipe.network().modules() if hasattr(type(m), "cpu_ops")} == {on}
 
 
 def test_unknown_adapter_in_the_ordering(case):
@@ -163,7 +172,7 @@ def test_bf16_compute_is_close_to_float32(built):
     """bf16 base with float32 adapters. NOTE: the random test classifier amplifies the hidden states'
     bf16 rounding (~2% here, as for the base model alone) into scalings off by ~0.1, so the real pass
     is also checked on its own, with PEFT's scalings."""
-    pipe = load_xlora(built.spec(dtype="bfloat16"))
+    pipe = load_pipeline(built.spec(dtype="bfloat16"))
     assert pipe.dtype == torch.bfloat16 and pipe.xlora.wrapped[0].lora_a.dtype == torch.float32
     ids = list(range(60, 75))
     want, want_s = ref(built, ids)

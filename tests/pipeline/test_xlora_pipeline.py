@@ -1,6 +1,6 @@
 """The X-LoRA pipeline step by step against PEFT's full recomputation: chunked prefill, decode steps
 and batches of sequences at different lengths, with the dual KV cache and with --no-xlora-kv-cache;
---tgt-non-granular-index; the per-sequence scalings report; a GGUF base; the engine end to end."""
+--tgt-non-granular-index; the per-slot hooks and the per-sequence scalings report; a GGUF base; the engine end to end."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from mistralrs_py.pipeline.xlora import load_xlora
+from mistralrs_py.pipeline.base import load_pipeline
 from tests.lora.xlora_util import build_xlora, full_scalings, make_pool, ref, rel_err, step
 
 MODES = pytest.mark.parametrize("no_kv_cache", [False, True], ids=["dual-cache", "no-cache"])
@@ -35,11 +35,12 @@ def seqs_for(vocab, lengths, seed):
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_chunked_prefill_then_decode_equals_peft(request, arch, no_kv_cache):
     case = request.getfixturevalue(f"{arch}_case")
-    pipe = load_xlora(case.spec(no_xlora_kv_cache=no_kv_cache))
+    pipe = load_pipeline(case.spec(no_xlora_kv_cache=no_kv_cache))
     assert pipe.cache_streams == (1 if no_kv_cache else 2)
     (ids,) = seqs_for(pipe.config.vocab_size, [21], 7)
     want, want_s = ref(case, ids)
     pool = make_pool(pipe)
+    pipe.begin_slot(2)
     got = step(pipe, pool, prefill=[(2, 0, ids[:9])])
     assert rel_err(got[0], want[8]) < 1e-4
     got = step(pipe, pool, prefill=[(2, 9, ids[9:16])])  # the second chunk reads cached keys
@@ -54,11 +55,13 @@ def test_chunked_prefill_then_decode_equals_peft(request, arch, no_kv_cache):
 @MODES
 def test_batched_decode_of_sequences_at_different_lengths(llama_case, no_kv_cache):
     """Decode rows of three lengths in non-contiguous slots plus a prefill chunk, in one step."""
-    pipe = load_xlora(llama_case.spec(no_xlora_kv_cache=no_kv_cache))
+    pipe = load_pipeline(llama_case.spec(no_xlora_kv_cache=no_kv_cache))
     seqs = seqs_for(pipe.config.vocab_size, [6, 14, 10, 8], 11)
     wants = [ref(llama_case, s)[0] for s in seqs]
     pool = make_pool(pipe, slots=6)
     slots = [5, 0, 3, 1]
+    for s in slots:
+        pipe.begin_slot(s)
     for s, toks in zip(slots[:3], seqs[:3]):
         step(pipe, pool, prefill=[(s, 0, toks[:-3])])
     step(pipe, pool, prefill=[(slots[3], 0, seqs[3][:4])])
@@ -77,7 +80,7 @@ def test_batched_decode_of_sequences_at_different_lengths(llama_case, no_kv_cach
 def test_tgt_non_granular_index_freezes_scalings(llama_case, monkeypatch, no_kv_cache, tgt):
     """Reference: PEFT with the classifier's scalings after position P = prompt_len - 1 + tgt replaced by
     those at P. Sequence A is frozen while B (a later prompt) is not, then both are (no scaling pass)."""
-    pipe = load_xlora(llama_case.spec(no_xlora_kv_cache=no_kv_cache, tgt_non_granular_index=tgt))
+    pipe = load_pipeline(llama_case.spec(no_xlora_kv_cache=no_kv_cache, tgt_non_granular_index=tgt))
     a, b = seqs_for(pipe.config.vocab_size, [12, 12], 5)
     pa, pb = 5, 7  # prompt lengths
 
@@ -102,6 +105,7 @@ def test_tgt_non_granular_index_freezes_scalings(llama_case, monkeypatch, no_kv_
     real = pipe.xlora.scaling_hidden
     monkeypatch.setattr(pipe.xlora, "scaling_hidden", lambda *x: calls.append(1) or real(*x))
     pool = make_pool(pipe)
+    pipe.begin_slot(0)
     step(pipe, pool, prefill=[(0, 0, a[:pa])])
     for pos in range(pa, pb):  # A decodes alone
         calls.clear()
@@ -109,6 +113,7 @@ def test_tgt_non_granular_index_freezes_scalings(llama_case, monkeypatch, no_kv_
         assert rel_err(got[0], want_a[pos]) < 1e-4, pos
         assert bool(calls) == (pos - pa + 1 <= tgt), pos  # the scaling pass stops after the freeze
     assert rel_err(want_a[-1], unfrozen_a[-1]) > 1e-3  # freezing changes the model
+    pipe.begin_slot(1)
     got = step(pipe, pool, decode=[(0, pb, a[pb])], prefill=[(1, 0, b[:pb])])  # mixed: B's prompt runs the pass
     assert rel_err(got[0], want_a[pb]) < 1e-4 and rel_err(got[1], want_b[pb - 1]) < 1e-4
     for pos in range(pb + 1, 12):
@@ -116,29 +121,46 @@ def test_tgt_non_granular_index_freezes_scalings(llama_case, monkeypatch, no_kv_
         got = step(pipe, pool, decode=[(0, pos, a[pos]), (1, pos - 1, b[pos - 1])])
         assert rel_err(got[0], want_a[pos]) < 1e-4 and rel_err(got[1], want_b[pos - 1]) < 1e-4, pos
         assert bool(calls) == (pos - 1 - pb + 1 <= tgt), pos
-    # a new sequence in a released slot starts unfrozen
-    pipe.release_slot(0)
+    # a new sequence in slot 0 starts unfrozen: begin_slot resets the slot (A never ended here)
+    pipe.begin_slot(0)
     calls.clear()
     step(pipe, pool, prefill=[(0, 0, b[:pb])])
     got = step(pipe, pool, decode=[(0, pb, b[pb])])
     assert rel_err(got[0], want_b[pb]) < 1e-4
 
 
-def test_release_slot_reports_mean_scalings_per_adapter(llama_case):
-    pipe = load_xlora(llama_case.spec())
+def test_end_slot_reports_mean_scalings_per_adapter(llama_case):
+    pipe = load_pipeline(llama_case.spec())
     a, b = seqs_for(pipe.config.vocab_size, [9, 6], 3)
     pool = make_pool(pipe)
+    pipe.begin_slot(0)
+    pipe.begin_slot(2)
     step(pipe, pool, prefill=[(0, 0, a[:6]), (2, 0, b)])
     for pos in range(6, 9):
         step(pipe, pool, decode=[(0, pos, a[pos])])
-    rep = pipe.release_slot(0)["xlora_scalings"]
+    rep = pipe.end_slot(0)["xlora_scalings"]
     assert list(rep) == llama_case.names
     want = ref(llama_case, a)[1].mean(dim=(0, 1))  # mean over positions and layers
     assert torch.allclose(torch.tensor(list(rep.values())), want, atol=1e-5)
     assert abs(sum(rep.values()) - 1) < 1e-5
-    assert pipe.release_slot(0) is None  # reset: nothing ran in slot 0 since
-    assert torch.allclose(torch.tensor(list(pipe.release_slot(2)["xlora_scalings"].values())),
+    assert pipe.end_slot(0) is None  # reset: nothing ran in slot 0 since
+    assert torch.allclose(torch.tensor(list(pipe.end_slot(2)["xlora_scalings"].values())),
                           ref(llama_case, b)[1].mean(dim=(0, 1)), atol=1e-5)
+
+
+def test_begin_slot_starts_a_fresh_report(llama_case):
+    """A sequence given a slot whose previous owner never ended (no end_slot) reports its own
+    scalings only: begin_slot resets the slot, not the sight of a prompt at position 0."""
+    pipe = load_pipeline(llama_case.spec())
+    a, b = seqs_for(pipe.config.vocab_size, [9, 6], 4)
+    pool = make_pool(pipe)
+    pipe.begin_slot(1)
+    step(pipe, pool, prefill=[(1, 0, a)])
+    pipe.begin_slot(1)
+    step(pipe, pool, prefill=[(1, 0, b[:4])])
+    step(pipe, pool, prefill=[(1, 4, b[4:])])
+    rep = pipe.end_slot(1)["xlora_scalings"]
+    assert torch.allclose(torch.tensor(list(rep.values())), ref(llama_case, b)[1].mean(dim=(0, 1)), atol=1e-5)
 
 
 def test_gguf_base_quantized(tmp_path):
@@ -151,11 +173,12 @@ def test_gguf_base_quantized(tmp_path):
     (tmp_path / "g").mkdir()
     path = write_gguf(hf, tmp_path / "g" / "tiny.gguf")
     case = build_xlora(path.parent, tmp_path / "x", gguf_file=path.name, seed=4)
-    pipe = load_xlora(case.spec())
+    pipe = load_pipeline(case.spec())
     assert "quantized" in pipe.summary["format"] and "X-LoRA 3 adapters" in pipe.summary["format"]
     (ids,) = seqs_for(pipe.config.vocab_size, [15], 1)
     want, want_s = ref(case, ids)
     pool = make_pool(pipe)
+    pipe.begin_slot(0)
     got = step(pipe, pool, prefill=[(0, 0, ids[:12])], all_rows=True)
     assert rel_err(got, want[:12]) < 1e-4
     for pos in range(12, 15):
@@ -168,7 +191,7 @@ def test_engine_batched_greedy_equals_peft_generate(llama_case, no_kv_cache):
     from mistralrs_py.engine.engine import Engine
     from mistralrs_py.engine.request import Delta, Done, Request, SamplingParams
 
-    pipe = load_xlora(llama_case.spec(no_xlora_kv_cache=no_kv_cache))
+    pipe = load_pipeline(llama_case.spec(no_xlora_kv_cache=no_kv_cache))
     prompts = seqs_for(pipe.config.vocab_size, [5, 11, 8], 9)
     engine = Engine(pipe, max_seqs=3, prefill_chunk=6)  # the 11-token prompt takes two chunks
     out: dict[int, list[int]] = {}
