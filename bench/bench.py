@@ -97,9 +97,8 @@ class Run:
                         first[i] = time.perf_counter() - t0
                 elif isinstance(ev, Error):
                     raise RuntimeError(ev.message)
-            self.engine._admit(Request(f"b{i}-{t0}", ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), emit))
-        while self.engine.scheduler.has_work:
-            self.engine.step()
+            self.engine.add_request(Request(f"b{i}-{t0}", ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), emit))
+        self.engine.run_until_idle()
         dt = time.perf_counter() - t0
         return {"tok_s": sum(counts) / dt, "ttft": first, "seconds": dt}
 

@@ -16,7 +16,8 @@ import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T  # noqa: E402
+from gguf import GGML_QUANT_SIZES  # noqa: E402
+from gguf import GGMLQuantizationType as T
 
 from mistralrs_py.models.ggml_blocks import dequantize  # noqa: E402
 from mistralrs_py.models.quant import QuantLinear  # noqa: E402
@@ -54,7 +55,7 @@ def main() -> None:
         for M in (1, 8):
             x = torch.randn(M, K, dtype=torch.bfloat16)
             n = 20 if N * K > 4e6 else 200
-            tq, td = bench(lambda: ql(x), n), bench(lambda: F.linear(x, Wd), n)
+            tq, td = bench(lambda ql=ql, x=x: ql(x), n), bench(lambda x=x, Wd=Wd: F.linear(x, Wd), n)
             print(f"{qt.name:4s} W[{N}x{K}] x[{M}x{K}]: {ql.kind:52s} {tq:7.1f} us | "
                   f"dense bf16 F.linear {td:7.1f} us | speed-up {td / tq:4.2f}x")
 

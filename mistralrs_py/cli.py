@@ -223,7 +223,7 @@ def ordering(
         made = make_ordering(num_layers, names, targets)
     except OrderingError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if output is None:
         typer.echo(made.to_json(), nl=False)
     else:

@@ -74,7 +74,10 @@ def test_process_logits_greedy_ignores_temperature_and_filters():
 def test_temperature_scales_and_seeded_sampling_repeats():
     p = SamplingParams(temperature=0.5)
     assert torch.allclose(S.process_logits(L, p, [], []), L / 0.5)
-    draws = lambda seed: [S.sample(L, False, g) for g in [torch.Generator().manual_seed(seed)] for _ in range(20)]
+
+    def draws(seed):
+        return [S.sample(L, False, g) for g in [torch.Generator().manual_seed(seed)] for _ in range(20)]
+
     assert draws(1) == draws(1) and draws(1) != draws(2)
 
 

@@ -19,7 +19,7 @@ from .kv_cache import CacheShape, KVCachePool, plan_pool
 from .model_runner import ModelRunner, StepResult
 from .request import Delta, Done, Error, Request
 from .scheduler import Scheduler, SchedulerOutput
-from .sequence import Sequence, SeqStatus
+from .sequence import SeqStatus, Sequence
 from .worker import TorchThread
 
 log = logging.getLogger("mistralrs.engine")
@@ -139,6 +139,12 @@ class Engine:
             "preempted": self.scheduler.num_preemptions,
             **self.stats.__dict__,
         }
+
+    def run_until_idle(self) -> None:
+        """Does the loop's work on the calling thread until no request is left: for an engine driven
+        without its thread (benchmarks that keep all torch work on one thread)."""
+        while self._drain(block=False) and self.scheduler.has_work:
+            self.step()
 
     # ---- the loop --------------------------------------------------------------------------------
     def _run(self) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .cache_manager import CacheManager
-from .sequence import Sequence, SeqStatus
+from .sequence import SeqStatus, Sequence
 
 POLICIES = ("continuous", "catch-up")
 

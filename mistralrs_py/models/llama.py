@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
 from ..lora.linear import Scalings, project
 from . import kernels
+from .config import ModelConfig
 from .layers import BatchView, Linear, RMSNorm, Rotary, apply_rotary, attend, decode_attention_cpu
 from .quant import QuantLinear
 

@@ -17,6 +17,7 @@ import torch
 
 from . import kernels
 
+
 def available() -> bool:
     """Whether ``mistralrs::qmm`` serves: the kernels built (``kernels.available()``, which
     compiles them on first call), a CPU with AVX-512 VNNI, and ``MISTRALRS_QMATMUL`` not 0.

@@ -13,9 +13,9 @@ from ..models.config import ModelConfig
 from ..models.layers import BatchView
 
 if TYPE_CHECKING:
-    from ..models.llama import CausalLM
     from rich.progress import Progress
 
+    from ..models.llama import CausalLM
     from .tokenizer import Tokenizer
 
 
@@ -141,7 +141,6 @@ def load_pipeline(spec: ModelSpec, progress=None) -> Pipeline:
     if spec.kind in (ModelKind.PLAIN, ModelKind.GGUF):
         from ..models.fusion import fuse_linears
         from ..models.llama import fuse_projections
-
         from .weights import release_memory
 
         pipeline.summary["fused"] = fuse_projections(pipeline.model, fuse_linears)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ..models.config import ConfigError, ModelConfig
 from . import hub
 from .base import LoadError, ModelSpec, Pipeline, resolve_device, resolve_dtype
@@ -205,7 +206,10 @@ def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: boo
     emb = tensors.get("token_embd.weight")
     if quantized and emb is not None and device.type == "cpu":
         _remap_embedding(model, path, emb)
-    del tensors, tensor_list, todo, raw_of, emb
+    # NOTE: the closures above hold these: emptied rather than deleted, the same memory goes back
+    for held in (tensors, tensor_list, todo, raw_of):
+        held.clear()
+    emb = None
     release_memory()  # NOTE: load-time temporaries (fp32 dequantized rows) go back to the OS
     return Pipeline(
         name=name or str(path),

@@ -17,7 +17,16 @@ from pathlib import Path
 from torch import Tensor
 
 from ..lora.classifier import XLoraConfig, XLoraConfigError
-from ..lora.ordering import LEAF_NAMES, Ordering, OrderingError, check_layers, load_ordering, make_ordering, module_paths, resolve_order
+from ..lora.ordering import (
+    LEAF_NAMES,
+    Ordering,
+    OrderingError,
+    check_layers,
+    load_ordering,
+    make_ordering,
+    module_paths,
+    resolve_order,
+)
 from ..models.config import ModelConfig
 from . import hub
 from .base import LoadError, ModelSpec

@@ -8,7 +8,7 @@ from mistralrs_py.engine.engine import Engine
 from mistralrs_py.engine.kv_cache import CacheShape, KVCachePool, plan_pool, release_pages
 from mistralrs_py.engine.request import Request, SamplingParams
 from mistralrs_py.engine.scheduler import PrefillChunk, Scheduler
-from mistralrs_py.engine.sequence import Sequence, SeqStatus
+from mistralrs_py.engine.sequence import SeqStatus, Sequence
 from mistralrs_py.pipeline.base import ModelSpec
 from mistralrs_py.pipeline.hf import load_safetensors_dir
 

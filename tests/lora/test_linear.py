@@ -115,6 +115,7 @@ def test_decode_rows_take_one_op_over_a_dense_base(dtype):
         lin, _, _, rank_index = make(8, [6, 4], [2, 2], [0, 1], True, dtype=dtype, cpu_ops=small, opaque=opaque)
         lora = Scalings.per_token(torch.rand(2, 2, 2, generator=G).index_select(-1, rank_index))
         with torch.inference_mode():
-            assert ops_called(lambda: lin(x, lora)) & {"mistralrs::lora_linear", "mistralrs::lora_add_"} == want
+            assert ops_called(lambda lin=lin, lora=lora: lin(x, lora)) & {"mistralrs::lora_linear", "mistralrs::lora_add_"} == want
             big = torch.randn(9, 8).to(dtype)
-            assert not ops_called(lambda: lin(big, Scalings.fixed(0.5))) & {"mistralrs::lora_linear", "mistralrs::lora_add_"}
+            assert not ops_called(lambda lin=lin, big=big: lin(big, Scalings.fixed(0.5))) & {
+                "mistralrs::lora_linear", "mistralrs::lora_add_"}

@@ -10,8 +10,17 @@ import pytest
 from typer.testing import CliRunner
 
 from mistralrs_py import cli
-from mistralrs_py.lora.ordering import (LEAF_NAMES, Ordering, OrderingError, check_layers, load_ordering, make_ordering,
-                                        module_paths, parse_ordering, resolve_order)
+from mistralrs_py.lora.ordering import (
+    LEAF_NAMES,
+    Ordering,
+    OrderingError,
+    check_layers,
+    load_ordering,
+    make_ordering,
+    module_paths,
+    parse_ordering,
+    resolve_order,
+)
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "ordering_templates"
 

@@ -20,7 +20,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 
 from mistralrs_py.models import ggml_blocks, qmatmul, quant_kernels
 from mistralrs_py.models.ggml_blocks import GGML_SUPPORTED, dequantize

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from mistralrs_py.pipeline.tokenizer import ChatTemplateError, IncrementalDetokenizer, load_hf_tokenizer, render_template
+from mistralrs_py.pipeline.tokenizer import (
+    ChatTemplateError,
+    IncrementalDetokenizer,
+    load_hf_tokenizer,
+    render_template,
+)
 
 TEXTS = ["Hello world, café naïve straße", "日本語のテキスト 中文 🙂🎉 emoji", "  leading spaces\n\ttabs\nand lines  ", "x" * 3 + " 12345 ü"]
 
@@ -18,11 +23,11 @@ def tok(tiny_llama):
 def smollm():
     import gguf
 
+    from mistralrs_py.models.config import ModelConfig
+    from mistralrs_py.pipeline.base import ModelSpec
     from mistralrs_py.pipeline.gguf import tokenizer_from_fields
     from mistralrs_py.pipeline.gguf_tokenizer import read_gguf_fields
-    from mistralrs_py.pipeline.base import ModelSpec
     from mistralrs_py.pipeline.hub import embedded_gguf_path
-    from mistralrs_py.models.config import ModelConfig
 
     fields = read_gguf_fields(gguf.GGUFReader(str(embedded_gguf_path())))
     cfg = ModelConfig.from_gguf(fields, has_output_weight=False)

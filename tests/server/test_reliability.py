@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -16,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import client, free_port, running_server
+from .conftest import client, running_server
 
 MSG = [{"role": "user", "content": "Tell me about rivers."}]
 LONG = {"max_tokens": 900, "ignore_eos": True}  # long enough to still be running when the test looks
