@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 XLORA_DEMO ?= build/xlora-demo
 
-.PHONY: install browser compiler kernels serve test bench bench-peers xlora-demo serve-xlora clean
+.PHONY: install browser compiler kernels serve lint format test bench bench-peers xlora-demo serve-xlora clean
 
 install: $(STAMP)
 
@@ -53,7 +53,16 @@ xlora-demo: install
 serve-xlora: xlora-demo
 	$(BIN)/mistralrs --port $(PORT) $(SERVE_ARGS) x-lora-mistral -x $(XLORA_DEMO) -o $(XLORA_DEMO)/ordering.json
 
-test: install browser compiler kernels
+# ruff: the lint rules and the formatting configured in pyproject.toml
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: install lint browser compiler kernels
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install

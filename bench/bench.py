@@ -63,13 +63,30 @@ def export_hf(dst: Path) -> Path:
             raise RuntimeError("export expects unfused projections")
         sd["model." + k] = v.contiguous()
     save_file(sd, str(dst / "model.safetensors"))
-    LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-                rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings,
-                tie_word_embeddings=True, bos_token_id=1, eos_token_id=2).save_pretrained(dst)
+    LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    ).save_pretrained(dst)
     pipe.tokenizer.backend.save(str(dst / "tokenizer.json"))
-    (dst / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": pipe.tokenizer.bos_token, "eos_token": pipe.tokenizer.eos_token, "chat_template": pipe.tokenizer.chat_template}))
+    (dst / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": pipe.tokenizer.bos_token,
+                "eos_token": pipe.tokenizer.eos_token,
+                "chat_template": pipe.tokenizer.chat_template,
+            }
+        )
+    )
     return dst
 
 
@@ -90,6 +107,7 @@ class Run:
         counts, first = [0] * len(prompts), [None] * len(prompts)
         t0 = time.perf_counter()
         for i, ids in enumerate(prompts):
+
             def emit(ev, i=i):
                 if isinstance(ev, Delta):
                     counts[i] += len(ev.token_ids)
@@ -97,7 +115,10 @@ class Run:
                         first[i] = time.perf_counter() - t0
                 elif isinstance(ev, Error):
                     raise RuntimeError(ev.message)
-            self.engine.add_request(Request(f"b{i}-{t0}", ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), emit))
+
+            self.engine.add_request(
+                Request(f"b{i}-{t0}", ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), emit)
+            )
         self.engine.run_until_idle()
         dt = time.perf_counter() - t0
         return {"tok_s": sum(counts) / dt, "ttft": first, "seconds": dt}
@@ -176,7 +197,11 @@ def compare_with_hf(hf_dir: Path, reps: int) -> tuple[dict, dict]:
         ids = torch.randint(100, 49000, (512,), generator=g).tolist()
         theirs["prefill"].append(hf.prefill(ids))
         ours["prefill"].append(512 / run.generate([ids], 1)["ttft"][0])
-    hf_out = {"decode_bf16": median(theirs["decode"]), "prefill_bf16": median(theirs["prefill"]), "batch8_bf16": hf.batch()}
+    hf_out = {
+        "decode_bf16": median(theirs["decode"]),
+        "prefill_bf16": median(theirs["prefill"]),
+        "batch8_bf16": hf.batch(),
+    }
     return {k: median(v) for k, v in ours.items()}, hf_out
 
 
@@ -206,8 +231,11 @@ def llama_cpp_speed(gguf: Path, repeats: int, threads: int, n_tokens=128) -> flo
 
     if importlib.util.find_spec("llama_cpp") is None:
         return None
-    r = subprocess.run([sys.executable, "-c", _LLAMA_CPP_DECODE, str(gguf), str(threads), str(repeats), str(n_tokens)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", _LLAMA_CPP_DECODE, str(gguf), str(threads), str(repeats), str(n_tokens)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         why = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
         print(f"  llama-cpp-python failed ({why}; exit code {r.returncode}): its number is left out", flush=True)
@@ -240,7 +268,9 @@ def gguf_load_stats(threads: int) -> dict:
 # ---- HTTP server load ------------------------------------------------------------------------------------
 def start_server(args: list[str], port: int, threads: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mistralrs_py", "--port", str(port), "--threads", str(threads), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     # NOTE: --compile builds its graphs before the server listens
     return wait_healthy(proc, f"http://127.0.0.1:{port}", 900)
 
@@ -265,8 +295,14 @@ async def stream_load(base: str, concurrency: int, n_tokens: int, ignore_eos_fie
     import httpx
 
     async def one(c: httpx.AsyncClient, i: int):
-        body = {"model": "default", "prompt": f"Request {i}: tell me about the number {i * 7919}.", "max_tokens": n_tokens,
-                "temperature": 0, "stream": True, ignore_eos_field: True}
+        body = {
+            "model": "default",
+            "prompt": f"Request {i}: tell me about the number {i * 7919}.",
+            "max_tokens": n_tokens,
+            "temperature": 0,
+            "stream": True,
+            ignore_eos_field: True,
+        }
         t0 = time.perf_counter()
         first, n = None, 0
         async with c.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
@@ -284,8 +320,11 @@ async def stream_load(base: str, concurrency: int, n_tokens: int, ignore_eos_fie
         res = await asyncio.gather(*(one(c, i) for i in range(concurrency)))
         dt = time.perf_counter() - t0
     ttfts = sorted(r[0] for r in res if r[0] is not None)
-    return {"tok_s": sum(r[1] for r in res) / dt, "ttft_p50": median(ttfts),
-            "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else float("nan")}
+    return {
+        "tok_s": sum(r[1] for r in res) / dt,
+        "ttft_p50": median(ttfts),
+        "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else float("nan"),
+    }
 
 
 async def churn(base: str, n: int, concurrency: int = 16) -> None:
@@ -295,7 +334,9 @@ async def churn(base: str, n: int, concurrency: int = 16) -> None:
 
     async def one(c, i):
         async with sem:
-            await c.post(f"{base}/v1/completions", json={"model": "default", "prompt": f"Hi {i}", "max_tokens": 4}, timeout=120)
+            await c.post(
+                f"{base}/v1/completions", json={"model": "default", "prompt": f"Hi {i}", "max_tokens": 4}, timeout=120
+            )
 
     async with httpx.AsyncClient() as c:
         await asyncio.gather(*(one(c, i) for i in range(n)))
@@ -344,8 +385,11 @@ def main() -> None:
         from bench.xlora_pipelines import bench_pipelines
 
         xl, base = bench_pipelines()
-        speeds = alternate({"xlora": Run(Engine(xl, max_seqs=4)), "base": Run(Engine(base, max_seqs=4))}, xl.tokenizer,
-                           reps if a.quick else max(reps, 5))  # NOTE: the ratio nearest its target: 5 repeats
+        speeds = alternate(
+            {"xlora": Run(Engine(xl, max_seqs=4)), "base": Run(Engine(base, max_seqs=4))},
+            xl.tokenizer,
+            reps if a.quick else max(reps, 5),
+        )  # NOTE: the ratio nearest its target: 5 repeats
         R["xlora_decode"], R["xlora_base_decode"] = speeds["xlora"], speeds["base"]
     except ImportError:
         R["xlora_decode"] = None
@@ -387,8 +431,25 @@ def llama_server_load(gguf: Path, threads: int) -> dict | None:
     if not exe.exists():
         return None
     port = 19000 + os.getpid() % 1000
-    proc = subprocess.Popen([str(exe), "-m", str(gguf), "--port", str(port), "-t", str(threads), "-np", "16", "-cb",
-                             "-c", str(16 * 512), "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "-m",
+            str(gguf),
+            "--port",
+            str(port),
+            "-t",
+            str(threads),
+            "-np",
+            "16",
+            "-cb",
+            "-c",
+            str(16 * 512),
+            "--no-webui",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, base, 120)
@@ -409,18 +470,55 @@ def report(R: dict) -> None:
         return f"{a / b:.2f}x" if a and b else "n/a"
 
     rows = [
-        ("mistral bf16 decode, 1 stream (tok/s)", R["mistral_decode_bf16"], R["hf"]["decode_bf16"], "HF bf16 generate", ">= 1.4x"),
-        ("  the same with --compile", R["mistral_decode_bf16_compiled"], R["hf"]["decode_bf16"], "HF bf16 generate", ">= 1.4x"),
-        ("prefill 512 tokens (tok/s)", R["mistral_prefill_bf16"], R["hf"]["prefill_bf16"], "HF bf16 forward", ">= 1.0x"),
-        ("gguf-mistral decode, 1 stream (tok/s)", R["gguf_decode"], R["llama_cpp_decode"], "llama-cpp-python", ">= 1.0x"),
+        (
+            "mistral bf16 decode, 1 stream (tok/s)",
+            R["mistral_decode_bf16"],
+            R["hf"]["decode_bf16"],
+            "HF bf16 generate",
+            ">= 1.4x",
+        ),
+        (
+            "  the same with --compile",
+            R["mistral_decode_bf16_compiled"],
+            R["hf"]["decode_bf16"],
+            "HF bf16 generate",
+            ">= 1.4x",
+        ),
+        (
+            "prefill 512 tokens (tok/s)",
+            R["mistral_prefill_bf16"],
+            R["hf"]["prefill_bf16"],
+            "HF bf16 forward",
+            ">= 1.0x",
+        ),
+        (
+            "gguf-mistral decode, 1 stream (tok/s)",
+            R["gguf_decode"],
+            R["llama_cpp_decode"],
+            "llama-cpp-python",
+            ">= 1.0x",
+        ),
         ("  the same with --compile", R["gguf_decode_compiled"], R["llama_cpp_decode"], "llama-cpp-python", ">= 1.0x"),
-        ("scheduler: continuous vs catch-up, 8 mixed (tok/s)", R["scheduler"]["continuous"], R["scheduler"]["catch-up"], "catch-up", "> 1 = continuous default"),
+        (
+            "scheduler: continuous vs catch-up, 8 mixed (tok/s)",
+            R["scheduler"]["continuous"],
+            R["scheduler"]["catch-up"],
+            "catch-up",
+            "> 1 = continuous default",
+        ),
     ]
     for key, label in (("server", "server"), ("server_compiled", "server --compile")):
         for conc in (1, 4, 16):
             peer = (R.get("llama_server") or {}).get(conc, {}).get("tok_s")
-            rows.append((f"{label} {conc} streams x128 (tok/s)", R[key][conc]["tok_s"], peer, "llama-server",
-                         ">= 1.3x at 16, > 1x at 4"))
+            rows.append(
+                (
+                    f"{label} {conc} streams x128 (tok/s)",
+                    R[key][conc]["tok_s"],
+                    peer,
+                    "llama-server",
+                    ">= 1.3x at 16, > 1x at 4",
+                )
+            )
     if R.get("xlora_decode"):
         rows.append(("x-lora decode (tok/s)", R["xlora_decode"], R["xlora_base_decode"], "same base", ">= 0.45x"))
     print()
@@ -432,13 +530,19 @@ def report(R: dict) -> None:
         s16 = R[key][16]
         peer = (R.get("llama_server") or {}).get(16)
         theirs = f"; llama-server {peer['ttft_p50']:.2f}s / {peer['ttft_p99']:.2f}s" if peer else ""
-        print(f"{label} 16 streams TTFT p50 / p99: {s16['ttft_p50']:.2f}s / {s16['ttft_p99']:.2f}s{theirs} (target p50 <= 1 s)")
-    print(f"gguf-mistral load {R['gguf_load_s']:.1f}s, RSS +{R['gguf_rss_delta_mb']:.0f} MB for a {R['gguf_file_mb']:.0f} MB file "
-          f"({R['gguf_rss_delta_mb'] / R['gguf_file_mb']:.2f}x; target <= 1.5x + KV) [{R['gguf_kernels']}]")
+        print(
+            f"{label} 16 streams TTFT p50 / p99: {s16['ttft_p50']:.2f}s / {s16['ttft_p99']:.2f}s{theirs} (target p50 <= 1 s)"
+        )
+    print(
+        f"gguf-mistral load {R['gguf_load_s']:.1f}s, RSS +{R['gguf_rss_delta_mb']:.0f} MB for a {R['gguf_file_mb']:.0f} MB file "
+        f"({R['gguf_rss_delta_mb'] / R['gguf_file_mb']:.2f}x; target <= 1.5x + KV) [{R['gguf_kernels']}]"
+    )
     if "server_rss_after_1000_mb" in R:
         d = R["server_rss_after_1000_mb"] - R["server_rss_after_100_mb"]
-        print(f"server RSS after 100 / 1000 requests: {R['server_rss_after_100_mb']:.0f} / {R['server_rss_after_1000_mb']:.0f} MB "
-              f"(growth {d:+.0f} MB; target within 50 MB)")
+        print(
+            f"server RSS after 100 / 1000 requests: {R['server_rss_after_100_mb']:.0f} / {R['server_rss_after_1000_mb']:.0f} MB "
+            f"(growth {d:+.0f} MB; target within 50 MB)"
+        )
     if R.get("llama_cpp_decode") is None:
         print("llama.cpp peers not installed: run `make bench-peers` for those baselines")
     RESULTS.write_text(json.dumps(R, indent=2, default=str))

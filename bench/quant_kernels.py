@@ -38,16 +38,23 @@ def bench(f, n):  # best of 5 rounds (the machine is shared): microseconds per c
 def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cases = [(T.Q4_1, 576, 1536, "auto"), (T.Q4_1, 1536, 576, "auto"), (T.Q4_K, 576, 1536, "auto"),
-             (T.Q5_0, 576, 1536, "auto"), (T.Q8_0, 576, 1536, "auto"), (T.Q8_0, 576, 1536, "fast"),
-             (T.Q6_K, 576, 1536, "auto"), (T.Q4_1, 4096, 4096, "auto")]
+    cases = [
+        (T.Q4_1, 576, 1536, "auto"),
+        (T.Q4_1, 1536, 576, "auto"),
+        (T.Q4_K, 576, 1536, "auto"),
+        (T.Q5_0, 576, 1536, "auto"),
+        (T.Q8_0, 576, 1536, "auto"),
+        (T.Q8_0, 576, 1536, "fast"),
+        (T.Q6_K, 576, 1536, "auto"),
+        (T.Q4_1, 4096, 4096, "auto"),
+    ]
     for qt, N, K, prefer in cases:
         W = torch.randn(N, K) * 0.02
         if qt in (T.Q4_K, T.Q6_K):  # no python quantizer for K-quants: random blocks, sane d/dmin
             bs, ts = GGML_QUANT_SIZES[qt]
             raw = np.random.randint(0, 256, (N * K // bs, ts), dtype=np.uint8)
-            for p in ((0, 2) if qt == T.Q4_K else (208,)):
-                raw[:, p:p + 2] = np.full((len(raw), 1), 1e-3, np.float16).view(np.uint8)
+            for p in (0, 2) if qt == T.Q4_K else (208,):
+                raw[:, p : p + 2] = np.full((len(raw), 1), 1e-3, np.float16).view(np.uint8)
         else:
             raw = gguf.quants.quantize(W.numpy(), qt)
         ql = QuantLinear.from_gguf(raw, qt, (N, K), torch.bfloat16, torch.device("cpu"), prefer=prefer)
@@ -56,8 +63,10 @@ def main() -> None:
             x = torch.randn(M, K, dtype=torch.bfloat16)
             n = 20 if N * K > 4e6 else 200
             tq, td = bench(lambda ql=ql, x=x: ql(x), n), bench(lambda x=x, Wd=Wd: F.linear(x, Wd), n)
-            print(f"{qt.name:4s} W[{N}x{K}] x[{M}x{K}]: {ql.kind:52s} {tq:7.1f} us | "
-                  f"dense bf16 F.linear {td:7.1f} us | speed-up {td / tq:4.2f}x")
+            print(
+                f"{qt.name:4s} W[{N}x{K}] x[{M}x{K}]: {ql.kind:52s} {tq:7.1f} us | "
+                f"dense bf16 F.linear {td:7.1f} us | speed-up {td / tq:4.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ from mistralrs_py.pipeline.base import ModelKind, ModelSpec, Pipeline, load_pipe
 from mistralrs_py.pipeline.hub import embedded_gguf_path
 
 
-def bench_pipelines(dtype: str = "auto", device: str = "auto", quantized: bool = False,
-                    no_xlora_kv_cache: bool = False) -> tuple[Pipeline, Pipeline]:
+def bench_pipelines(
+    dtype: str = "auto", device: str = "auto", quantized: bool = False, no_xlora_kv_cache: bool = False
+) -> tuple[Pipeline, Pipeline]:
     """(X-LoRA pipeline, the same base without adapters) on the embedded SmolLM2.
 
     The X-LoRA side is the demo checkpoint (lora/demo.py: 3 random rank-8 adapters on all seven
@@ -22,8 +23,13 @@ def bench_pipelines(dtype: str = "auto", device: str = "auto", quantized: bool =
     base_spec = ModelSpec(ModelKind.GGUF if quantized else ModelKind.PLAIN, dtype=dtype, device=device)
     with tempfile.TemporaryDirectory() as tmp:
         out = build_demo(Path(tmp) / "xlora-demo")
-        spec = replace(base_spec, kind=ModelKind.XLORA, xlora_model_id=str(out), order=str(out / "ordering.json"),
-                       no_xlora_kv_cache=no_xlora_kv_cache,
-                       quantized_filename=str(embedded_gguf_path()) if quantized else None)
+        spec = replace(
+            base_spec,
+            kind=ModelKind.XLORA,
+            xlora_model_id=str(out),
+            order=str(out / "ordering.json"),
+            no_xlora_kv_cache=no_xlora_kv_cache,
+            quantized_filename=str(embedded_gguf_path()) if quantized else None,
+        )
         xl = load_pipeline(spec)
     return xl, load_pipeline(base_spec)

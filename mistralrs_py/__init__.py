@@ -2,13 +2,28 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Runner", "GenerationFailed", "ContextTooLong", "InvalidRequest", "ModelSpec", "ModelKind", "LoadError",
-           "__version__"]
+__all__ = [
+    "Runner",
+    "GenerationFailed",
+    "ContextTooLong",
+    "InvalidRequest",
+    "ModelSpec",
+    "ModelKind",
+    "LoadError",
+    "__version__",
+]
 
 # NOTE: `import mistralrs_py` stays light (no torch): the Python API is imported on first use of
 # one of these names, so `mistralrs --help` and `from mistralrs_py import __version__` stay instant.
-_LAZY = {"Runner": ".api", "GenerationFailed": ".api", "ContextTooLong": ".api", "InvalidRequest": ".api",
-         "ModelSpec": ".pipeline.base", "ModelKind": ".pipeline.base", "LoadError": ".pipeline.base"}
+_LAZY = {
+    "Runner": ".api",
+    "GenerationFailed": ".api",
+    "ContextTooLong": ".api",
+    "InvalidRequest": ".api",
+    "ModelSpec": ".pipeline.base",
+    "ModelKind": ".pipeline.base",
+    "LoadError": ".pipeline.base",
+}
 
 
 def __getattr__(name: str):

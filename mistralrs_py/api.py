@@ -31,18 +31,34 @@ class Runner:
     CLI's global options (`--max-seqs`, `--scheduler`, `--prefill-chunk`, `--truncate-sequence`,
     `--kv-cache-mb`, `--compile`)."""
 
-    def __init__(self, spec: Optional[ModelSpec] = None, *, max_seqs: int = 4, scheduler: str = "continuous",
-                 prefill_chunk: int = 512, truncate_sequence: bool = False, threads: Optional[int] = None,
-                 progress: bool = False, kv_cache_mb: Optional[float] = None, compile: bool = False,
-                 **spec_fields: Any):
+    def __init__(
+        self,
+        spec: Optional[ModelSpec] = None,
+        *,
+        max_seqs: int = 4,
+        scheduler: str = "continuous",
+        prefill_chunk: int = 512,
+        truncate_sequence: bool = False,
+        threads: Optional[int] = None,
+        progress: bool = False,
+        kv_cache_mb: Optional[float] = None,
+        compile: bool = False,
+        **spec_fields: Any,
+    ):
         if spec is None:
             if "kind" in spec_fields:
                 spec_fields["kind"] = ModelKind(spec_fields["kind"])
             spec = ModelSpec(**spec_fields)
         elif spec_fields:
             raise TypeError("give a ModelSpec or its fields, not both")
-        options = EngineOptions(max_seqs=max_seqs, scheduler=scheduler, prefill_chunk=prefill_chunk,
-                                kv_cache_mb=kv_cache_mb, compile=compile, threads=threads)
+        options = EngineOptions(
+            max_seqs=max_seqs,
+            scheduler=scheduler,
+            prefill_chunk=prefill_chunk,
+            kv_cache_mb=kv_cache_mb,
+            compile=compile,
+            threads=threads,
+        )
         if progress:
             from .terminal import progress_bar
 
@@ -57,8 +73,14 @@ class Runner:
         self._finalizer = weakref.finalize(self, client.stop)
 
     @classmethod
-    def from_client(cls, client: EngineClient, *, repeat_last_n: int = 64, truncate_sequence: bool = False,
-                    model_name: Optional[str] = None) -> "Runner":
+    def from_client(
+        cls,
+        client: EngineClient,
+        *,
+        repeat_last_n: int = 64,
+        truncate_sequence: bool = False,
+        model_name: Optional[str] = None,
+    ) -> "Runner":
         """Wraps an engine client that is already started (the terminal chat's); closing the Runner
         stops it."""
         self = cls.__new__(cls)
@@ -68,8 +90,9 @@ class Runner:
 
     def _setup(self, client: EngineClient, repeat_last_n: int, truncate_sequence: bool, model_name: Optional[str]):
         self.client = client
-        self.service = OpenAIService(client, model_name=model_name, truncate_sequence=truncate_sequence,
-                                     repeat_last_n=repeat_last_n)
+        self.service = OpenAIService(
+            client, model_name=model_name, truncate_sequence=truncate_sequence, repeat_last_n=repeat_last_n
+        )
         self.tokenizer = client.tokenizer
         self.model = self.service.model_name
 

@@ -21,15 +21,25 @@ BLOCK = '"""'
 
 # /name VALUE sets a sampling option for the next answers; "off" restores the default.
 SETTINGS: dict[str, Callable[[str], object]] = {
-    "temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int, "seed": int,
-    "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "max_tokens": int,
+    "seed": int,
+    "repetition_penalty": float,
+    "presence_penalty": float,
+    "frequency_penalty": float,
 }
 COMMANDS = [
     ("/help", "show this list"),
     ("/clear", "forget the conversation (the system prompt stays)"),
     ("/system TEXT", "set the system prompt (/system alone removes it)"),
-    ("/temperature 0.7", "set a sampling option; also /top_p /top_k /min_p /max_tokens /seed /repetition_penalty "
-                         "/presence_penalty /frequency_penalty; 'off' restores the default"),
+    (
+        "/temperature 0.7",
+        "set a sampling option; also /top_p /top_k /min_p /max_tokens /seed /repetition_penalty "
+        "/presence_penalty /frequency_penalty; 'off' restores the default",
+    ),
     ("/settings", "show the sampling options in use"),
     ("/history", "show the conversation the model sees"),
     ("/exit", "leave (also /quit, /bye or Ctrl-D)"),
@@ -48,12 +58,19 @@ def run_interactive(opts, spec) -> None:
     client = start_client(spec, opts.engine_options(max_seqs=1))
     if not client.tokenizer.chat_template:
         client.stop()
-        fail("this model has no chat template, which interactive mode needs: pass --chat-template FILE "
-             "(a jinja file, or a tokenizer_config.json holding one)")
-    runner = Runner.from_client(client, repeat_last_n=spec.repeat_last_n, truncate_sequence=opts.truncate_sequence,
-                                model_name=opts.served_model_name)
-    err_console.print(f"{ready_line(client, runner.model, opts.scheduler)} | interactive", highlight=False,
-                      soft_wrap=True)
+        fail(
+            "this model has no chat template, which interactive mode needs: pass --chat-template FILE "
+            "(a jinja file, or a tokenizer_config.json holding one)"
+        )
+    runner = Runner.from_client(
+        client,
+        repeat_last_n=spec.repeat_last_n,
+        truncate_sequence=opts.truncate_sequence,
+        model_name=opts.served_model_name,
+    )
+    err_console.print(
+        f"{ready_line(client, runner.model, opts.scheduler)} | interactive", highlight=False, soft_wrap=True
+    )
     try:
         code = Chat(runner, Console(highlight=False)).loop()
     finally:
@@ -71,8 +88,10 @@ class Chat:
 
     # ---- the loop ------------------------------------------------------------------------------------
     def loop(self) -> int:
-        self.out.print(f"Chatting with [bold]{escape(self.runner.model)}[/]. /help lists commands, Ctrl-C stops an "
-                       "answer, Ctrl-D or /exit leaves.")
+        self.out.print(
+            f"Chatting with [bold]{escape(self.runner.model)}[/]. /help lists commands, Ctrl-C stops an "
+            "answer, Ctrl-D or /exit leaves."
+        )
         while True:
             try:
                 text = self.read_message()
@@ -97,7 +116,7 @@ class Chat:
         """One message: a line; lines ending in \\ continue it; \"\"\" opens a block up to a line ending in \"\"\"."""
         line = self.read(PROMPT)
         if line.lstrip().startswith(BLOCK):
-            rest = line.lstrip()[len(BLOCK):]
+            rest = line.lstrip()[len(BLOCK) :]
             if rest.endswith(BLOCK):
                 return rest[: -len(BLOCK)]
             lines = [rest] if rest else []
@@ -175,8 +194,10 @@ class Chat:
                 return self.runner.stream_chat(self.conversation(), **self.settings)
             except ContextTooLong as e:
                 if len(self.turns) <= 1:
-                    self.out.print(f"[bold red]error:[/] this message is {e.prompt_tokens} tokens with the template; the "
-                                   f"context holds {e.limit}" + (" (lower /max_tokens)" if self.settings.get("max_tokens") else ""))
+                    self.out.print(
+                        f"[bold red]error:[/] this message is {e.prompt_tokens} tokens with the template; the "
+                        f"context holds {e.limit}" + (" (lower /max_tokens)" if self.settings.get("max_tokens") else "")
+                    )
                     return None
                 del self.turns[:2]
                 self.out.print(f"[dim](dropped the oldest exchange to fit the {e.limit}-token context)[/]")
@@ -213,8 +234,10 @@ class Chat:
         elif name in SETTINGS:
             self.set(name, arg)
         else:
-            self.out.print(f"[bold red]unknown command[/] /{escape(name)}; /help lists the commands "
-                           "(start a message with // to send one that begins with /)")
+            self.out.print(
+                f"[bold red]unknown command[/] /{escape(name)}; /help lists the commands "
+                "(start a message with // to send one that begins with /)"
+            )
         return None
 
     def set(self, name: str, arg: str) -> None:

@@ -145,8 +145,12 @@ def _draw(probs: Tensor, generators: Sequence[torch.Generator | None]) -> Tensor
     return torch.where(ok, idx, torch.full_like(idx, -1))
 
 
-def _penalize_batch(logits: Tensor, params: Sequence[SamplingOptions], outputs: Sequence[Sequence[int]],
-                    contexts: Sequence[Sequence[int]]) -> Tensor:
+def _penalize_batch(
+    logits: Tensor,
+    params: Sequence[SamplingOptions],
+    outputs: Sequence[Sequence[int]],
+    contexts: Sequence[Sequence[int]],
+) -> Tensor:
     """logits: [S, V] -> [S, V] with logit bias, repetition and presence/frequency penalties for the
     whole batch in a few ops, skipped when no row uses them. The input is never modified."""
     S, V = logits.shape
@@ -200,8 +204,9 @@ def _filter_batch(logits: Tensor, params: Sequence[SamplingOptions]) -> Tensor:
     R, V = logits.shape
     ks = [p.top_k if 0 < p.top_k < V else V for p in params]  # V: off
     # NOTE: one host-to-device copy for all per-row values; k < 2**24 is exact in float32.
-    pv = torch.tensor([[p.temperature, k, p.top_p, p.min_p] for p, k in zip(params, ks)],
-                      dtype=logits.dtype, device=logits.device)
+    pv = torch.tensor(
+        [[p.temperature, k, p.top_p, p.min_p] for p, k in zip(params, ks)], dtype=logits.dtype, device=logits.device
+    )
     x = logits / pv[:, 0:1]
     rows = [r for r, p in enumerate(params) if ks[r] < V or p.top_p < 1.0]
     if rows:
@@ -235,8 +240,13 @@ def _sampled_rows(params: Sequence[SamplingOptions]) -> list[int]:
     return [r for r, p in enumerate(params) if not is_greedy(p)]
 
 
-def sample_batch(logits: Tensor, params: Sequence[SamplingOptions], outputs: Sequence[Sequence[int]],
-                 contexts: Sequence[Sequence[int]], generators: Sequence[torch.Generator | None]) -> Tensor:
+def sample_batch(
+    logits: Tensor,
+    params: Sequence[SamplingOptions],
+    outputs: Sequence[Sequence[int]],
+    contexts: Sequence[Sequence[int]],
+    generators: Sequence[torch.Generator | None],
+) -> Tensor:
     """logits: [S, V] float32 raw logits -> [S] token ids on the logits' device: argmax of the
     penalized logits for greedy rows, an inverse-CDF draw from the processed distribution for the
     others, -1 for a row whose distribution is empty or not finite (the caller decides; the
@@ -257,8 +267,9 @@ def sample_batch(logits: Tensor, params: Sequence[SamplingOptions], outputs: Seq
     return x.argmax(-1).index_copy(0, idx, _draw(_filter_batch(x[idx], sub).softmax(-1), gens))
 
 
-def batch_token_logprobs(raw_logits: Tensor, tokens: Tensor,
-                         top_ns: Sequence[int]) -> list[tuple[float, list[tuple[int, float]]]]:
+def batch_token_logprobs(
+    raw_logits: Tensor, tokens: Tensor, top_ns: Sequence[int]
+) -> list[tuple[float, list[tuple[int, float]]]]:
     """Row-wise token_logprobs: raw_logits [R, V], tokens [R] (on the logits' device), top_ns[r]
     alternatives for row r -> per row (chosen logprob, [(id, logprob)] best first)."""
     R, V = raw_logits.shape

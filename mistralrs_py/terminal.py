@@ -22,13 +22,24 @@ def setup_logging() -> None:
 
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=console, show_path=False, markup=False)])
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=console, show_path=False, markup=False)],
+    )
 
 
 def progress_bar(transient: bool = True) -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=transient)
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=transient,
+    )
 
 
 def start_client(spec, options):
@@ -66,9 +77,11 @@ def ready_line(client, name: str, scheduler: str) -> str:
     s = pipeline.summary
     mem = s.get("weights_bytes", 0) / 2**20
     kv = snap["kv_cache_capacity_bytes"] / 2**20
-    return (f"[bold green]ready[/] {escape(name)} | {s.get('format', '?')} | {str(pipeline.dtype).removeprefix('torch.')} | "
-            f"{pipeline.device} | {s.get('params', 0) / 1e6:.0f}M params | {mem:.0f} MiB weights | "
-            f"ctx {client.max_len} x {snap['kv_slots_total']} seqs | KV cache {snap['kv_cache_capacity_tokens']} tokens "
-            f"({kv:.0f} MiB) | {scheduler}"
-            + (f" | {s['kernels']}" if s.get("kernels") else "")
-            + (" | compiled" if pipeline.compiled_decode is not None else ""))
+    return (
+        f"[bold green]ready[/] {escape(name)} | {s.get('format', '?')} | {str(pipeline.dtype).removeprefix('torch.')} | "
+        f"{pipeline.device} | {s.get('params', 0) / 1e6:.0f}M params | {mem:.0f} MiB weights | "
+        f"ctx {client.max_len} x {snap['kv_slots_total']} seqs | KV cache {snap['kv_cache_capacity_tokens']} tokens "
+        f"({kv:.0f} MiB) | {scheduler}"
+        + (f" | {s['kernels']}" if s.get("kernels") else "")
+        + (" | compiled" if pipeline.compiled_decode is not None else "")
+    )

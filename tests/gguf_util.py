@@ -23,10 +23,15 @@ NAMES = {
     "lm_head.weight": "output.weight",
 }
 LAYER = {
-    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
 }
 
 
@@ -98,7 +103,9 @@ def _gguf_str(s: bytes, declared_len: int | None = None) -> bytes:
     return struct.pack("<Q", len(s) if declared_len is None else declared_len) + s
 
 
-def raw_gguf(kvs: list[bytes], tensors: list[tuple[str, list[int], int, int]], data: bytes = b"", alignment: int = 32) -> bytes:
+def raw_gguf(
+    kvs: list[bytes], tensors: list[tuple[str, list[int], int, int]], data: bytes = b"", alignment: int = 32
+) -> bytes:
     """A GGUF v3 file from pre-encoded key/value records and (name, dims, ggml type, offset) infos."""
     import struct
 

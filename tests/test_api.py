@@ -28,8 +28,10 @@ def runner(tiny_llama):
 
 
 def test_import_does_not_pull_in_torch():
-    code = ("import sys, mistralrs_py; assert 'torch' not in sys.modules, 'torch at import time'; "
-            "from mistralrs_py import Runner; assert 'torch' in sys.modules and Runner.__module__ == 'mistralrs_py.api'")
+    code = (
+        "import sys, mistralrs_py; assert 'torch' not in sys.modules, 'torch at import time'; "
+        "from mistralrs_py import Runner; assert 'torch' in sys.modules and Runner.__module__ == 'mistralrs_py.api'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -108,7 +110,9 @@ def test_chat_template_override(no_template_model, tmp_path, kind):
         f.write_text(BRACKETS)
     else:
         f = tmp_path / ("tokenizer_config.json" if kind == "tokenizer_config" else "chat_template.json")
-        f.write_text(json.dumps({"chat_template": BRACKETS, **({"eos_token": "x"} if kind == "tokenizer_config" else {})}))
+        f.write_text(
+            json.dumps({"chat_template": BRACKETS, **({"eos_token": "x"} if kind == "tokenizer_config" else {})})
+        )
     assert load_chat_template(f) == BRACKETS
     with Runner(model_id=str(no_template_model), dtype="float32", max_seqs=1, chat_template=str(f)) as r:
         out = r.chat(Q, max_tokens=2)
@@ -145,7 +149,9 @@ def test_readme_python_example_runs(tmp_path):
     script = tmp_path / "example.py"
     script.write_text(readme_example())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "Paris" in lines[0], out.stdout  # the chat() answer

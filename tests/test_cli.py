@@ -12,12 +12,32 @@ from mistralrs_py import cli
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["--help"], ["--port", "--host", "--log", "--truncate-sequence", "--max-seqs", "--device", "--dtype", "mistral", "gguf-mistral", "x-lora-mistral"]),
-    (["mistral", "--help"], ["--model-id", "--revision", "--repeat-last-n"]),
-    (["gguf-mistral", "--help"], ["--quantized-model-id", "--quantized-filename", "--tok-model-id", "--repeat-last-n"]),
-    (["x-lora-mistral", "--help"], []),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (
+            ["--help"],
+            [
+                "--port",
+                "--host",
+                "--log",
+                "--truncate-sequence",
+                "--max-seqs",
+                "--device",
+                "--dtype",
+                "mistral",
+                "gguf-mistral",
+                "x-lora-mistral",
+            ],
+        ),
+        (["mistral", "--help"], ["--model-id", "--revision", "--repeat-last-n"]),
+        (
+            ["gguf-mistral", "--help"],
+            ["--quantized-model-id", "--quantized-filename", "--tok-model-id", "--repeat-last-n"],
+        ),
+        (["x-lora-mistral", "--help"], []),
+    ],
+)
 def test_help(args, expect):
     r = runner.invoke(cli.app, args, terminal_width=200)
     assert r.exit_code == 0, r.output
@@ -28,15 +48,38 @@ def test_help(args, expect):
 def test_options_map_to_spec(monkeypatch):
     seen = {}
     monkeypatch.setattr("mistralrs_py.server.launch.run_server", lambda opts, spec: seen.update(opts=opts, spec=spec))
-    r = runner.invoke(cli.app, ["-p", "4321", "--truncate-sequence", "--max-seqs", "3", "--kv-cache-mb", "512", "--dtype", "float32", "--device", "cpu",
-                                "mistral", "-m", "some/model", "--revision", "v2", "--repeat-last-n", "16"])
+    r = runner.invoke(
+        cli.app,
+        [
+            "-p",
+            "4321",
+            "--truncate-sequence",
+            "--max-seqs",
+            "3",
+            "--kv-cache-mb",
+            "512",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "mistral",
+            "-m",
+            "some/model",
+            "--revision",
+            "v2",
+            "--repeat-last-n",
+            "16",
+        ],
+    )
     assert r.exit_code == 0, r.output
     o, s = seen["opts"], seen["spec"]
     assert (o.port, o.truncate_sequence, o.max_seqs, o.kv_cache_mb) == (4321, True, 3, 512)
     assert (s.model_id, s.revision, s.repeat_last_n, s.dtype, s.device) == ("some/model", "v2", 16, "float32", "cpu")
 
 
-@pytest.mark.parametrize("args", [["--dtype", "float8", "mistral"], ["--device", "tpu", "mistral"], ["--scheduler", "x", "mistral"]])
+@pytest.mark.parametrize(
+    "args", [["--dtype", "float8", "mistral"], ["--device", "tpu", "mistral"], ["--scheduler", "x", "mistral"]]
+)
 def test_bad_global_values(args):
     r = runner.invoke(cli.app, args)
     assert r.exit_code == 2
@@ -97,6 +140,8 @@ def test_max_model_len_beyond_the_model_is_capped_with_a_warning(tiny_llama, cap
     from mistralrs_py.pipeline.hf import load_safetensors_dir
 
     with caplog.at_level("WARNING"):
-        pipe = load_safetensors_dir(tiny_llama, ModelSpec(model_id=str(tiny_llama), max_model_len=100000), torch.device("cpu"), torch.float32)
+        pipe = load_safetensors_dir(
+            tiny_llama, ModelSpec(model_id=str(tiny_llama), max_model_len=100000), torch.device("cpu"), torch.float32
+        )
     assert pipe.max_model_len == 256
     assert any("more than this model's context" in r.getMessage() for r in caplog.records)

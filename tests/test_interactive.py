@@ -22,8 +22,14 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def spawn(*args: str, timeout: float = 90) -> pexpect.spawn:
-    child = pexpect.spawn(sys.executable, ["-m", "mistralrs_py", "-i", "--threads", "1", *args], env=ENV,
-                          encoding="utf-8", timeout=timeout, dimensions=(50, 160))
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "mistralrs_py", "-i", "--threads", "1", *args],
+        env=ENV,
+        encoding="utf-8",
+        timeout=timeout,
+        dimensions=(50, 160),
+    )
     child.logfile_read = io.StringIO()
     return child
 
@@ -98,8 +104,10 @@ def test_model_without_template_is_refused_naming_the_flag(no_template_model, tm
     assert "no chat template" in out and "--chat-template FILE" in out and "Traceback" not in out
 
     template = tmp_path / "t.jinja"
-    template.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                        "<|im_start|>assistant\n")
+    template.write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n"
+    )
     child = spawn("--chat-template", str(template), "--dtype", "float32", "mistral", "-m", str(no_template_model))
     try:
         child.expect_exact(PROMPT)
@@ -111,10 +119,13 @@ def test_model_without_template_is_refused_naming_the_flag(no_template_model, tm
     assert child.exitstatus == 0, screen(child)
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["--chat-template", "/no/such/file.jinja"], "--chat-template"),
-    (["--chat-template", "BAD"], "line 1"),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["--chat-template", "/no/such/file.jinja"], "--chat-template"),
+        (["--chat-template", "BAD"], "line 1"),
+    ],
+)
 def test_cli_chat_template_errors_are_one_line(args, expect, tmp_path):
     bad = tmp_path / "bad.jinja"
     bad.write_text("{% if %}")
@@ -125,14 +136,23 @@ def test_cli_chat_template_errors_are_one_line(args, expect, tmp_path):
 
 def test_cli_flags_reach_the_options(monkeypatch):
     seen = {}
-    monkeypatch.setattr("mistralrs_py.server.launch.run_server", lambda opts, spec: seen.update(opts=opts, via="server"))
-    monkeypatch.setattr("mistralrs_py.interactive.run_interactive", lambda opts, spec: seen.update(opts=opts, via="chat"))
+    monkeypatch.setattr(
+        "mistralrs_py.server.launch.run_server", lambda opts, spec: seen.update(opts=opts, via="server")
+    )
+    monkeypatch.setattr(
+        "mistralrs_py.interactive.run_interactive", lambda opts, spec: seen.update(opts=opts, via="chat")
+    )
     r = CliRunner().invoke(cli.app, ["-i", "--no-metrics", "--no-ui", "mistral"])
     assert r.exit_code == 0, r.output
     o = seen["opts"]
     assert (o.interactive, o.metrics, o.ui, seen["via"]) == (True, False, False, "chat")
     r = CliRunner().invoke(cli.app, ["mistral"])
-    assert (seen["opts"].interactive, seen["opts"].metrics, seen["opts"].ui, seen["via"]) == (False, True, True, "server")
+    assert (seen["opts"].interactive, seen["opts"].metrics, seen["opts"].ui, seen["via"]) == (
+        False,
+        True,
+        True,
+        "server",
+    )
 
 
 # ---- the chat loop in-process ------------------------------------------------------------------------------
@@ -158,8 +178,9 @@ def run_chat(runner, lines):
 
 
 def test_settings_are_checked_like_api_fields(tiny_runner):
-    chat, out = run_chat(tiny_runner, ["/temperature 9", "/top_k 3", "/max_tokens 0", "/seed off", "/settings", "/frobnicate",
-                                       "/help"])
+    chat, out = run_chat(
+        tiny_runner, ["/temperature 9", "/top_k 3", "/max_tokens 0", "/seed off", "/settings", "/frobnicate", "/help"]
+    )
     assert all(cmd in out for cmd in ("/clear", "/system TEXT", "/temperature 0.7", "/history", "/exit", "Ctrl-C"))
     assert "error: /temperature 9" in out and "error: /max_tokens 0" in out
     assert chat.settings == {"temperature": 0.7, "top_k": 3}

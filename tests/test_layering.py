@@ -11,8 +11,18 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "mistralrs_py"
-LEVEL = {"cli": 0, "interactive": 1, "api": 2, "server": 2, "terminal": 3, "openai": 4, "engine": 5, "pipeline": 6,
-         "models": 7, "lora": 8}
+LEVEL = {
+    "cli": 0,
+    "interactive": 1,
+    "api": 2,
+    "server": 2,
+    "terminal": 3,
+    "openai": 4,
+    "engine": 5,
+    "pipeline": 6,
+    "models": 7,
+    "lora": 8,
+}
 
 
 def layer(module: str) -> str | None:

@@ -109,8 +109,17 @@ MIXED = [
     SamplingParams(temperature=1.3, top_k=5),
     SamplingParams(top_p=0.6),
     SamplingParams(min_p=0.2),
-    SamplingParams(temperature=0.9, top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.3, repeat_last_n=8,
-                   presence_penalty=0.4, frequency_penalty=-0.3, logit_bias={0: 5.0, 1: -5.0}),
+    SamplingParams(
+        temperature=0.9,
+        top_k=20,
+        top_p=0.8,
+        min_p=0.05,
+        repetition_penalty=1.3,
+        repeat_last_n=8,
+        presence_penalty=0.4,
+        frequency_penalty=-0.3,
+        logit_bias={0: 5.0, 1: -5.0},
+    ),
     SamplingParams(top_k=V, top_p=1.0, repetition_penalty=0.7),  # filters off, a penalty below 1
     SamplingParams(top_k=-1, repetition_penalty=2.0, repeat_last_n=0),  # a window of 0: no penalty
     SamplingParams(temperature=2.0, top_p=0.95, logit_bias={5: 100.0}),
@@ -169,8 +178,10 @@ def test_sample_batch_draws_like_the_single_row_sampler(params, seed):
     refs = [torch.Generator().manual_seed(100 + r) for r in range(len(params))]
     for _ in range(10):  # the generators advance: later draws must agree too
         got = S.sample_batch(logits, params, outputs, contexts, gens).tolist()
-        want = [S.sample(S.process_logits(logits[r], p, outputs[r], contexts[r]), S.is_greedy(p), refs[r])
-                for r, p in enumerate(params)]
+        want = [
+            S.sample(S.process_logits(logits[r], p, outputs[r], contexts[r]), S.is_greedy(p), refs[r])
+            for r, p in enumerate(params)
+        ]
         assert got == want
 
 
@@ -188,8 +199,9 @@ def test_sample_batch_rows_are_independent_and_seeded():
     def draws(seeds, rows):
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         sub = lambda xs: [xs[r] for r in rows]  # noqa: E731
-        return [S.sample_batch(logits[rows], sub(params), sub(outputs), sub(contexts), gens).tolist()
-                for _ in range(30)]
+        return [
+            S.sample_batch(logits[rows], sub(params), sub(outputs), sub(contexts), gens).tolist() for _ in range(30)
+        ]
 
     everyone = list(range(len(params)))
     seeds = [7 + r for r in everyone]
@@ -201,8 +213,15 @@ def test_sample_batch_rows_are_independent_and_seeded():
     assert all([step[0] for step in alone[r]] == [step[r] for step in together] for r in everyone)
 
 
-@pytest.mark.parametrize("p", [SamplingParams(), SamplingParams(temperature=0.8, top_k=6),
-                               SamplingParams(top_p=0.7), SamplingParams(min_p=0.15, repetition_penalty=1.4)])
+@pytest.mark.parametrize(
+    "p",
+    [
+        SamplingParams(),
+        SamplingParams(temperature=0.8, top_k=6),
+        SamplingParams(top_p=0.7),
+        SamplingParams(min_p=0.15, repetition_penalty=1.4),
+    ],
+)
 def test_sample_batch_follows_the_processed_distribution(p):
     n, v = 6000, 12
     row = torch.randn(v, generator=torch.Generator().manual_seed(5)) * 1.5

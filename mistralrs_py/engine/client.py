@@ -87,8 +87,13 @@ class EngineClient:
         engine.start()
 
     @classmethod
-    def start(cls, spec: ModelSpec, options: EngineOptions, progress=None,
-              status: Optional[Callable[[str], ContextManager]] = None) -> "EngineClient":
+    def start(
+        cls,
+        spec: ModelSpec,
+        options: EngineOptions,
+        progress=None,
+        status: Optional[Callable[[str], ContextManager]] = None,
+    ) -> "EngineClient":
         """Loads the model and starts its engine. `progress` (a rich Progress) shows the load;
         `status(text)` wraps a long phase (compiling). Raises LoadError with a one-line reason."""
         import torch
@@ -104,16 +109,28 @@ class EngineClient:
         pipeline = worker.call(load_pipeline, spec, progress)
         if template is not None:
             pipeline.tokenizer.chat_template = template
-        phase = status("compiling decode steps with torch.compile (a few minutes the first time, about a minute "
-                       "later on)") if status and options.compile else contextlib.nullcontext()
+        phase = (
+            status("compiling decode steps with torch.compile (a few minutes the first time, about a minute later on)")
+            if status and options.compile
+            else contextlib.nullcontext()
+        )
         try:
             with phase:
-                engine = worker.call(Engine, pipeline, max_seqs=options.max_seqs, policy=options.scheduler,
-                                     prefill_chunk=options.prefill_chunk, kv_cache_mb=options.kv_cache_mb,
-                                     cuda_graphs=options.cuda_graphs, compile=options.compile, worker=worker)
+                engine = worker.call(
+                    Engine,
+                    pipeline,
+                    max_seqs=options.max_seqs,
+                    policy=options.scheduler,
+                    prefill_chunk=options.prefill_chunk,
+                    kv_cache_mb=options.kv_cache_mb,
+                    cuda_graphs=options.cuda_graphs,
+                    compile=options.compile,
+                    worker=worker,
+                )
         except RuntimeError as e:
-            raise LoadError(f"could not allocate the KV cache: {e}; lower --max-seqs or --max-model-len, or set "
-                            "--kv-cache-mb") from None
+            raise LoadError(
+                f"could not allocate the KV cache: {e}; lower --max-seqs or --max-model-len, or set --kv-cache-mb"
+            ) from None
         return cls(pipeline, engine, max_waiting=options.max_waiting)
 
     # ---- what front ends read ------------------------------------------------------------------
@@ -143,8 +160,14 @@ class EngineClient:
         self.engine.stop()
 
     # ---- submissions -----------------------------------------------------------------------------
-    def submit(self, prompts: list[list[int]], params: SamplingParams, request_id: str, *,
-               loop: Optional[asyncio.AbstractEventLoop] = None) -> "RequestStream":
+    def submit(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        loop: Optional[asyncio.AbstractEventLoop] = None,
+    ) -> "RequestStream":
         """Queues one engine request per prompt (each with params.n choices) and returns their events
         as one stream. With `loop`, iterate it with `async for` on that loop; else with `for`."""
         sequences = len(prompts) * params.n
@@ -152,11 +175,15 @@ class EngineClient:
             acct = self.accounting
             # NOTE: a bounded queue: past --max-waiting, refuse at once rather than let requests pile
             # up behind a busy engine; counted in sequences. An idle engine admits any one request.
-            if (self.max_waiting is not None and acct.outstanding
-                    and acct.outstanding + sequences > self.max_seqs + self.max_waiting):
+            if (
+                self.max_waiting is not None
+                and acct.outstanding
+                and acct.outstanding + sequences > self.max_seqs + self.max_waiting
+            ):
                 acct.rejected += 1
-                raise GenerationFailed("the server is overloaded: too many requests are waiting; retry shortly",
-                                       "server_overloaded")
+                raise GenerationFailed(
+                    "the server is overloaded: too many requests are waiting; retry shortly", "server_overloaded"
+                )
             acct.accepted += 1
             acct.outstanding += sequences
         observer = self.observe(sum(len(p) for p in prompts), sequences) if self.observe else None
@@ -179,8 +206,15 @@ class RequestStream:
     NOTE: closing it before the end (break, an exception, a gone client) aborts the engine requests,
     which frees their cache slots within a step."""
 
-    def __init__(self, client: EngineClient, prompts: list[list[int]], params: SamplingParams, request_id: str,
-                 loop: Optional[asyncio.AbstractEventLoop], observer: Optional[Observer]):
+    def __init__(
+        self,
+        client: EngineClient,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        request_id: str,
+        loop: Optional[asyncio.AbstractEventLoop],
+        observer: Optional[Observer],
+    ):
         self.client, self.n, self.observer = client, params.n, observer
         self.remaining = len(prompts) * params.n
         self.ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{k}" for k in range(len(prompts))]

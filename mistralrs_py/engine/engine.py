@@ -40,32 +40,62 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, pipeline: Pipeline, *, max_seqs: int = 16, policy: str = "continuous", prefill_chunk: int = 512,
-                 kv_cache_mb: float | None = None, cuda_graphs: bool = True, compile: bool = False,
-                 worker: TorchThread | None = None):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        max_seqs: int = 16,
+        policy: str = "continuous",
+        prefill_chunk: int = 512,
+        kv_cache_mb: float | None = None,
+        cuda_graphs: bool = True,
+        compile: bool = False,
+        worker: TorchThread | None = None,
+    ):
         self.pipe = pipeline
         self.worker = worker  # the thread that loaded the model runs the loop too (see worker.py)
         c = pipeline.config
         shape = CacheShape(c.num_layers, c.num_kv_heads, c.head_dim)
-        plan = plan_pool(shape, pipeline.dtype, pipeline.device, max_seqs, pipeline.max_model_len,
-                         pipeline.cache_streams, kv_cache_mb)
+        plan = plan_pool(
+            shape,
+            pipeline.dtype,
+            pipeline.device,
+            max_seqs,
+            pipeline.max_model_len,
+            pipeline.cache_streams,
+            kv_cache_mb,
+        )
         # NOTE: the served context never exceeds what the cache can hold, so one sequence alone
         # always fits and preemption can always make progress.
         self.max_len = min(pipeline.max_model_len, plan.slot_len, plan.capacity_tokens)
         if self.max_len < pipeline.max_model_len:
-            log.warning("the KV cache holds %d tokens, so contexts are served up to %d tokens (the model's: %d); "
-                        "raise --kv-cache-mb or lower --max-seqs for more", plan.capacity_tokens, self.max_len,
-                        pipeline.max_model_len)
+            log.warning(
+                "the KV cache holds %d tokens, so contexts are served up to %d tokens (the model's: %d); "
+                "raise --kv-cache-mb or lower --max-seqs for more",
+                plan.capacity_tokens,
+                self.max_len,
+                pipeline.max_model_len,
+            )
         cuda = pipeline.device.type == "cuda"
         # NOTE: decode-only steps run on static, bucketed buffers (engine/graphs.py) for CUDA graphs,
         # and for --compile: each batch bucket is one compiled graph (torch's int4 CPU kernel fixes
         # a graph's row count, so padding to 1/2/4/8/16 rows bounds how many graphs exist).
         static = pipeline.graphable and ((cuda_graphs and cuda) or compile)
-        self.pool = KVCachePool(shape, plan.slots, plan.slot_len, pipeline.dtype, pipeline.device,
-                                streams=pipeline.cache_streams, capacity_tokens=plan.capacity_tokens,
-                                scratch_slot=static)
-        graphs = DecodeGraphs(pipeline.forward, self.pool, plan.slots, c.sliding_window,
-                              capture=cuda and cuda_graphs) if static else None
+        self.pool = KVCachePool(
+            shape,
+            plan.slots,
+            plan.slot_len,
+            pipeline.dtype,
+            pipeline.device,
+            streams=pipeline.cache_streams,
+            capacity_tokens=plan.capacity_tokens,
+            scratch_slot=static,
+        )
+        graphs = (
+            DecodeGraphs(pipeline.forward, self.pool, plan.slots, c.sliding_window, capture=cuda and cuda_graphs)
+            if static
+            else None
+        )
         self.scheduler = Scheduler(plan.slots, policy, prefill_chunk, capacity_tokens=plan.capacity_tokens)
         self.runner = ModelRunner(pipeline, self.pool, graphs)
         if compile and graphs is not None:
@@ -90,7 +120,11 @@ class Engine:
             for b in graphs.buckets:
                 graphs.run([0] * b, [(scratch, 0)] * b)  # NOTE: every row writes the scratch slot
         except Exception as e:  # noqa: BLE001 - no compiler, unsupported op...: serve eagerly
-            log.warning("--compile failed (%s: %s); decoding eagerly", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            log.warning(
+                "--compile failed (%s: %s); decoding eagerly",
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
             self.pipe.compiled_decode = None
             if not graphs.capture:
                 self.runner.graphs = None  # NOTE: plain steps then (slice views, no padding)
@@ -122,8 +156,9 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return (self.dead is None and self._thread is not None and self._thread.is_alive()
-                and not self._loop_done.is_set())
+        return (
+            self.dead is None and self._thread is not None and self._thread.is_alive() and not self._loop_done.is_set()
+        )
 
     def snapshot(self) -> dict:
         """Counts for /health and tests (read without locks: approximate while running)."""
@@ -277,4 +312,6 @@ class Engine:
         if finished:
             self.stats.finished += 1
             extra = self._end(seq, seq.finish_reason or "stop")
-            seq.request.emit(Done(seq.index, seq.finish_reason or "stop", seq.prompt_len, seq.num_output, seq.stop_reason, extra))
+            seq.request.emit(
+                Done(seq.index, seq.finish_reason or "stop", seq.prompt_len, seq.num_output, seq.stop_reason, extra)
+            )

@@ -51,8 +51,14 @@ class DecodeGraphs:
     """Runs decode-only steps through captured graphs. `forward(input_ids, view, pool)` is the
     pipeline's forward; `pool` must have a scratch slot (`pool.scratch_slot`)."""
 
-    def __init__(self, forward: Callable[[Tensor, BatchView, object], Tensor], pool, max_batch: int,
-                 window: int | None, capture: bool = True):
+    def __init__(
+        self,
+        forward: Callable[[Tensor, BatchView, object], Tensor],
+        pool,
+        max_batch: int,
+        window: int | None,
+        capture: bool = True,
+    ):
         if pool.scratch_slot is None:
             raise ValueError("decode graphs need a cache pool with a scratch slot")
         self.forward, self.pool, self.window, self.capture = forward, pool, window, capture
@@ -75,11 +81,18 @@ class DecodeGraphs:
         # NOTE: the mask is computed inside the graph from the static lengths, so a replay needs
         # only the four small index buffers copied in.
         return BatchView(
-            positions=self.positions[:b], row_slots=self.slots[:b], logit_rows=self.logit_rows[:b],
-            num_decode=b, decode_slots=self.slots[:b], decode_slot_range=None, decode_len=length,
-            decode_mask=decode_mask(self.lengths[:b], length, self.window), static=True,
+            positions=self.positions[:b],
+            row_slots=self.slots[:b],
+            logit_rows=self.logit_rows[:b],
+            num_decode=b,
+            decode_slots=self.slots[:b],
+            decode_slot_range=None,
+            decode_len=length,
+            decode_mask=decode_mask(self.lengths[:b], length, self.window),
+            static=True,
             # NOTE: for a model whose fused CPU decode op reads them (eager static steps on the CPU)
-            window=self.window, scratch_slot=self.pool.scratch_slot,
+            window=self.window,
+            scratch_slot=self.pool.scratch_slot,
         )
 
     def _run_static(self, b: int, length: int) -> Tensor:

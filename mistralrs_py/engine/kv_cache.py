@@ -46,8 +46,15 @@ class PoolPlan:
     capacity_tokens: int
 
 
-def plan_pool(shape: CacheShape, dtype: torch.dtype, device: torch.device, max_seqs: int, max_len: int,
-              streams: int = 1, kv_cache_mb: float | None = None) -> PoolPlan:
+def plan_pool(
+    shape: CacheShape,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_seqs: int,
+    max_len: int,
+    streams: int = 1,
+    kv_cache_mb: float | None = None,
+) -> PoolPlan:
     """Sizes the pool from `--kv-cache-mb`, or by default from the memory the device has left.
 
     NOTE: on the CPU the slots are virtual (pages are mapped on first write and handed back when a
@@ -66,15 +73,24 @@ def plan_pool(shape: CacheShape, dtype: torch.dtype, device: torch.device, max_s
         budget = _cpu_available_bytes() // 2
     capacity = max(1, budget // per_token)
     if capacity < 16:
-        raise RuntimeError(f"a KV cache of {budget / 2**20:.1f} MiB holds {capacity} tokens of this model "
-                           f"({per_token / 1024:.0f} KiB each); raise --kv-cache-mb")
+        raise RuntimeError(
+            f"a KV cache of {budget / 2**20:.1f} MiB holds {capacity} tokens of this model "
+            f"({per_token / 1024:.0f} KiB each); raise --kv-cache-mb"
+        )
     slots, slot_len = max_seqs, max_len
     if device.type == "cuda" and slots * slot_len > capacity:
         slots = max(1, min(max_seqs, capacity // slot_len))
         slot_len = min(slot_len, capacity // slots)
-        log.warning("the KV cache budget (%.0f MiB) holds %d tokens: %d slot(s) of %d positions instead of "
-                    "%d x %d; set --kv-cache-mb, --max-seqs or --max-model-len to choose",
-                    budget / 2**20, capacity, slots, slot_len, max_seqs, max_len)
+        log.warning(
+            "the KV cache budget (%.0f MiB) holds %d tokens: %d slot(s) of %d positions instead of "
+            "%d x %d; set --kv-cache-mb, --max-seqs or --max-model-len to choose",
+            budget / 2**20,
+            capacity,
+            slots,
+            slot_len,
+            max_seqs,
+            max_len,
+        )
     return PoolPlan(slots, slot_len, min(capacity, slots * slot_len))
 
 
@@ -128,8 +144,17 @@ class KVCachePool(KVStream):
     """Stream 0 is the pool itself (`pool.k`, `pool.v`); `pool.streams[i]` are further streams that
     share the slot of each sequence (X-LoRA keeps its scaling pass's cache in stream 1)."""
 
-    def __init__(self, shape: CacheShape, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device,
-                 streams: int = 1, capacity_tokens: int | None = None, scratch_slot: bool = False):
+    def __init__(
+        self,
+        shape: CacheShape,
+        num_slots: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        streams: int = 1,
+        capacity_tokens: int | None = None,
+        scratch_slot: bool = False,
+    ):
         self.shape, self.num_slots, self.max_len = shape, num_slots, max_len
         self.capacity_tokens = min(capacity_tokens or num_slots * max_len, num_slots * max_len)
         self.dtype, self.device = dtype, torch.device(device)
@@ -219,8 +244,12 @@ class KVCachePool(KVStream):
             lo, hi = min(slots), max(slots) + 1
             contiguous = hi - lo == len(slots) and slots == sorted(slots)
             self._ensure_zeroed(slots, [p for _, p in decode], L)
-            fields.update(num_decode=len(decode), decode_len=L, decode_slot_range=(lo, hi) if contiguous else None,
-                          decode_slots=torch.tensor(slots, dtype=torch.long, device=dev))
+            fields.update(
+                num_decode=len(decode),
+                decode_len=L,
+                decode_slot_range=(lo, hi) if contiguous else None,
+                decode_slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            )
             if len(decode) == 1 and contiguous:
                 # NOTE: one sequence needs no mask: it reads exactly its own keys (the last W of
                 # them under a sliding window), which also lets attention take its unmasked path.

@@ -60,8 +60,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, max_seqs: int, policy: str = "continuous", prefill_chunk: int = 512,
-                 capacity_tokens: int | None = None):
+    def __init__(
+        self, max_seqs: int, policy: str = "continuous", prefill_chunk: int = 512, capacity_tokens: int | None = None
+    ):
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduler policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.max_seqs, self.policy, self.prefill_chunk = max_seqs, policy, max(1, prefill_chunk)
@@ -106,8 +107,13 @@ class Scheduler:
         # 2. admission, first come first served; a prompt waits until it fits whole beside the
         # prompts already admitted and not yet processed (no admission in a step that preempted).
         promised = sum(s.num_uncached for s in self.running if s.num_uncached > 1)
-        while (self.waiting and not out.preempted and len(self.running) < self.max_seqs and self.cache.num_free
-               and self.waiting[0].num_uncached + promised <= free_tokens):
+        while (
+            self.waiting
+            and not out.preempted
+            and len(self.running) < self.max_seqs
+            and self.cache.num_free
+            and self.waiting[0].num_uncached + promised <= free_tokens
+        ):
             seq = self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

@@ -61,7 +61,11 @@ class XLoraConfig:
             kw["scaling_pass_value"] = 1.0 / n
         try:
             cfg = cls(**kw)
-            cfg.hidden_size, cfg.xlora_depth, cfg.xlora_size = int(cfg.hidden_size), int(cfg.xlora_depth), int(cfg.xlora_size)
+            cfg.hidden_size, cfg.xlora_depth, cfg.xlora_size = (
+                int(cfg.hidden_size),
+                int(cfg.xlora_depth),
+                int(cfg.xlora_size),
+            )
             for name in ("xlora_dropout_p", "softmax_temperature", "scaling_pass_value", "global_scaling_weight"):
                 setattr(cfg, name, float(getattr(cfg, name)))
             if cfg.top_k_lora is not None:
@@ -73,8 +77,10 @@ class XLoraConfig:
         if cfg.softmax_temperature <= 0 and cfg.enable_softmax:
             raise XLoraConfigError(f"{source}: `softmax_temperature` must be positive")
         if cfg.enable_softmax_topk and cfg.enable_softmax:
-            warnings.warn(f"{source}: enable_softmax_topk together with enable_softmax re-normalises softmax "
-                          "outputs twice", stacklevel=2)
+            warnings.warn(
+                f"{source}: enable_softmax_topk together with enable_softmax re-normalises softmax outputs twice",
+                stacklevel=2,
+            )
         return cfg
 
     def check_adapters(self, n: int, source: str = "xlora_config.json") -> None:
@@ -91,8 +97,15 @@ class XLoraClassifier(nn.Module):
     `linear`: the nn.Linear class to build with (the model's, whose decode rows run our CPU kernel:
     torch's bf16 CPU matmul takes ~30 us for each of these tiny layers, ours ~6)."""
 
-    def __init__(self, cfg: XLoraConfig, n_adapters: int, n_layers: int, device=None, dtype=None,
-                 linear: type[nn.Linear] = nn.Linear):
+    def __init__(
+        self,
+        cfg: XLoraConfig,
+        n_adapters: int,
+        n_layers: int,
+        device=None,
+        dtype=None,
+        linear: type[nn.Linear] = nn.Linear,
+    ):
         super().__init__()
         self.cfg, self.n, self.L = cfg, n_adapters, n_layers
         self.rows = n_layers if cfg.layerwise_scalings else 1
@@ -124,8 +137,10 @@ class XLoraClassifier(nn.Module):
         inner_idx = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"^inner\.(\d+)\.weight$", k))})
         want_inner = len(self.inner)
         if len(inner_idx) != want_inner:
-            raise XLoraConfigError(f"{source}: has {len(inner_idx)} inner Linear layers, xlora_depth="
-                                   f"{self.cfg.xlora_depth} implies {want_inner}")
+            raise XLoraConfigError(
+                f"{source}: has {len(inner_idx)} inner Linear layers, xlora_depth="
+                f"{self.cfg.xlora_depth} implies {want_inner}"
+            )
         names = {f"inner.{i}": f"inner.{j}" for i, j in zip(inner_idx, range(want_inner))}
         names["last"] = "last"
         expected = {n for n, _ in self.named_parameters()}
@@ -142,17 +157,22 @@ class XLoraClassifier(nn.Module):
                 if tuple(t.shape) != tuple(param.shape):
                     hint = ""
                     if ours == "last" and part == "weight":
-                        hint = (f" ({self.rows} x {self.n} adapters: layerwise_scalings="
-                                f"{str(self.cfg.layerwise_scalings).lower()}, {self.L} wrapped linears)")
-                    raise XLoraConfigError(f"{source}: {key} has shape {tuple(t.shape)}, expected "
-                                           f"{tuple(param.shape)}{hint}")
+                        hint = (
+                            f" ({self.rows} x {self.n} adapters: layerwise_scalings="
+                            f"{str(self.cfg.layerwise_scalings).lower()}, {self.L} wrapped linears)"
+                        )
+                    raise XLoraConfigError(
+                        f"{source}: {key} has shape {tuple(t.shape)}, expected {tuple(param.shape)}{hint}"
+                    )
                 with torch.no_grad():
                     param.copy_(t.to(param.dtype))
                 got.add(f"{ours}.{part}")
         missing = sorted(expected - got)
         if missing:
-            raise XLoraConfigError(f"{source}: missing {missing[0]} (xlora_depth={self.cfg.xlora_depth}, "
-                                   f"use_bias={str(self.cfg.use_bias).lower()})")
+            raise XLoraConfigError(
+                f"{source}: missing {missing[0]} (xlora_depth={self.cfg.xlora_depth}, "
+                f"use_bias={str(self.cfg.use_bias).lower()})"
+            )
 
 
 def top_k_scalings(s: Tensor, k: int | None, softmax_topk: bool) -> Tensor:

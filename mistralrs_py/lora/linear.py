@@ -65,8 +65,15 @@ class XLoraLinear(nn.Module):
     # set with the rest of the model's modules at load (models.llama.use_cpu_kernels)
     cpu_ops: bool = False
 
-    def __init__(self, base: nn.Module, lora_a: Tensor, lora_bt: Tensor, rows: list[int],
-                 indices: list[int], spans: list[tuple[int, int]] | None = None):
+    def __init__(
+        self,
+        base: nn.Module,
+        lora_a: Tensor,
+        lora_bt: Tensor,
+        rows: list[int],
+        indices: list[int],
+        spans: list[tuple[int, int]] | None = None,
+    ):
         super().__init__()
         self.base = base
         self.parts = len(rows)

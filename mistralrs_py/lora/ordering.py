@@ -17,8 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # NOTE: registration order inside one decoder layer of transformers' Llama/Mistral.
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 LEAF_NAMES = tuple(p.split(".")[1] for p in PROJECTIONS)
 _MODULE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)$")
 
@@ -41,7 +48,9 @@ def module_paths(num_layers: int, target_modules) -> list[str]:
     targets = set(target_modules)
     unknown = sorted(targets - set(LEAF_NAMES))
     if unknown:
-        raise OrderingError(f"unsupported target module {unknown[0]!r}; X-LoRA adapters may target {', '.join(LEAF_NAMES)}")
+        raise OrderingError(
+            f"unsupported target module {unknown[0]!r}; X-LoRA adapters may target {', '.join(LEAF_NAMES)}"
+        )
     return [f"model.layers.{i}.{p}" for i in range(num_layers) for p in PROJECTIONS if p.split(".")[1] in targets]
 
 
@@ -64,8 +73,9 @@ def parse_ordering(data, source: str = "ordering") -> Ordering:
         raise OrderingError(f"{source}: `order` names an adapter twice")
     layers = data.get("layers")
     if not isinstance(layers, dict) or not layers:
-        raise OrderingError(f"{source}: `layers` must map module paths to X-LoRA layer indices; "
-                            "generate it with `mistralrs ordering`")
+        raise OrderingError(
+            f"{source}: `layers` must map module paths to X-LoRA layer indices; generate it with `mistralrs ordering`"
+        )
     bad = [k for k, v in layers.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
     if bad:
         raise OrderingError(f"{source}: layer index of {bad[0]} is {layers[bad[0]]!r}, not a non-negative integer")
@@ -94,21 +104,29 @@ def check_layers(ordering: Ordering, wrapped: list[str], num_layers: int, source
     for key in ordering.layers:
         m = _MODULE.match(key)
         if m is None:
-            raise OrderingError(f"{source}: `layers` names {key!r}, which is not a LoRA-able linear of a "
-                                f"Llama/Mistral model (model.layers.N.self_attn.q_proj ...); {fix}")
+            raise OrderingError(
+                f"{source}: `layers` names {key!r}, which is not a LoRA-able linear of a "
+                f"Llama/Mistral model (model.layers.N.self_attn.q_proj ...); {fix}"
+            )
         if int(m.group(1)) >= num_layers:
-            raise OrderingError(f"{source}: `layers` names {key}, but the model has {num_layers} layers: "
-                                f"the ordering was made for another model; {fix}")
+            raise OrderingError(
+                f"{source}: `layers` names {key}, but the model has {num_layers} layers: "
+                f"the ordering was made for another model; {fix}"
+            )
     missing = [w for w in wrapped if w not in ordering.layers]
     if missing:
-        raise OrderingError(f"{source}: `layers` has no index for {missing[0]}"
-                            f"{f' and {len(missing) - 1} more wrapped modules' if len(missing) > 1 else ''}; {fix}")
+        raise OrderingError(
+            f"{source}: `layers` has no index for {missing[0]}"
+            f"{f' and {len(missing) - 1} more wrapped modules' if len(missing) > 1 else ''}; {fix}"
+        )
     idx = [ordering.layers[w] for w in wrapped]
     L = len(wrapped)
     over = [(w, i) for w, i in zip(wrapped, idx) if i >= L]
     if over:
-        raise OrderingError(f"{source}: {over[0][0]} has layer index {over[0][1]}, but the adapters wrap {L} "
-                            f"linears (indices 0..{L - 1}); {fix}")
+        raise OrderingError(
+            f"{source}: {over[0][0]} has layer index {over[0][1]}, but the adapters wrap {L} "
+            f"linears (indices 0..{L - 1}); {fix}"
+        )
     if len(set(idx)) != L:
         seen: dict[int, str] = {}
         for w, i in zip(wrapped, idx):
@@ -118,28 +136,36 @@ def check_layers(ordering: Ordering, wrapped: list[str], num_layers: int, source
     return idx
 
 
-def resolve_order(ordering: Ordering, config_adapters: list[str] | None, available: list[str],
-                  source: str = "ordering") -> list[str]:
+def resolve_order(
+    ordering: Ordering, config_adapters: list[str] | None, available: list[str], source: str = "ordering"
+) -> list[str]:
     """The adapter names in class order.
 
     `config_adapters`: the names in xlora_config.json's `adapters` (training order) or None;
     `available`: adapter folders found in the X-LoRA checkpoint."""
     order = ordering.order or list(config_adapters or [])
     if not order:
-        raise OrderingError(f"{source}: `order` is empty and xlora_config.json lists no adapters; "
-                            "name them with `mistralrs ordering --adapters a,b,...`")
+        raise OrderingError(
+            f"{source}: `order` is empty and xlora_config.json lists no adapters; "
+            "name them with `mistralrs ordering --adapters a,b,...`"
+        )
     if config_adapters and ordering.order:
         unknown = [a for a in order if a not in config_adapters]
         if unknown:
-            raise OrderingError(f"{source}: unknown adapter {unknown[0]!r}; xlora_config.json has "
-                                f"{', '.join(config_adapters)}")
+            raise OrderingError(
+                f"{source}: unknown adapter {unknown[0]!r}; xlora_config.json has {', '.join(config_adapters)}"
+            )
         if order != list(config_adapters):
-            raise OrderingError(f"{source}: `order` ({', '.join(order)}) differs from the training order in "
-                                f"xlora_config.json ({', '.join(config_adapters)}); class i of the classifier is "
-                                "the i-th adapter of training")
+            raise OrderingError(
+                f"{source}: `order` ({', '.join(order)}) differs from the training order in "
+                f"xlora_config.json ({', '.join(config_adapters)}); class i of the classifier is "
+                "the i-th adapter of training"
+            )
     absent = [a for a in order if a not in available]
     if absent:
         have = ", ".join(sorted(available)) or "none"
-        raise OrderingError(f"{source}: unknown adapter {absent[0]!r}: the X-LoRA checkpoint has no folder "
-                            f"{absent[0]}/ with adapter_config.json (found: {have})")
+        raise OrderingError(
+            f"{source}: unknown adapter {absent[0]!r}: the X-LoRA checkpoint has no folder "
+            f"{absent[0]}/ with adapter_config.json (found: {have})"
+        )
     return order

@@ -26,7 +26,9 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
 
 def _fuse_dense(mods: list[nn.Linear]) -> nn.Linear | None:
     w = mods[0].weight
-    if any(m.weight.dtype != w.dtype or m.weight.device != w.device or m.in_features != mods[0].in_features for m in mods):
+    if any(
+        m.weight.dtype != w.dtype or m.weight.device != w.device or m.in_features != mods[0].in_features for m in mods
+    ):
         return None
     has_bias = [m.bias is not None for m in mods]
     if any(has_bias) and not all(has_bias):
@@ -41,8 +43,12 @@ def _fuse_dense(mods: list[nn.Linear]) -> nn.Linear | None:
 def _fuse_quant(mods: list[QuantLinear]) -> QuantLinear | None:
     first = mods[0]
     kernel_type = type(first.kernel)
-    if any(type(m.kernel) is not kernel_type or m.compute_dtype != first.compute_dtype or m.in_features != first.in_features
-           for m in mods):
+    if any(
+        type(m.kernel) is not kernel_type
+        or m.compute_dtype != first.compute_dtype
+        or m.in_features != first.in_features
+        for m in mods
+    ):
         return None
     has_bias = [m.bias is not None for m in mods]
     if any(has_bias) and not all(has_bias):

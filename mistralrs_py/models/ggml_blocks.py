@@ -1,12 +1,13 @@
 """GGML block formats: which GGUF tensor types we read, their bytes, and their values.
 
-  * ``dequantize(raw, qtype, shape)`` -- vectorised torch port of ``gguf.quants.dequantize``
-    (bit-identical float32; works on any device), and ``dequantize_bytes`` for raw byte tensors;
-  * ``decode_blocks`` -- blocks -> (integer codes, scale, offset) per sub-block, the form the
-    quantized kernels (quant_kernels.py) repack;
-  * ``int4_parts`` -- Q4_0/Q4_1/Q4_K as 4-bit codes with a scale and zero per 32 weights;
-  * ``row_chunks`` -- a tensor's rows in chunks, to bound load-time temporaries.
+* ``dequantize(raw, qtype, shape)`` -- vectorised torch port of ``gguf.quants.dequantize``
+  (bit-identical float32; works on any device), and ``dequantize_bytes`` for raw byte tensors;
+* ``decode_blocks`` -- blocks -> (integer codes, scale, offset) per sub-block, the form the
+  quantized kernels (quant_kernels.py) repack;
+* ``int4_parts`` -- Q4_0/Q4_1/Q4_K as 4-bit codes with a scale and zero per 32 weights;
+* ``row_chunks`` -- a tensor's rows in chunks, to bound load-time temporaries.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,9 +18,10 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-GGML_SUPPORTED: frozenset[int] = frozenset(int(t) for t in (
-    T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K))
+GGML_SUPPORTED: frozenset[int] = frozenset(
+    int(t)
+    for t in (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+)
 DENSE_TYPES = {int(T.F32): torch.float32, int(T.F16): torch.float16, int(T.BF16): torch.bfloat16}
 # Types that map exactly onto the int4pack kernel: stored nibble = v + offset, group 32.
 INT4_OFFSET = {int(T.Q4_0): 8, int(T.Q4_1): 0, int(T.Q4_K): 0}
@@ -60,7 +62,7 @@ def check_size(t: torch.Tensor, qtype: int, numel: int) -> None:
 # (and order) gguf.quants uses, so the dequantized result is bit-identical.
 # ----------------------------------------------------------------------------------------------
 def _f16(b: torch.Tensor, i: int) -> torch.Tensor:  # -> [nb, 1] f32
-    return b[:, i:i + 2].contiguous().view(torch.float16).float()
+    return b[:, i : i + 2].contiguous().view(torch.float16).float()
 
 
 def _bits(x: torch.Tensor, shifts, mask: int) -> torch.Tensor:
@@ -96,7 +98,7 @@ def decode_blocks(b: torch.Tensor, qtype: int):
         return _q4(b[:, 4:], nb, 1).short(), _f16(b, 0), _f16(b, 2)
     if qtype in (T.Q5_0, T.Q5_1):  # d | (m) | qh u32 | qs[16]
         o = 2 if qtype == T.Q5_0 else 4
-        q = _q4(b[:, o + 4:], nb, 1) | (_qh32(b[:, o:o + 4], nb) << 4).view(nb, 1, 32)
+        q = _q4(b[:, o + 4 :], nb, 1) | (_qh32(b[:, o : o + 4], nb) << 4).view(nb, 1, 32)
         if qtype == T.Q5_0:
             return q.short() - 16, _f16(b, 0), None
         return q.short(), _f16(b, 0), _f16(b, 2)
@@ -144,13 +146,13 @@ def dequantize_bytes(t: torch.Tensor, qtype: int, numel: int, own_sq: list | Non
     blocks = t.view(-1, ts)
     out = torch.empty(blocks.shape[0], bs, dtype=torch.float32, device=t.device)
     for i in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-        v, S, Z = decode_blocks(blocks[i:i + _CHUNK_BLOCKS], qtype)
+        v, S, Z = decode_blocks(blocks[i : i + _CHUNK_BLOCKS], qtype)
         w = S.unsqueeze(-1) * v.float()  # same op order as gguf: scale * q (+ min)
         if Z is not None:
             w = w + Z.unsqueeze(-1)
         if own_sq is not None:
             own_sq[0] += S.double().square().sum().item() * v.shape[-1] / 12
-        out[i:i + _CHUNK_BLOCKS] = w.reshape(w.shape[0], bs)
+        out[i : i + _CHUNK_BLOCKS] = w.reshape(w.shape[0], bs)
     return out.view(-1)
 
 
@@ -181,6 +183,4 @@ def row_chunks(t: torch.Tensor, qtype: int, N: int, K: int):
     rb, step = K // bs * ts, max(64, _CHUNK_WEIGHTS // K // 64 * 64)
     for r0 in range(0, N, step):
         r1 = min(N, r0 + step)
-        yield r1 - r0, t[r0 * rb:r1 * rb]
-
-
+        yield r1 - r0, t[r0 * rb : r1 * rb]

@@ -16,6 +16,7 @@ version, the flags and the CPU) and loaded with ``torch.ops.load_library``. Each
 Without a compiler, off Linux, if the build fails, or with ``MISTRALRS_KERNELS=0``, ``available()``
 is False and the model runs on torch's ops alone (the same math, more ops per layer).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -83,8 +84,11 @@ def _compile(cxx: str) -> Path:
     libs = ce.library_paths()
     srcs = _sources()
     files = sorted(p for p in _SRC_DIR.iterdir() if p.suffix in (".cpp", ".h"))
-    key = hashlib.sha256("\0".join([*(f"{f.name}\0{f.read_text()}" for f in files), torch.__version__,
-                                    " ".join(flags), _cpu_key(), cxx]).encode())
+    key = hashlib.sha256(
+        "\0".join(
+            [*(f"{f.name}\0{f.read_text()}" for f in files), torch.__version__, " ".join(flags), _cpu_key(), cxx]
+        ).encode()
+    )
     out = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
@@ -95,8 +99,23 @@ def _compile(cxx: str) -> Path:
         inc = [f"-I{p}" for p in ce.include_paths()]
         _run_all([[cxx, *flags, *inc, "-c", str(s), "-o", str(o)] for s, o in zip(srcs, objs)])
         so = Path(tmp) / out.name
-        _run_all([[cxx, *flags, "-shared", *map(str, objs), "-o", str(so), *(f"-L{p}" for p in libs),
-                   *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu", "-ltorch"]])
+        _run_all(
+            [
+                [
+                    cxx,
+                    *flags,
+                    "-shared",
+                    *map(str, objs),
+                    "-o",
+                    str(so),
+                    *(f"-L{p}" for p in libs),
+                    *(f"-Wl,-rpath,{p}" for p in libs),
+                    "-lc10",
+                    "-ltorch_cpu",
+                    "-ltorch",
+                ]
+            ]
+        )
         os.replace(so, out)  # NOTE: atomic, so concurrent first starts never load a half-written file
     return out
 

@@ -28,8 +28,13 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [M, K] -> [M, N]
-        if (self.cpu_ops and x.dim() == 2 and x.shape[0] <= _GEMV_ROWS and x.dtype in (torch.bfloat16, torch.float16)
-                and x.dtype == self.weight.dtype):
+        if (
+            self.cpu_ops
+            and x.dim() == 2
+            and x.shape[0] <= _GEMV_ROWS
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and x.dtype == self.weight.dtype
+        ):
             return torch.ops.mistralrs.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -143,8 +148,9 @@ class BatchView:
         return int(self.positions.shape[0])
 
 
-def decode_attention_cpu(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
-                         v_cache: Tensor, view: BatchView) -> Tensor:
+def decode_attention_cpu(
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView
+) -> Tensor:
     """The decode rows [0, B) of a step in one op (models/csrc/attention.cpp): rope on q and k, the
     cache write, and each query attending to its own slot's keys (the last `view.window` of them).
 
@@ -153,8 +159,20 @@ def decode_attention_cpu(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tens
     B, positions = view.num_decode, view.positions
     if B < q.shape[0]:  # NOTE: slicing costs ~1 us an op; a decode-only step needs none
         q, k, v, cos, sin, positions = q[:B], k[:B], v[:B], cos[:B], sin[:B], positions[:B]
-    return torch.ops.mistralrs.decode_attention(q, k, v, cos, sin, k_cache, v_cache, view.decode_slots, positions,
-                                                view.window or 0, q.shape[-1] ** -0.5, view.scratch_slot)
+    return torch.ops.mistralrs.decode_attention(
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        view.decode_slots,
+        positions,
+        view.window or 0,
+        q.shape[-1] ** -0.5,
+        view.scratch_slot,
+    )
 
 
 def attend(

@@ -36,11 +36,21 @@ class Attention(nn.Module):
         self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, **kw)
         self.k_proj = Linear(cfg.hidden_size, cfg.kv_dim, **kw)
         self.v_proj = Linear(cfg.hidden_size, cfg.kv_dim, **kw)
-        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype)
+        self.o_proj = Linear(
+            cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype
+        )
         self.qkv_proj: nn.Module | None = None  # set by fuse_projections(): q, k, v in one matmul
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView,
-                lora: Scalings | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        view: BatchView,
+        lora: Scalings | None = None,
+    ) -> Tensor:
         # x: [N, D]; lora: the pass's X-LoRA scalings, for the projections the adapters wrap
         n, H, Hk, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is not None:
@@ -106,8 +116,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
         self.mlp = MLP(cfg, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView,
-                lora: Scalings | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        view: BatchView,
+        lora: Scalings | None = None,
+    ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, view, lora)
         return x + self.mlp(self.post_attention_layernorm(x), lora)
 
@@ -123,15 +141,20 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         # NOTE: passing the (empty) weight skips nn.Embedding's random init; on the meta device that
         # init would import torch's Python decompositions (~70 MB resident) for nothing.
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
-                                         _weight=torch.empty((cfg.vocab_size, cfg.hidden_size), device=device, dtype=dtype))
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            _weight=torch.empty((cfg.vocab_size, cfg.hidden_size), device=device, dtype=dtype),
+        )
         self.layers = nn.ModuleList(DecoderLayer(cfg, device=device, dtype=dtype) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
         self.max_positions = max_positions
         self.rotary = Rotary(cfg, max_positions, device=None if device == torch.device("meta") else device)
 
-    def hidden_states(self, input_ids: Tensor, view: BatchView, cache: "KVLayers", lora: Scalings | None = None) -> Tensor:
+    def hidden_states(
+        self, input_ids: Tensor, view: BatchView, cache: "KVLayers", lora: Scalings | None = None
+    ) -> Tensor:
         # input_ids: [N] -> final-norm hidden states [N, D]. lora: X-LoRA scalings of this pass
         # (models/xlora.py), None for the plain model
         x = self.embed_tokens(input_ids)

@@ -9,6 +9,7 @@ Packing (see the layout comment at the top of qmatmul.cpp):
   * ``pack_q4(codes, S, Z)``: w = S * code + Z per 32-block, codes 0..15 -> (qs, d, mw).
   * ``pack_q8(q, S)``: w = S * q per 32-block, q int8 -> (qs, d, mw).
 """
+
 from __future__ import annotations
 
 import os

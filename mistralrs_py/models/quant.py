@@ -6,6 +6,7 @@
 
 The block formats themselves (decoding, bit-exact dequantization) live in ggml_blocks.py.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,9 +39,18 @@ class QuantLinear(torch.nn.Module):
         return self.kernel.kind
 
     @classmethod
-    def from_gguf(cls, raw: np.ndarray, qtype: int, shape: tuple[int, int],
-                  compute_dtype: torch.dtype, device: torch.device,
-                  bias: torch.Tensor | None = None, *, prefer: str = "auto", keep_raw: bool = True) -> "QuantLinear":
+    def from_gguf(
+        cls,
+        raw: np.ndarray,
+        qtype: int,
+        shape: tuple[int, int],
+        compute_dtype: torch.dtype,
+        device: torch.device,
+        bias: torch.Tensor | None = None,
+        *,
+        prefer: str = "auto",
+        keep_raw: bool = True,
+    ) -> "QuantLinear":
         """raw: GGUF bytes of a [out, in] weight.  prefer: "auto" (int4pack where exact; int8
         requantization only where its error is <= the format's own rounding error (rms), else
         dense), "fast" (always requantize to int8 when no exact kernel), "exact" (never
@@ -85,15 +95,15 @@ class QuantEmbedding(torch.nn.Module):
     formats are not row-gatherable, so the lm_head holds its own packed copy (~0.6 B/param
     for Q4, 1 B/param for int8) next to these raw bytes -- still below one dense bf16 copy."""
 
-    def __init__(self, raw_rows: torch.Tensor, qtype: int, num_embeddings: int, dim: int,
-                 compute_dtype: torch.dtype):
+    def __init__(self, raw_rows: torch.Tensor, qtype: int, num_embeddings: int, dim: int, compute_dtype: torch.dtype):
         super().__init__()
         self.raw, self.qtype = raw_rows, qtype  # raw: [V, row_bytes] uint8
         self.num_embeddings, self.embedding_dim, self.compute_dtype = num_embeddings, dim, compute_dtype
 
     @classmethod
-    def from_gguf(cls, raw, qtype, shape: tuple[int, int], compute_dtype: torch.dtype,
-                  device: torch.device) -> "QuantEmbedding":
+    def from_gguf(
+        cls, raw, qtype, shape: tuple[int, int], compute_dtype: torch.dtype, device: torch.device
+    ) -> "QuantEmbedding":
         V, D = shape
         t = to_u8(raw, torch.device(device))
         check_size(t, int(qtype), V * D)
@@ -110,6 +120,12 @@ class QuantEmbedding(torch.nn.Module):
         return dequantize_bytes(self.raw.reshape(-1), self.qtype, V * D).view(V, D)
 
     def as_linear(self, bias: torch.Tensor | None = None, **kw) -> QuantLinear:
-        return QuantLinear.from_gguf(self.raw.cpu().numpy(), self.qtype,
-                                     (self.num_embeddings, self.embedding_dim),
-                                     self.compute_dtype, self.raw.device, bias, **kw)
+        return QuantLinear.from_gguf(
+            self.raw.cpu().numpy(),
+            self.qtype,
+            (self.num_embeddings, self.embedding_dim),
+            self.compute_dtype,
+            self.raw.device,
+            bias,
+            **kw,
+        )

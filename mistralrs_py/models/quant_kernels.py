@@ -35,6 +35,7 @@ CUDA: Q4_0/Q4_1/Q4_K with bf16 -> tinygemm ``_weight_int4pack_mm`` (`Int4Cuda`, 
 load against the dequantized weight, falls back if it disagrees); everything else keeps the raw
 GGUF bytes on the GPU and dequantizes per call (`DequantPerCall`).  Other devices: dequant-per-call.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,7 +61,9 @@ class QuantKernel:
 
     f32_out = False  # whether mm_f32 exists: the float32 accumulators, not rounded to the compute dtype
 
-    def __init__(self, out_features: int, in_features: int, compute_dtype: torch.dtype, device: torch.device, kind: str):
+    def __init__(
+        self, out_features: int, in_features: int, compute_dtype: torch.dtype, device: torch.device, kind: str
+    ):
         self.out_features, self.in_features, self.compute_dtype = out_features, in_features, compute_dtype
         self.device, self.kind = device, kind
 
@@ -104,11 +107,12 @@ class Dense(QuantKernel):
         self.weight = weight  # [N, K]
 
     @classmethod
-    def build(cls, t: Tensor, qtype: int, N: int, K: int, compute_dtype: torch.dtype, device: torch.device,
-              kind: str) -> "Dense":
+    def build(
+        cls, t: Tensor, qtype: int, N: int, K: int, compute_dtype: torch.dtype, device: torch.device, kind: str
+    ) -> "Dense":
         weight, r = torch.empty(N, K, dtype=compute_dtype, device=device), 0
         for n, tb in row_chunks(t, qtype, N, K):  # bounded fp32 temporaries
-            weight[r:r + n] = dequantize_bytes(tb.to(device), qtype, n * K).view(n, K)
+            weight[r : r + n] = dequantize_bytes(tb.to(device), qtype, n * K).view(n, K)
             r += n
         return cls(weight, kind)
 
@@ -228,9 +232,18 @@ class Int4Cpu(_Int4):
             packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2))
             sz.append(torch.stack([S, zero], -1))  # [n, K/32, 2]
         dt = str(compute_dtype).replace("torch.", "")
-        kind = f"{type_name(qtype)}->int4pack(g32)" + ("" if compute_dtype == torch.float32 else f" (scale/zero in {dt})")
-        return cls(torch.cat(packed), torch.cat(sz).transpose(0, 1).contiguous().to(compute_dtype),
-                   t if keep_raw else None, qtype, N, K, kind)
+        kind = f"{type_name(qtype)}->int4pack(g32)" + (
+            "" if compute_dtype == torch.float32 else f" (scale/zero in {dt})"
+        )
+        return cls(
+            torch.cat(packed),
+            torch.cat(sz).transpose(0, 1).contiguous().to(compute_dtype),
+            t if keep_raw else None,
+            qtype,
+            N,
+            K,
+            kind,
+        )
 
     def mm(self, x: Tensor) -> Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, 32, self.sz)
@@ -238,8 +251,9 @@ class Int4Cpu(_Int4):
 
 class Int4Cuda(_Int4):
     @classmethod
-    def build(cls, t: Tensor, qtype: int, N: int, K: int, compute_dtype: torch.dtype, device: torch.device,
-              keep_raw: bool) -> "Int4Cuda | None":
+    def build(
+        cls, t: Tensor, qtype: int, N: int, K: int, compute_dtype: torch.dtype, device: torch.device, keep_raw: bool
+    ) -> "Int4Cuda | None":
         """tinygemm, self-checked once against the dequantized weight (the packing convention is not
         testable without a GPU); None when the op is missing, rejects the shape or disagrees.
         NOTE: the check reads the raw blocks (dequantized()), so with keep_raw=False it fails and
@@ -251,8 +265,15 @@ class Int4Cuda(_Int4):
             qweight = torch.ops.aten._convert_weight_to_int4pack(u8, inner)
             sz = torch.stack([S, zero], -1).transpose(0, 1).contiguous().to(compute_dtype)
             # NOTE: the CPU bytes as reference, only for dequantized(): no second GPU copy
-            k = cls(qweight, sz, t if keep_raw else None, qtype, N, K,
-                    f"{type_name(qtype)}->int4pack(g32, cuda tinygemm; scale/zero in bfloat16)")
+            k = cls(
+                qweight,
+                sz,
+                t if keep_raw else None,
+                qtype,
+                N,
+                K,
+                f"{type_name(qtype)}->int4pack(g32, cuda tinygemm; scale/zero in bfloat16)",
+            )
             x = torch.randn(4, K, device=device, dtype=compute_dtype)
             ref = x.float() @ k.dequantized().T
             err = (k.mm(x).float() - ref).abs().max()
@@ -274,8 +295,9 @@ class Int8(QuantKernel):
         self.w8, self.s8 = w8, s8  # [N, K] int8, [N] in the compute dtype
 
     @classmethod
-    def build(cls, t: Tensor, qtype: int, N: int, K: int, compute_dtype: torch.dtype, device: torch.device,
-              prefer: str) -> "Int8 | Dense":
+    def build(
+        cls, t: Tensor, qtype: int, N: int, K: int, compute_dtype: torch.dtype, device: torch.device, prefer: str
+    ) -> "Int8 | Dense":
         """Requantized per row; with prefer "auto", dense instead when that adds more error than the
         format's own rounding."""
         w8, s8, own_sq, err_sq = [], [], [0.0], 0.0
@@ -296,7 +318,9 @@ class Int8(QuantKernel):
         ratio = math.sqrt(err_sq / own_sq[0]) if own_sq[0] > 0 else (0.0 if err_sq == 0 else math.inf)
         name, dt = type_name(qtype), str(compute_dtype).replace("torch.", "")
         if prefer == "auto" and ratio > 1.0:
-            return Dense.build(t, qtype, N, K, compute_dtype, device, f"{name}->dense {dt} (int8 requant err {ratio:.2f}x own)")
+            return Dense.build(
+                t, qtype, N, K, compute_dtype, device, f"{name}->dense {dt} (int8 requant err {ratio:.2f}x own)"
+            )
         return cls(torch.cat(w8), torch.cat(s8), f"{name}->int8(per-channel, requantized; err {ratio:.2f}x own)")
 
     def mm(self, x: Tensor) -> Tensor:
@@ -339,8 +363,9 @@ class DequantPerCall(QuantKernel):
         return dequantize_bytes(self.raw, self.qtype, N * K).view(N, K).to(self.compute_dtype).float()
 
 
-def choose_kernel(t: Tensor, qtype: int, N: int, K: int, compute_dtype: torch.dtype, device: torch.device,
-                  prefer: str, keep_raw: bool) -> QuantKernel:
+def choose_kernel(
+    t: Tensor, qtype: int, N: int, K: int, compute_dtype: torch.dtype, device: torch.device, prefer: str, keep_raw: bool
+) -> QuantKernel:
     """The kernel for a GGUF weight [N, K] (t: its raw bytes on the CPU), as the module docstring
     lays out; `prefer` as QuantLinear.from_gguf takes it."""
     cdt, name = compute_dtype, type_name(qtype)
@@ -352,19 +377,29 @@ def choose_kernel(t: Tensor, qtype: int, N: int, K: int, compute_dtype: torch.dt
         if device.type == "cuda" and qtype in INT4_OFFSET and cdt == torch.bfloat16 and N % 8 == 0:
             k = Int4Cuda.build(t, qtype, N, K, cdt, device, keep_raw)
         return k if k is not None else DequantPerCall(t.to(device), qtype, N, K, cdt)
-    if prefer in ("auto", "fast") and cdt in (torch.bfloat16, torch.float16) and N % 16 == 0 and K % 32 == 0 \
-            and qmatmul.available():
+    if (
+        prefer in ("auto", "fast")
+        and cdt in (torch.bfloat16, torch.float16)
+        and N % 16 == 0
+        and K % 32 == 0
+        and qmatmul.available()
+    ):
         k = Qmm.build(t, qtype, N, K, cdt, prefer)
         if k is not None:
             return k  # NOTE: the hand-written kernels (qmatmul.cpp) are 4-5x torch's at decode sizes
     if not (cdt == torch.bfloat16 or prefer == "kernel"):
-        return Dense.build(t, qtype, N, K, cdt, device, f"{name}->dense {dt} (exact; cpu int kernels have no fast {dt} path)")
+        return Dense.build(
+            t, qtype, N, K, cdt, device, f"{name}->dense {dt} (exact; cpu int kernels have no fast {dt} path)"
+        )
     if qtype in INT4_OFFSET and N % 16 == 0 and _HAS_INT4_CPU:
         return Int4Cpu.build(t, qtype, N, K, cdt, keep_raw)
     if qtype in INT4_OFFSET or prefer == "exact" or K % 16 or not _HAS_INT8_CPU:
         # NOTE: int4pack needs N % 16 == 0; the bf16 int8 kernel returns garbage (or
         # segfaults) when K % 16 != 0 (never the case for GGUF block sizes, but guard anyway)
-        why = ("N%16!=0" if _HAS_INT4_CPU else "no int4 kernel") if qtype in INT4_OFFSET else \
-            ("exact" if prefer == "exact" else "no int8 kernel")
+        why = (
+            ("N%16!=0" if _HAS_INT4_CPU else "no int4 kernel")
+            if qtype in INT4_OFFSET
+            else ("exact" if prefer == "exact" else "no int8 kernel")
+        )
         return Dense.build(t, qtype, N, K, cdt, device, f"{name}->dense {dt} ({why})")
     return Int8.build(t, qtype, N, K, cdt, device, prefer)

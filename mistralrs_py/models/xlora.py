@@ -41,8 +41,14 @@ class XLoraModel(nn.Module):
     pipeline (pipeline/xlora.py) runs the passes, since it keeps per-sequence state between them.
     """
 
-    def __init__(self, base: CausalLM, cfg: XLoraConfig, classifier: XLoraClassifier, stacks: list[AdapterStack],
-                 ranks: list[int]):
+    def __init__(
+        self,
+        base: CausalLM,
+        cfg: XLoraConfig,
+        classifier: XLoraClassifier,
+        stacks: list[AdapterStack],
+        ranks: list[int],
+    ):
         super().__init__()
         self.base, self.cfg, self.classifier = base, cfg, classifier
         self.n, self.L = len(ranks), len(stacks)
@@ -55,8 +61,9 @@ class XLoraModel(nn.Module):
         # to rank space once per pass with this index instead of per wrapped linear.
         dev = stacks[0].lora_a.device if stacks else None
         self.lora_dtype = stacks[0].lora_a.dtype if stacks else classifier.last.weight.dtype
-        self.register_buffer("rank_index", torch.repeat_interleave(torch.arange(self.n), torch.tensor(ranks)).to(dev),
-                             persistent=False)
+        self.register_buffer(
+            "rank_index", torch.repeat_interleave(torch.arange(self.n), torch.tensor(ranks)).to(dev), persistent=False
+        )
 
     def _wrap(self, owner: nn.Module, leaf: str, parts: list[tuple[int, int, AdapterStack | None]]) -> XLoraLinear:
         """parts: (row offset, rows, stack or None when not adapted) covering the module's output."""
@@ -70,8 +77,14 @@ class XLoraModel(nn.Module):
             bt[:, off : off + st.lora_b.shape[0]] = st.lora_b.t() * g
         spans = [(off, off + st.lora_b.shape[0]) for off, st in adapted]
         idx = [st.index for _, st in adapted]
-        lin = XLoraLinear(getattr(owner, leaf), a, bt, rows=idx if self.cfg.layerwise_scalings else [0] * len(idx),
-                          indices=idx, spans=spans)
+        lin = XLoraLinear(
+            getattr(owner, leaf),
+            a,
+            bt,
+            rows=idx if self.cfg.layerwise_scalings else [0] * len(idx),
+            indices=idx,
+            spans=spans,
+        )
         setattr(owner, leaf, lin)
         return lin
 
@@ -94,8 +107,13 @@ class XLoraModel(nn.Module):
 def _groups(base: CausalLM, stacks: list[AdapterStack]):
     """(owner module, attribute, parts) per module to wrap; a fused projection gathers its parts."""
     cfg = base.cfg
-    size = {"q_proj": cfg.num_heads * cfg.head_dim, "k_proj": cfg.kv_dim, "v_proj": cfg.kv_dim,
-            "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
+    size = {
+        "q_proj": cfg.num_heads * cfg.head_dim,
+        "k_proj": cfg.kv_dim,
+        "v_proj": cfg.kv_dim,
+        "gate_proj": cfg.intermediate_size,
+        "up_proj": cfg.intermediate_size,
+    }
     fused: dict[tuple[str, str], dict[str, AdapterStack]] = {}
     for st in stacks:
         owner_path, leaf = st.module.rsplit(".", 1)

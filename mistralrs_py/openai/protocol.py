@@ -22,8 +22,20 @@ Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 # (vLLM treats temperatures under 1e-5 the same way)
 GREEDY_BELOW = 1e-5
 # NOTE: names the chat template is rendered with; chat_template_kwargs may not replace them
-TEMPLATE_ARGUMENTS = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "raise_exception",
-                                "strftime_now", "range", "namespace", "tools", "documents"})
+TEMPLATE_ARGUMENTS = frozenset(
+    {
+        "messages",
+        "add_generation_prompt",
+        "bos_token",
+        "eos_token",
+        "raise_exception",
+        "strftime_now",
+        "range",
+        "namespace",
+        "tools",
+        "documents",
+    }
+)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -103,7 +115,9 @@ class SamplingFields(OpenAIModel):
     def wanted_max_tokens(self) -> Optional[int]:
         return self.max_tokens
 
-    def to_sampling_params(self, *, repeat_last_n: int, vocab_size: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    def to_sampling_params(
+        self, *, repeat_last_n: int, vocab_size: int, logprobs: bool, top_logprobs: int
+    ) -> SamplingParams:
         bias = None
         if self.logit_bias:
             bias = {}
@@ -113,13 +127,19 @@ class SamplingFields(OpenAIModel):
                     raise InvalidRequest(f"logit_bias keys must be token ids (decimal digits), got {k!r}", "logit_bias")
                 tid = int(k)
                 if not 0 <= tid < vocab_size:
-                    raise InvalidRequest(f"logit_bias token id {tid} is outside the vocabulary (0..{vocab_size - 1})", "logit_bias")
+                    raise InvalidRequest(
+                        f"logit_bias token id {tid} is outside the vocabulary (0..{vocab_size - 1})", "logit_bias"
+                    )
                 bias[tid] = float(v)
         for t in self.stop_token_ids or ():
             if not 0 <= t < vocab_size:
                 raise InvalidRequest(f"stop_token_ids: {t} is outside the vocabulary", "stop_token_ids")
         return SamplingParams(
-            temperature=1.0 if self.temperature is None else 0.0 if self.temperature < GREEDY_BELOW else float(self.temperature),
+            temperature=1.0
+            if self.temperature is None
+            else 0.0
+            if self.temperature < GREEDY_BELOW
+            else float(self.temperature),
             top_p=1.0 if self.top_p is None else float(self.top_p),
             top_k=max(0, self.top_k or 0),
             min_p=float(self.min_p or 0.0),
@@ -215,8 +235,15 @@ class InvalidRequest(ValueError):
     """A request that is refused; the server answers it with OpenAI's error JSON and `status`, the
     Python API raises it (a ValueError), the terminal chat prints it: the same message everywhere."""
 
-    def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
-                 type: str = "invalid_request_error", code: Optional[str] = None, headers: Optional[dict] = None):
+    def __init__(
+        self,
+        message: str,
+        param: Optional[str] = None,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        code: Optional[str] = None,
+        headers: Optional[dict] = None,
+    ):
         super().__init__(message)
         self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
         self.headers = headers
@@ -268,7 +295,8 @@ def _is_union_tag(part) -> bool:
     if not isinstance(part, str):
         return False
     return part in ("str", "int", "float", "bool", "none") or part.startswith(
-        ("list[", "dict[", "tuple[", "function-", "constrained-", "tagged-union"))
+        ("list[", "dict[", "tuple[", "function-", "constrained-", "tagged-union")
+    )
 
 
 def fit_context(ids: list[int], max_tokens: Optional[int], limit: int, truncate: bool) -> list[int]:
@@ -283,8 +311,13 @@ def fit_context(ids: list[int], max_tokens: Optional[int], limit: int, truncate:
     raise ContextTooLong(
         f"This model's maximum context length is {limit} tokens. However, you requested {len(ids) + room} tokens "
         f"({len(ids)} in the prompt, {room} in the completion). Reduce the prompt or max_tokens, "
-        "or turn on --truncate-sequence (truncate_sequence=True in Python).", len(ids), limit)
+        "or turn on --truncate-sequence (truncate_sequence=True in Python).",
+        len(ids),
+        limit,
+    )
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None) -> dict:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None
+) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}

@@ -29,8 +29,11 @@ def now() -> int:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 @dataclass
@@ -89,8 +92,18 @@ class Assembler:
 
     object_name = ""
 
-    def __init__(self, rid: str, model: str, tok: Tokenizer, prompt_tokens: int, choices: int, *,
-                 logprobs: bool = False, include_usage: bool = False, xlora_scalings: bool = False):
+    def __init__(
+        self,
+        rid: str,
+        model: str,
+        tok: Tokenizer,
+        prompt_tokens: int,
+        choices: int,
+        *,
+        logprobs: bool = False,
+        include_usage: bool = False,
+        xlora_scalings: bool = False,
+    ):
         self.rid, self.created, self.model, self.tok = rid, now(), model, tok
         self.prompt_tokens, self.logprobs = prompt_tokens, logprobs
         self.include_usage, self.xlora_scalings = include_usage, xlora_scalings
@@ -116,8 +129,16 @@ class Assembler:
         """Chunks after the last event: the usage chunk when the request asked for it."""
         if not self.include_usage:
             return []
-        return [{"id": self.rid, "object": self.object_name, "created": self.created, "model": self.model,
-                 "choices": [], "usage": self.usage()}]
+        return [
+            {
+                "id": self.rid,
+                "object": self.object_name,
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": self.usage(),
+            }
+        ]
 
     def usage(self) -> dict:
         return usage(self.prompt_tokens, sum(c.completion_tokens for c in self.choices))
@@ -152,8 +173,13 @@ class ChatAssembler(Assembler):
         return [self.chunk(c.index, {"role": "assistant", "content": ""}) for c in self.choices]
 
     def chunk(self, index: int, delta: dict, finish_reason=None, logprobs=None) -> dict:
-        return {"id": self.rid, "object": self.object_name, "created": self.created, "model": self.model,
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+        return {
+            "id": self.rid,
+            "object": self.object_name,
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+        }
 
     def delta_chunk(self, choice: Choice, ev: Delta) -> dict:
         lp = chat_logprobs(self.tok, ev.logprobs or []) if self.logprobs else None
@@ -164,15 +190,21 @@ class ChatAssembler(Assembler):
 
     def response(self) -> dict:
         return {
-            "id": self.rid, "object": "chat.completion", "created": self.created, "model": self.model,
+            "id": self.rid,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
             "system_fingerprint": FINGERPRINT,
-            "choices": [{
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(self.tok, c.logprobs) if self.logprobs else None,
-                "finish_reason": c.finish_reason,
-                **self.extras(c),
-            } for c in self.choices],
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(self.tok, c.logprobs) if self.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                    **self.extras(c),
+                }
+                for c in self.choices
+            ],
             "usage": self.usage(),
         }
 
@@ -193,8 +225,13 @@ class CompletionAssembler(Assembler):
         return [self.chunk(c.index, self.echo[c.index // self.n]) for c in self.choices if self.echo[c.index // self.n]]
 
     def chunk(self, index: int, text: str, finish_reason=None, logprobs=None) -> dict:
-        return {"id": self.rid, "object": self.object_name, "created": self.created, "model": self.model,
-                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+        return {
+            "id": self.rid,
+            "object": self.object_name,
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+        }
 
     def delta_chunk(self, choice: Choice, ev: Delta) -> dict:
         lp = completion_logprobs(self.tok, ev.logprobs or [], self.offsets[choice.index]) if self.logprobs else None
@@ -209,15 +246,22 @@ class CompletionAssembler(Assembler):
 
     def response(self) -> dict:
         return {
-            "id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
+            "id": self.rid,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
             "system_fingerprint": FINGERPRINT,
-            "choices": [{
-                "index": c.index,
-                "text": self.echo[c.index // self.n] + c.text,
-                "logprobs": completion_logprobs(self.tok, c.logprobs, len(self.echo[c.index // self.n]))
-                if self.logprobs else None,
-                "finish_reason": c.finish_reason,
-                **self.extras(c),
-            } for c in self.choices],
+            "choices": [
+                {
+                    "index": c.index,
+                    "text": self.echo[c.index // self.n] + c.text,
+                    "logprobs": completion_logprobs(self.tok, c.logprobs, len(self.echo[c.index // self.n]))
+                    if self.logprobs
+                    else None,
+                    "finish_reason": c.finish_reason,
+                    **self.extras(c),
+                }
+                for c in self.choices
+            ],
             "usage": self.usage(),
         }

@@ -23,8 +23,10 @@ from ..pipeline.tokenizer import ChatTemplateError
 from . import protocol as P
 from .responses import Assembler, ChatAssembler, CompletionAssembler, new_id, now
 
-NO_TEMPLATE = ("this model has no chat template: give one with --chat-template FILE (Runner(chat_template=FILE) in "
-               "Python), or use the completions API with a prompt you format yourself")
+NO_TEMPLATE = (
+    "this model has no chat template: give one with --chat-template FILE (Runner(chat_template=FILE) in "
+    "Python), or use the completions API with a prompt you format yourself"
+)
 
 
 @dataclass
@@ -97,8 +99,14 @@ class Generation:
 
 
 class OpenAIService:
-    def __init__(self, client: EngineClient, *, model_name: str | None = None, truncate_sequence: bool = False,
-                 repeat_last_n: int = 64):
+    def __init__(
+        self,
+        client: EngineClient,
+        *,
+        model_name: str | None = None,
+        truncate_sequence: bool = False,
+        repeat_last_n: int = 64,
+    ):
         self.client, self.tok = client, client.tokenizer
         self.model_name = model_name or client.name
         self.truncate_sequence, self.repeat_last_n = truncate_sequence, repeat_last_n
@@ -114,8 +122,16 @@ class OpenAIService:
         ids = self.fit(ids, req.wanted_max_tokens())
         params = self.sampling(req, req.logprobs, req.top_logprobs or 0)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        asm = ChatAssembler(new_id("chatcmpl"), self.model_name, self.tok, len(ids), params.n, logprobs=params.logprobs,
-                            include_usage=include_usage, xlora_scalings=req.return_xlora_scalings)
+        asm = ChatAssembler(
+            new_id("chatcmpl"),
+            self.model_name,
+            self.tok,
+            len(ids),
+            params.n,
+            logprobs=params.logprobs,
+            include_usage=include_usage,
+            xlora_scalings=req.return_xlora_scalings,
+        )
         return Generation(self.client, req, [ids], params, asm)
 
     def completion(self, body: dict) -> Generation:
@@ -139,16 +155,28 @@ class OpenAIService:
             if not ids:
                 # NOTE: nothing to compute the first token from; a model with a BOS token starts there
                 if self.tok.bos_id is None:
-                    raise P.InvalidRequest("prompt encodes to no tokens (and this model has no BOS token to start "
-                                           "from); give at least one token of text", "prompt")
+                    raise P.InvalidRequest(
+                        "prompt encodes to no tokens (and this model has no BOS token to start "
+                        "from); give at least one token of text",
+                        "prompt",
+                    )
                 ids = [self.tok.bos_id]
             prompts.append(self.fit(ids, req.max_tokens))
         params = self.sampling(req, req.logprobs is not None, req.logprobs or 0)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         echo = [self.tok.decode(ids) if req.echo else "" for ids in prompts]
-        asm = CompletionAssembler(new_id("cmpl"), self.model_name, self.tok, sum(len(p) for p in prompts),
-                                  params.n * len(prompts), logprobs=params.logprobs, include_usage=include_usage,
-                                  xlora_scalings=req.return_xlora_scalings, n=params.n, echo=echo)
+        asm = CompletionAssembler(
+            new_id("cmpl"),
+            self.model_name,
+            self.tok,
+            sum(len(p) for p in prompts),
+            params.n * len(prompts),
+            logprobs=params.logprobs,
+            include_usage=include_usage,
+            xlora_scalings=req.return_xlora_scalings,
+            n=params.n,
+            echo=echo,
+        )
         return Generation(self.client, req, prompts, params, asm)
 
     # ---- the other routes --------------------------------------------------------------------------
@@ -168,21 +196,39 @@ class OpenAIService:
         return {"prompt": self.tok.decode(req.tokens, skip_special_tokens=False)}
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": now(),
-                                            "owned_by": "mistralrs-py", "max_model_len": self.client.max_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "created": now(),
+                    "owned_by": "mistralrs-py",
+                    "max_model_len": self.client.max_len,
+                }
+            ],
+        }
 
     # ---- the steps ---------------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
         if name not in (self.model_name, "default"):
-            raise P.InvalidRequest(f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
-                                   "model", 404, "not_found_error", "model_not_found")
+            raise P.InvalidRequest(
+                f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
+                "model",
+                404,
+                "not_found_error",
+                "model_not_found",
+            )
 
     def check_fan_out(self, prompts: int, n: int) -> None:
         """One request may not create more sequences than the server runs and queues together."""
         limit = self.client.max_request_sequences
         if limit is not None and prompts * n > limit:
-            raise P.InvalidRequest(f"this request asks for {prompts * n} sequences ({prompts} prompt(s) x n={n}); "
-                                   f"one request may ask for at most {limit} (--max-seqs + --max-waiting)", "n")
+            raise P.InvalidRequest(
+                f"this request asks for {prompts * n} sequences ({prompts} prompt(s) x n={n}); "
+                f"one request may ask for at most {limit} (--max-seqs + --max-waiting)",
+                "n",
+            )
 
     def check_ids(self, ids: list[int], param: str, what: str) -> None:
         bad = [t for t in ids if not 0 <= t < self.tok.vocab_size]
@@ -192,8 +238,7 @@ class OpenAIService:
     def encode_chat(self, messages: list[P.ChatMessage], add_generation_prompt: bool, kwargs: dict | None) -> list[int]:
         if not self.tok.chat_template:
             raise P.InvalidRequest(NO_TEMPLATE, "messages")
-        rendered = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in messages]
+        rendered = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
         try:
             return self.tok.encode_chat(rendered, add_generation_prompt=add_generation_prompt, **(kwargs or {}))
         except ChatTemplateError as e:
@@ -203,5 +248,6 @@ class OpenAIService:
         return P.fit_context(ids, max_tokens, self.client.max_len, self.truncate_sequence)
 
     def sampling(self, req: P.SamplingFields, logprobs: bool, top: int) -> SamplingParams:
-        return req.to_sampling_params(repeat_last_n=self.repeat_last_n, vocab_size=self.tok.vocab_size,
-                                      logprobs=logprobs, top_logprobs=top)
+        return req.to_sampling_params(
+            repeat_last_n=self.repeat_last_n, vocab_size=self.tok.vocab_size, logprobs=logprobs, top_logprobs=top
+        )

@@ -80,16 +80,26 @@ class Pipeline:
     def compile_decode(self) -> None:
         model, window = self.model, self.model.cfg.sliding_window
 
-        def decode(input_ids: Tensor, positions: Tensor, slots: Tensor, mask: Tensor, logit_rows: Tensor, cache) -> Tensor:
+        def decode(
+            input_ids: Tensor, positions: Tensor, slots: Tensor, mask: Tensor, logit_rows: Tensor, cache
+        ) -> Tensor:
             # NOTE: the cache length reaches the graph only as a tensor size: Python ints (a view's
             # decode_len, slot numbers) would be baked in as constants and every new value would
             # compile again. The window and the scratch slot are fixed per model and pool.
             # On the CPU the graph calls our fused decode attention too (where the model's modules
             # were set to, use_cpu_kernels); it skips padding rows (the scratch slot), so their
             # duplicate slot is allowed.
-            view = BatchView(positions=positions, row_slots=slots, logit_rows=logit_rows, num_decode=input_ids.shape[0],
-                             decode_slots=slots, decode_len=mask.shape[-1], decode_mask=mask, window=window,
-                             scratch_slot=-1 if cache.scratch_slot is None else cache.scratch_slot)
+            view = BatchView(
+                positions=positions,
+                row_slots=slots,
+                logit_rows=logit_rows,
+                num_decode=input_ids.shape[0],
+                decode_slots=slots,
+                decode_len=mask.shape[-1],
+                decode_mask=mask,
+                window=window,
+                scratch_slot=-1 if cache.scratch_slot is None else cache.scratch_slot,
+            )
             return model(input_ids, view, cache)
 
         self.compiled_decode = torch.compile(decode)
@@ -126,8 +136,11 @@ def load_pipeline(spec: ModelSpec, progress=None) -> Pipeline:
     from .hf import load_plain
     from .xlora import load_xlora
 
-    loaders: dict[ModelKind, Loader] = {ModelKind.PLAIN: load_plain, ModelKind.GGUF: load_quantized,
-                                        ModelKind.XLORA: load_xlora}
+    loaders: dict[ModelKind, Loader] = {
+        ModelKind.PLAIN: load_plain,
+        ModelKind.GGUF: load_quantized,
+        ModelKind.XLORA: load_xlora,
+    }
     if spec.kind not in loaders:
         raise LoadError(f"`{spec.kind.value}` is not built yet")
     pipeline = loaders[spec.kind](spec, progress)

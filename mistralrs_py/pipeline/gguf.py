@@ -60,11 +60,13 @@ def load_quantized(spec: ModelSpec, progress=None) -> Pipeline:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     if spec.quantized_model_id is None and spec.quantized_filename is None:
-        return load_gguf_file(hub.embedded_gguf_path(), spec, device, dtype, quantized=True, progress=progress,
-                              name=hub.EMBEDDED_NAME)
+        return load_gguf_file(
+            hub.embedded_gguf_path(), spec, device, dtype, quantized=True, progress=progress, name=hub.EMBEDDED_NAME
+        )
     path = resolve_gguf(spec.quantized_model_id, spec.quantized_filename, spec.revision)
-    return load_gguf_file(path, spec, device, dtype, quantized=True, progress=progress,
-                          name=spec.quantized_model_id or path.stem)
+    return load_gguf_file(
+        path, spec, device, dtype, quantized=True, progress=progress, name=spec.quantized_model_id or path.stem
+    )
 
 
 def resolve_gguf(model_id: str | None, filename: str | None, revision: str | None) -> Path:
@@ -87,12 +89,16 @@ def resolve_gguf(model_id: str | None, filename: str | None, revision: str | Non
         found = sorted(local.glob("*.gguf"))
         if len(found) != 1:
             names = ", ".join(f.name for f in found[:5]) or "none"
-            raise LoadError(f"{local} holds {len(found)} .gguf files ({names}); choose one with --quantized-filename/-f")
+            raise LoadError(
+                f"{local} holds {len(found)} .gguf files ({names}); choose one with --quantized-filename/-f"
+            )
         return found[0]
     if hub.looks_like_path(model_id):
         raise LoadError(f"model path {model_id} does not exist; pass an existing directory or a hub id like org/name")
     if not filename:
-        raise LoadError(f"{model_id} is a hub repo: name the file in it with --quantized-filename/-f (e.g. model.Q4_K_M.gguf)")
+        raise LoadError(
+            f"{model_id} is a hub repo: name the file in it with --quantized-filename/-f (e.g. model.Q4_K_M.gguf)"
+        )
     return hub.download_file(model_id, filename, revision)
 
 
@@ -114,8 +120,16 @@ def read_gguf(path: Path) -> tuple[dict, list[GGUFTensor]]:
 
     reader = open_gguf(path)
     fields = read_gguf_fields(reader)
-    infos = [(t.name, int(t.tensor_type), tuple(int(d) for d in reversed(t.shape.tolist())), int(t.data_offset), int(t.n_bytes))
-             for t in reader.tensors]  # GGUF lists ne0 (columns) first
+    infos = [
+        (
+            t.name,
+            int(t.tensor_type),
+            tuple(int(d) for d in reversed(t.shape.tolist())),
+            int(t.data_offset),
+            int(t.n_bytes),
+        )
+        for t in reader.tensors
+    ]  # GGUF lists ne0 (columns) first
     del reader
     release_memory()
     size = path.stat().st_size
@@ -134,7 +148,9 @@ def open_gguf(path: Path):
     try:
         return gguflib.GGUFReader(str(path))
     except Exception as e:  # the gguf package raises ValueError/IndexError/struct errors on bad files
-        raise LoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise LoadError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def config_from_gguf(fields: dict, tensor_names: set[str], path: Path) -> ModelConfig:
@@ -146,7 +162,9 @@ def config_from_gguf(fields: dict, tensor_names: set[str], path: Path) -> ModelC
         raise LoadError(f"{path}: GGUF metadata is incomplete ({type(e).__name__}: {e})") from None
 
 
-def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: bool, progress=None, name=None) -> Pipeline:
+def load_gguf_file(
+    path: Path, spec: ModelSpec, device, dtype, *, quantized: bool, progress=None, name=None
+) -> Pipeline:
     """Dense: every tensor dequantized to `dtype`. Quantized: linear layers and the embedding keep
     the file's blocks (models/quant_kernels.py picks a kernel per type); norms are dense."""
     fields, tensor_list = read_gguf(path)
@@ -160,8 +178,10 @@ def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: boo
         raise LoadError(f"{path}: unexpected tensor {unknown[0]} for a {cfg.model_type} model")
     unsupported = sorted({_type_name(t.qtype) for t, _ in todo if t.qtype not in _supported()})
     if unsupported:
-        raise LoadError(f"{path}: unsupported GGUF tensor type {', '.join(unsupported)}; supported: "
-                        + ", ".join(sorted(_type_name(q) for q in _supported())))
+        raise LoadError(
+            f"{path}: unsupported GGUF tensor type {', '.join(unsupported)}; supported: "
+            + ", ".join(sorted(_type_name(q) for q in _supported()))
+        )
     task = progress.add_task("weights", total=len(todo)) if progress else None
     raw_of = {ours: (t, _raw_rows(t, ours, cfg)) for t, ours in todo}
     kinds: dict[str, int] = {}
@@ -201,8 +221,11 @@ def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: boo
     load_tensors(model, items(), dtype, device, on_tensor=lambda: progress and progress.advance(task))
     tokenizer = tokenizer_from_fields(fields, cfg, spec)
     file_type = sorted({_type_name(t.qtype) for t, ours in todo if len(t.shape) == 2})
-    fmt = f"gguf {'/'.join(file_type)} " + ("quantized: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
-                                           if quantized else f"dequantized to {str(dtype).removeprefix('torch.')}")
+    fmt = f"gguf {'/'.join(file_type)} " + (
+        "quantized: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
+        if quantized
+        else f"dequantized to {str(dtype).removeprefix('torch.')}"
+    )
     emb = tensors.get("token_embd.weight")
     if quantized and emb is not None and device.type == "cpu":
         _remap_embedding(model, path, emb)
@@ -219,8 +242,12 @@ def load_gguf_file(path: Path, spec: ModelSpec, device, dtype, *, quantized: boo
         dtype=dtype,
         device=device,
         max_model_len=max_len,
-        summary={"format": fmt, "params": cfg.num_parameters(), "weights_bytes": memory_bytes(model),
-                 "file_bytes": path.stat().st_size},
+        summary={
+            "format": fmt,
+            "params": cfg.num_parameters(),
+            "weights_bytes": memory_bytes(model),
+            "file_bytes": path.stat().st_size,
+        },
     )
 
 

@@ -45,16 +45,22 @@ _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)
 # NOTE: llama.cpp spells the contractions as '[sS]|'[tT]... because its regex engine lacks (?i:);
 # we keep the models' original (?i:...) (as transformers does).  They differ only for non-ASCII
 # case variants such as "'\u017f" (long s), which llama.cpp does not treat as a contraction.
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
 _UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
-_TEKKEN = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
-           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN = (
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-_GPT4O = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTION}"
-          rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTION}"
-          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O = (
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTION}"
+    rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTION}"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # name -> (regexes, ignore_merges, llama.cpp's add_bos default when tokenizer.ggml.add_bos_token is absent)
 _PRE_GROUPS = [
@@ -64,13 +70,17 @@ _PRE_GROUPS = [
     (("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4"), ([_GPT2], False, False)),
     # NOTE: these vocabularies were trained with individual digits (HF pre-tokenizer Digits +
     # ByteLevel); transformers' GGUF loader forgets the digit split, llama.cpp keeps it.
-    (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
-     ([r"\p{N}", _GPT2], False, False)),
+    (
+        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+        ([r"\p{N}", _GPT2], False, False),
+    ),
     (("falcon",), ([r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"], False, False)),
     # NOTE: Llama-3-style vocabularies set ignore_merges (a pre-token that is itself in the vocab is
     # emitted whole) and llama.cpp adds BOS for them by default.
-    (("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
-     ([_LLAMA3], True, True)),
+    (
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
+        ([_LLAMA3], True, True),
+    ),
     (("dbrx", "smaug-bpe"), ([_LLAMA3], False, False)),
     (("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "kormo", "f2llmv2"), ([_QWEN2], False, False)),
     (("tekken",), ([_TEKKEN], True, True)),
@@ -78,8 +88,19 @@ _PRE_GROUPS = [
 ]
 _PRE_TOKENIZERS = {name: spec for names, spec in _PRE_GROUPS for name in names}
 # pre-tokenizers for which llama.cpp turns clean_spaces off (the others keep its BPE default: on)
-_NO_CLEAN_SPACES = {"command-r", "qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "tekken", "smollm",
-                    "gpt-4o", "llama4", "kanana2", "minimax-m2"}
+_NO_CLEAN_SPACES = {
+    "command-r",
+    "qwen2",
+    "deepseek-r1-qwen",
+    "kormo",
+    "f2llmv2",
+    "tekken",
+    "smollm",
+    "gpt-4o",
+    "llama4",
+    "kanana2",
+    "minimax-m2",
+}
 
 
 @dataclass
@@ -151,7 +172,7 @@ def _file_merges(fields, vocab: dict[str, int]) -> list[tuple[str, str]]:
     merges = []
     for merge in fields.get("tokenizer.ggml.merges") or []:
         cut = merge.find(" ", 1)  # NOTE: as llama.cpp: the separator is the first space after char 0
-        left, right = merge[:cut], merge[cut + 1:]
+        left, right = merge[:cut], merge[cut + 1 :]
         # NOTE: tokenizers rejects merges of/into unknown tokens; llama.cpp could never emit them whole
         if cut > 0 and left in vocab and right in vocab and left + right in vocab:
             merges.append((left, right))
@@ -202,15 +223,20 @@ def tokenizer_from_gguf(fields: Mapping[str, object]) -> GGUFTokenizerInfo:
         tok = tokenizers.Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
         tok.decoder = decoders.ByteLevel()
     _add_special_tokens(tok, fields, tokens, types, {bos_id, eos_id, unk_id, pad_id} - {None})
 
     add_bos = fields.get("tokenizer.ggml.add_bos_token")
     return GGUFTokenizerInfo(
         tokenizer=tok,
-        bos_token=name(bos_id), eos_token=name(eos_id), unk_token=name(unk_id), pad_token=name(pad_id),
-        bos_token_id=bos_id, eos_token_id=eos_id,
+        bos_token=name(bos_id),
+        eos_token=name(eos_id),
+        unk_token=name(unk_id),
+        pad_token=name(pad_id),
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
         add_bos_token=bool(add_bos_default if add_bos is None else add_bos) and bos_id is not None,
         chat_template=fields.get("tokenizer.chat_template"),
         clean_up_tokenization_spaces=clean_spaces,

@@ -27,15 +27,18 @@ def load_plain(spec: ModelSpec, progress=None) -> Pipeline:
     if spec.model_id is None:
         from .gguf import load_gguf_file
 
-        return load_gguf_file(hub.embedded_gguf_path(), spec, device, dtype, quantized=False, progress=progress,
-                              name=hub.EMBEDDED_NAME)
+        return load_gguf_file(
+            hub.embedded_gguf_path(), spec, device, dtype, quantized=False, progress=progress, name=hub.EMBEDDED_NAME
+        )
     path = hub.resolve(spec.model_id, spec.revision)
     if path.is_file():
         if path.suffix == ".gguf":
             from .gguf import load_gguf_file
 
             return load_gguf_file(path, spec, device, dtype, quantized=False, progress=progress, name=spec.model_id)
-        raise LoadError(f"{path} is a file; `mistral` takes a model directory or hub id (use `gguf-mistral` for .gguf files)")
+        raise LoadError(
+            f"{path} is a file; `mistral` takes a model directory or hub id (use `gguf-mistral` for .gguf files)"
+        )
     return load_safetensors_dir(path, spec, device, dtype, progress, name=spec.model_id)
 
 
@@ -64,7 +67,9 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def load_safetensors_dir(path: Path, spec: ModelSpec, device, dtype, progress=None, name: str | None = None) -> Pipeline:
+def load_safetensors_dir(
+    path: Path, spec: ModelSpec, device, dtype, progress=None, name: str | None = None
+) -> Pipeline:
     from safetensors import safe_open
 
     cfg = read_config(path)

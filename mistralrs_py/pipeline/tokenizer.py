@@ -163,7 +163,16 @@ def render_template(template: str, **context) -> str:
         raise
     except TemplateError as e:
         raise ChatTemplateError(f"chat template error: {type(e).__name__}: {e}") from None
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError, MemoryError, RecursionError) as e:
+    except (
+        TypeError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        IndexError,
+        OverflowError,
+        MemoryError,
+        RecursionError,
+    ) as e:
         raise ChatTemplateError(f"chat template could not render these messages: {type(e).__name__}: {e}") from None
     finally:
         _budget.deadline = None
@@ -191,9 +200,11 @@ def load_chat_template(path: str | Path) -> str:
             raise LoadError(f"--chat-template {path}: not valid JSON ({e})") from None
         template = data.get("chat_template") if isinstance(data, dict) else data
         if isinstance(template, list):  # named templates: take the default one
-            template = next((t.get("template") for t in template if t.get("name") == "default"), template[0].get("template"))
+            template = next(
+                (t.get("template") for t in template if t.get("name") == "default"), template[0].get("template")
+            )
         if not isinstance(template, str):
-            raise LoadError(f"--chat-template {path}: a JSON file must hold a \"chat_template\" string")
+            raise LoadError(f'--chat-template {path}: a JSON file must hold a "chat_template" string')
     if not template.strip():
         raise LoadError(f"--chat-template {path}: the file is empty")
     try:

@@ -24,7 +24,10 @@ def serving_length(spec, cfg: ModelConfig) -> int:
 
         logging.getLogger("mistralrs.loader").warning(
             "--max-model-len %d is more than this model's context (%d); serving %d",
-            spec.max_model_len, cfg.max_position_embeddings, cfg.max_position_embeddings)
+            spec.max_model_len,
+            cfg.max_position_embeddings,
+            cfg.max_position_embeddings,
+        )
     return min(spec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
 
 
@@ -62,7 +65,9 @@ def load_tensors(
             if target is None:
                 raise LoadError(f"checkpoint tensor {name} has no place in the model")
             if tuple(value.shape) != tuple(target.shape):
-                raise LoadError(f"checkpoint tensor {name} has shape {tuple(value.shape)}, the config implies {tuple(target.shape)}")
+                raise LoadError(
+                    f"checkpoint tensor {name} has shape {tuple(value.shape)}, the config implies {tuple(target.shape)}"
+                )
             value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
             seen.add(name)
         else:
@@ -100,7 +105,11 @@ def memory_bytes(model: nn.Module) -> int:
     attributes, and quantized layers' packed weights (held by their kernel), each storage once."""
     seen, total = set(), 0
     for m in model.modules():
-        tensors = [*m._parameters.values(), *m._buffers.values(), *(v for v in vars(m).values() if isinstance(v, Tensor))]
+        tensors = [
+            *m._parameters.values(),
+            *m._buffers.values(),
+            *(v for v in vars(m).values() if isinstance(v, Tensor)),
+        ]
         if isinstance(m, QuantLinear):
             tensors += m.kernel.tensors()
         for t in tensors:
@@ -125,5 +134,3 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-

@@ -49,14 +49,26 @@ def load_xlora(spec: ModelSpec, progress=None) -> "XLoraPipeline":
     xmodel = XLoraModel(base.model, cfg, classifier, stacks, [ad.r for ad in adapters]).eval()
     mode = "no X-LoRA KV cache" if spec.no_xlora_kv_cache else "dual KV cache"
     summary = dict(base.summary)
-    summary["format"] = (f"{summary.get('format', '?')} + X-LoRA {len(order)} adapters ({', '.join(order)}) on "
-                         f"{len(wrapped)} linears, {mode}")
+    summary["format"] = (
+        f"{summary.get('format', '?')} + X-LoRA {len(order)} adapters ({', '.join(order)}) on "
+        f"{len(wrapped)} linears, {mode}"
+    )
     summary["weights_bytes"] = memory_bytes(xmodel)
     summary["fused"] = fused
-    return XLoraPipeline(name=base.name, config=mc, model=base.model, tokenizer=base.tokenizer, dtype=base.dtype,
-                         device=base.device, max_model_len=base.max_model_len, summary=summary, xlora=xmodel,
-                         adapter_names=order, no_kv_cache=spec.no_xlora_kv_cache,
-                         tgt_non_granular_index=spec.tgt_non_granular_index)
+    return XLoraPipeline(
+        name=base.name,
+        config=mc,
+        model=base.model,
+        tokenizer=base.tokenizer,
+        dtype=base.dtype,
+        device=base.device,
+        max_model_len=base.max_model_len,
+        summary=summary,
+        xlora=xmodel,
+        adapter_names=order,
+        no_kv_cache=spec.no_xlora_kv_cache,
+        tgt_non_granular_index=spec.tgt_non_granular_index,
+    )
 
 
 def _stacks(base: Pipeline, adapters: list[LoraAdapter], wrapped: list[str], index: list[int]) -> list[AdapterStack]:
@@ -72,8 +84,10 @@ def _stacks(base: Pipeline, adapters: list[LoraAdapter], wrapped: list[str], ind
         a = torch.cat([ad.weights[module][0].float() for ad in adapters])
         b = torch.cat([ad.weights[module][1].float() * ad.scale for ad in adapters], dim=1)
         if a.shape[1] != lin.in_features or b.shape[0] != lin.out_features:
-            raise LoadError(f"adapter weights of {module} are [{b.shape[0]} x {a.shape[1]}], the base layer is "
-                            f"[{lin.out_features} x {lin.in_features}]: trained on another base model")
+            raise LoadError(
+                f"adapter weights of {module} are [{b.shape[0]} x {a.shape[1]}], the base layer is "
+                f"[{lin.out_features} x {lin.in_features}]: trained on another base model"
+            )
         stacks.append(AdapterStack(ours, a.to(base.device, lora_dtype), b.to(base.device, lora_dtype), idx))
     return stacks
 
@@ -81,7 +95,9 @@ def _stacks(base: Pipeline, adapters: list[LoraAdapter], wrapped: list[str], ind
 def _load_base(spec: ModelSpec, progress) -> Pipeline:
     if spec.quantized_model_id or spec.quantized_filename:
         if spec.model_id:
-            raise LoadError("give the base model either with --model-id or with --quantized-model-id/--quantized-filename, not both")
+            raise LoadError(
+                "give the base model either with --model-id or with --quantized-model-id/--quantized-filename, not both"
+            )
         from .gguf import load_quantized
 
         return load_quantized(replace(spec, kind=ModelKind.GGUF), progress)
@@ -235,8 +251,12 @@ class XLoraPipeline(Pipeline):
         # save cache memory); each is a fresh prompt at position 0 in scratch slot 0.
         for slot, row, n, end in seqs:
             pos = self._arange[:end]
-            v = BatchView(positions=pos, row_slots=torch.zeros_like(pos), logit_rows=pos[:0],
-                          prefills=[PrefillSegment(0, end, 0, 0, prefill_mask(0, end, c.sliding_window, self.device))])
+            v = BatchView(
+                positions=pos,
+                row_slots=torch.zeros_like(pos),
+                logit_rows=pos[:0],
+                prefills=[PrefillSegment(0, end, 0, 0, prefill_mask(0, end, c.sliding_window, self.device))],
+            )
             h = self.xlora.scaling_hidden(self._ids[slot, :end], v, self._scratch)
             out[row : row + n] = h[end - n :]
         return out

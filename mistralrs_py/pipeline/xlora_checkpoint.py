@@ -32,13 +32,26 @@ from . import hub
 from .base import LoadError, ModelSpec
 
 XLORA_PATTERNS = ["*.json", "*.safetensors"]
-_ADAPTER_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
-                          r"\.lora_([AB])(?:\.[^.]+)?\.weight$")
+_ADAPTER_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
+    r"\.lora_([AB])(?:\.[^.]+)?\.weight$"
+)
 # NOTE: LoRA options mistral.rs silently ignores; computing something else than the adapter was
 # trained with is worse than refusing it. Value = the only accepted value (None: absent/empty).
-_LORA_DEFAULTS = {"use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
-                  "rank_pattern": None, "alpha_pattern": None, "modules_to_save": None, "layers_to_transform": None,
-                  "layer_replication": None, "target_parameters": None, "trainable_token_indices": None}
+_LORA_DEFAULTS = {
+    "use_rslora": False,
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "lora_bias": False,
+    "rank_pattern": None,
+    "alpha_pattern": None,
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+}
 
 
 @dataclass
@@ -56,6 +69,7 @@ class LoraAdapter:
 
 def find_xlora_files(root: Path) -> tuple[Path, Path, dict[str, Path]]:
     """(xlora_config.json, xlora_classifier.safetensors, {adapter name: folder}) found anywhere under root."""
+
     def first(name: str) -> Path | None:
         found = sorted(root.rglob(name), key=lambda p: (len(p.parts), str(p)))
         return found[0] if found else None
@@ -73,7 +87,9 @@ def find_xlora_files(root: Path) -> tuple[Path, Path, dict[str, Path]]:
         # NOTE: adapters are grouped by their folder's name, whatever the depth (as mistral.rs does).
         name = p.parent.name
         if name in adapters and adapters[name] != p.parent:
-            raise LoadError(f"X-LoRA model {root}: two adapter folders are named {name!r} ({adapters[name]}, {p.parent})")
+            raise LoadError(
+                f"X-LoRA model {root}: two adapter folders are named {name!r} ({adapters[name]}, {p.parent})"
+            )
         adapters[name] = p.parent
     return cfg, clf, adapters
 
@@ -102,19 +118,31 @@ def read_adapter(folder: Path, name: str) -> LoraAdapter:
         for key in f.keys():
             m = _ADAPTER_KEY.match(key)
             if m is None:
-                what = "a bias" if key.endswith(".bias") else "an embedding or output head" if ("embed" in key or "lm_head" in key) else "unexpected"
-                raise LoadError(f"adapter {name}: tensor {key} is {what}; X-LoRA adapters may hold only lora_A/lora_B "
-                                f"of {', '.join(LEAF_NAMES)}")
+                what = (
+                    "a bias"
+                    if key.endswith(".bias")
+                    else "an embedding or output head"
+                    if ("embed" in key or "lm_head" in key)
+                    else "unexpected"
+                )
+                raise LoadError(
+                    f"adapter {name}: tensor {key} is {what}; X-LoRA adapters may hold only lora_A/lora_B "
+                    f"of {', '.join(LEAF_NAMES)}"
+                )
             module = f"model.layers.{m.group(1)}.{m.group(2)}"
             pairs.setdefault(module, {})[m.group(3)] = f.get_tensor(key)
     weights = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
-            raise LoadError(f"adapter {name}: {module} has lora_{'A' if 'A' in ab else 'B'} but no lora_{'B' if 'A' in ab else 'A'}")
+            raise LoadError(
+                f"adapter {name}: {module} has lora_{'A' if 'A' in ab else 'B'} but no lora_{'B' if 'A' in ab else 'A'}"
+            )
         a, b = ab["A"], ab["B"]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
-            raise LoadError(f"adapter {name}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
-                            f"expected [r, in] and [out, r] with r={r}")
+            raise LoadError(
+                f"adapter {name}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                f"expected [r, in] and [out, r] with r={r}"
+            )
         weights[module] = (a, b)
     if not weights:
         raise LoadError(f"adapter {name}: {w_path} holds no LoRA weights")
@@ -125,8 +153,10 @@ def adapter_targets(adapters: list[LoraAdapter]) -> list[str]:
     first = adapters[0]
     for ad in adapters[1:]:
         if _as_set(ad.target_modules) != _as_set(first.target_modules) or set(ad.weights) != set(first.weights):
-            raise LoadError(f"adapters {first.name} and {ad.name} target different modules; all X-LoRA adapters must "
-                            "have the same target_modules")
+            raise LoadError(
+                f"adapters {first.name} and {ad.name} target different modules; all X-LoRA adapters must "
+                "have the same target_modules"
+            )
     return sorted({m.rsplit(".", 1)[1] for m in first.weights}, key=LEAF_NAMES.index)
 
 
@@ -154,23 +184,30 @@ def read_checkpoint(spec: ModelSpec) -> tuple[XLoraConfig, Ordering | None, list
     return cfg, ordering, [read_adapter(folders[name], name) for name in order], clf_path
 
 
-def wrapped_modules(cfg: XLoraConfig, ordering: Ordering | None, adapters: list[LoraAdapter], base: ModelConfig,
-                    order_source: str) -> tuple[list[str], list[int]]:
+def wrapped_modules(
+    cfg: XLoraConfig, ordering: Ordering | None, adapters: list[LoraAdapter], base: ModelConfig, order_source: str
+) -> tuple[list[str], list[int]]:
     """The checkpoint against the base model's config: (HF module paths of the linears to wrap; the
     X-LoRA layer index of each, from the ordering)."""
     if cfg.hidden_size != base.hidden_size:
-        raise LoadError(f"xlora_config.json: hidden_size is {cfg.hidden_size}, the base model's is {base.hidden_size}: "
-                        "the X-LoRA model was trained on another base model")
+        raise LoadError(
+            f"xlora_config.json: hidden_size is {cfg.hidden_size}, the base model's is {base.hidden_size}: "
+            "the X-LoRA model was trained on another base model"
+        )
     targets = adapter_targets(adapters)
     wrapped = module_paths(base.num_layers, targets)
     have = set(adapters[0].weights)
     if have != set(wrapped):
         odd = sorted(have ^ set(wrapped))[0]
-        raise LoadError(f"adapter {adapters[0].name}: {'has no weights for' if odd in wrapped else 'has weights for'} "
-                        f"{odd}; the adapters must cover every layer of the {base.num_layers}-layer base model")
+        raise LoadError(
+            f"adapter {adapters[0].name}: {'has no weights for' if odd in wrapped else 'has weights for'} "
+            f"{odd}; the adapters must cover every layer of the {base.num_layers}-layer base model"
+        )
     order = [ad.name for ad in adapters]
     try:
-        index = check_layers(ordering or make_ordering(base.num_layers, order, targets), wrapped, base.num_layers, order_source)
+        index = check_layers(
+            ordering or make_ordering(base.num_layers, order, targets), wrapped, base.num_layers, order_source
+        )
     except OrderingError as e:
         raise LoadError(str(e)) from None
     return wrapped, index

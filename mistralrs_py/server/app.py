@@ -106,8 +106,11 @@ def create_app(service: OpenAIService, cfg: ServerConfig) -> Starlette:
     ]
     middleware = []
     if cfg.allowed_origins:
-        middleware.append(Middleware(JSONCORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_methods=["*"],
-                                     allow_headers=["*"]))
+        middleware.append(
+            Middleware(
+                JSONCORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_methods=["*"], allow_headers=["*"]
+            )
+        )
     if cfg.api_key:
         middleware.append(Middleware(APIKeyMiddleware, key=cfg.api_key))
     if state.metrics is not None:
@@ -118,7 +121,12 @@ def create_app(service: OpenAIService, cfg: ServerConfig) -> Starlette:
         # llama.cpp's server, and the page calls the API with relative URLs.
         routes.append(Mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui"))
         routes.append(Route("/", to_ui, methods=["GET"]))
-    handlers = {InvalidRequest: _invalid, GenerationFailed: _failed, HTTPException: _http_error, Exception: _server_error}
+    handlers = {
+        InvalidRequest: _invalid,
+        GenerationFailed: _failed,
+        HTTPException: _http_error,
+        Exception: _server_error,
+    }
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers=handlers)
     app.state.server = state
     return app

@@ -36,12 +36,18 @@ async def read_json(request: Request) -> dict:
     without being buffered whole."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json":
-        raise InvalidRequest(f"send the body as JSON with `Content-Type: application/json` (got {media or 'none'!r})",
-                             None, 415, "invalid_request_error", "unsupported_media_type")
+        raise InvalidRequest(
+            f"send the body as JSON with `Content-Type: application/json` (got {media or 'none'!r})",
+            None,
+            415,
+            "invalid_request_error",
+            "unsupported_media_type",
+        )
     limit = request.app.state.server.cfg.max_body_bytes
     declared = request.headers.get("content-length")
-    too_big = InvalidRequest(f"request body is larger than {limit} bytes", None, 413, "invalid_request_error",
-                             "request_too_large")
+    too_big = InvalidRequest(
+        f"request body is larger than {limit} bytes", None, 413, "invalid_request_error", "request_too_large"
+    )
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0

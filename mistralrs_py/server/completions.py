@@ -71,8 +71,15 @@ def _sse(state, gen: Generation, chunks: AsyncIterator[dict], body: dict, endpoi
             raise
         finally:
             await chunks.aclose()  # NOTE: a stream left early aborts the request in the engine
-            state.reqlog.write({"endpoint": f"/v1/{endpoint}", "request": body, "stream": True, "status": status,
-                                "response": {"choices": gen.assembler.texts()}})
+            state.reqlog.write(
+                {
+                    "endpoint": f"/v1/{endpoint}",
+                    "request": body,
+                    "stream": True,
+                    "status": status,
+                    "response": {"choices": gen.assembler.texts()},
+                }
+            )
         yield {"data": "[DONE]"}
 
     # NOTE: on shutdown, streams keep going for the grace period: by then the engine has ended

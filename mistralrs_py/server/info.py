@@ -46,9 +46,19 @@ def openapi_document() -> dict:
     _, schemas = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
 
     def op(name: str, summary: str) -> dict:
-        return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
-            "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}},
-            "responses": {"200": {"description": "OK"}, "400": {"description": "Invalid request (OpenAI error JSON)"}}}}
+        return {
+            "post": {
+                "summary": summary,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+                },
+                "responses": {
+                    "200": {"description": "OK"},
+                    "400": {"description": "Invalid request (OpenAI error JSON)"},
+                },
+            }
+        }
 
     return {
         "openapi": "3.1.0",
@@ -59,7 +69,12 @@ def openapi_document() -> dict:
             "/tokenize": op("TokenizeRequest", "Tokenize a prompt or messages"),
             "/detokenize": op("DetokenizeRequest", "Detokenize token ids"),
             "/v1/models": {"get": {"summary": "Served models", "responses": {"200": {"description": "OK"}}}},
-            "/health": {"get": {"summary": "Engine health", "responses": {"200": {"description": "OK"}, "503": {"description": "Engine down"}}}},
+            "/health": {
+                "get": {
+                    "summary": "Engine health",
+                    "responses": {"200": {"description": "OK"}, "503": {"description": "Engine down"}},
+                }
+            },
             "/version": {"get": {"summary": "Server version", "responses": {"200": {"description": "OK"}}}},
         },
         "components": {"schemas": schemas.get("$defs", {})},

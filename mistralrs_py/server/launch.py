@@ -49,23 +49,46 @@ def run_server(opts, spec) -> None:
     from ..openai.service import OpenAIService
     from .app import ServerConfig, create_app
 
-    service = OpenAIService(client, model_name=opts.served_model_name, truncate_sequence=opts.truncate_sequence,
-                            repeat_last_n=spec.repeat_last_n)
-    cfg = ServerConfig(log_file=str(opts.log) if opts.log else None, metrics=opts.metrics, ui=opts.ui,
-                       max_body_bytes=opts.max_body_bytes, api_key=opts.api_key or None,
-                       allowed_origins=tuple(opts.allowed_origins), shutdown_timeout=opts.shutdown_timeout)
+    service = OpenAIService(
+        client,
+        model_name=opts.served_model_name,
+        truncate_sequence=opts.truncate_sequence,
+        repeat_last_n=spec.repeat_last_n,
+    )
+    cfg = ServerConfig(
+        log_file=str(opts.log) if opts.log else None,
+        metrics=opts.metrics,
+        ui=opts.ui,
+        max_body_bytes=opts.max_body_bytes,
+        api_key=opts.api_key or None,
+        allowed_origins=tuple(opts.allowed_origins),
+        shutdown_timeout=opts.shutdown_timeout,
+    )
     app = create_app(service, cfg)
     name = service.model_name
     url = public_url(opts.host, opts.port)
     if not client.tokenizer.chat_template:
-        console.print("[bold yellow]note:[/] this model has no chat template: /v1/chat/completions answers 400 "
-                      "(use /v1/completions, or restart with --chat-template FILE)", highlight=False, soft_wrap=True)
-    console.print(f"{ready_line(client, name, opts.scheduler)} | {url}{'/ui' if opts.ui else '/v1'}",
-                  highlight=False, soft_wrap=True)
+        console.print(
+            "[bold yellow]note:[/] this model has no chat template: /v1/chat/completions answers 400 "
+            "(use /v1/completions, or restart with --chat-template FILE)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(
+        f"{ready_line(client, name, opts.scheduler)} | {url}{'/ui' if opts.ui else '/v1'}",
+        highlight=False,
+        soft_wrap=True,
+    )
     console.print(f"[dim]try:[/] {escape(example_curl(url, name))}", highlight=False, soft_wrap=True)
     # NOTE: no `server: uvicorn` header: what software answers is nobody's business
-    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="info", server_header=False,
-                            timeout_graceful_shutdown=opts.shutdown_timeout + 5)
+    config = uvicorn.Config(
+        app,
+        host=opts.host,
+        port=opts.port,
+        log_level="info",
+        server_header=False,
+        timeout_graceful_shutdown=opts.shutdown_timeout + 5,
+    )
     GracefulServer(config, app.state.server, opts.shutdown_timeout).run()
     sys.exit(0)
 

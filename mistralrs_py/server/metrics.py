@@ -22,7 +22,27 @@ from ..engine.request import Delta, Done, Event
 # Agent...) reads; our names are plain ASCII, so the newer 1.0.0 format would add nothing.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -37,22 +57,49 @@ class Metrics:
         disable_created_metrics()
         self.registry = r = CollectorRegistry(auto_describe=True)
         Info("mistralrs_build", "Server version and served model", registry=r).info(
-            {"version": __version__, "model": model_name})
-        self.http_requests = Counter("mistralrs_http_requests", "HTTP requests by route, method and status code",
-                                     ["route", "method", "status"], registry=r)
-        self.http_duration = Histogram("mistralrs_http_request_duration_seconds",
-                                       "Time from request to the end of the response (streams included)",
-                                       ["route"], buckets=HTTP_BUCKETS, registry=r)
+            {"version": __version__, "model": model_name}
+        )
+        self.http_requests = Counter(
+            "mistralrs_http_requests",
+            "HTTP requests by route, method and status code",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "mistralrs_http_request_duration_seconds",
+            "Time from request to the end of the response (streams included)",
+            ["route"],
+            buckets=HTTP_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("mistralrs_prompt_tokens", "Prompt tokens processed (once per prompt)", registry=r)
-        self.generation_tokens = Counter("mistralrs_generation_tokens", "Tokens generated, every choice counted", registry=r)
-        self.ttft = Histogram("mistralrs_time_to_first_token_seconds",
-                              "Time from submitting a request to the first token of each choice", buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram("mistralrs_time_per_output_token_seconds",
-                              "Inter-token latency: time between a choice's consecutive tokens", buckets=TPOT_BUCKETS, registry=r)
-        self.e2e = Histogram("mistralrs_e2e_request_latency_seconds",
-                             "Time from submitting a generation request to its last event", buckets=E2E_BUCKETS, registry=r)
-        self.finished = Counter("mistralrs_sequences_finished", "Choices finished, by reason (stop, length, abort, error)",
-                                ["finish_reason"], registry=r)
+        self.generation_tokens = Counter(
+            "mistralrs_generation_tokens", "Tokens generated, every choice counted", registry=r
+        )
+        self.ttft = Histogram(
+            "mistralrs_time_to_first_token_seconds",
+            "Time from submitting a request to the first token of each choice",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "mistralrs_time_per_output_token_seconds",
+            "Inter-token latency: time between a choice's consecutive tokens",
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "mistralrs_e2e_request_latency_seconds",
+            "Time from submitting a generation request to its last event",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.finished = Counter(
+            "mistralrs_sequences_finished",
+            "Choices finished, by reason (stop, length, abort, error)",
+            ["finish_reason"],
+            registry=r,
+        )
         r.register(EngineCollector(client))
 
     def observer(self, prompt_tokens: int, n: int) -> "RequestMetrics":
@@ -126,15 +173,27 @@ class EngineCollector(Collector):
         yield gauge("mistralrs_num_sequences_waiting", "Sequences queued for a KV cache slot", snap["waiting"])
         yield gauge("mistralrs_kv_cache_slots_used", "KV cache slots held by sequences", snap["kv_slots_in_use"])
         yield gauge("mistralrs_kv_cache_slots_total", "KV cache slots (--max-seqs)", snap["kv_slots_total"])
-        yield gauge("mistralrs_kv_cache_bytes_used", "Bytes of KV cache holding running sequences' tokens",
-                    snap["kv_cache_bytes_in_use"])
-        yield gauge("mistralrs_kv_cache_usage_ratio", "KV cache use: cached tokens / capacity (--kv-cache-mb)",
-                    snap["kv_cache_bytes_in_use"] / capacity if capacity else 0.0)
-        yield gauge("mistralrs_kv_cache_capacity_tokens", "Tokens the KV cache holds at most (--kv-cache-mb)",
-                    snap["kv_cache_capacity_tokens"])
+        yield gauge(
+            "mistralrs_kv_cache_bytes_used",
+            "Bytes of KV cache holding running sequences' tokens",
+            snap["kv_cache_bytes_in_use"],
+        )
+        yield gauge(
+            "mistralrs_kv_cache_usage_ratio",
+            "KV cache use: cached tokens / capacity (--kv-cache-mb)",
+            snap["kv_cache_bytes_in_use"] / capacity if capacity else 0.0,
+        )
+        yield gauge(
+            "mistralrs_kv_cache_capacity_tokens",
+            "Tokens the KV cache holds at most (--kv-cache-mb)",
+            snap["kv_cache_capacity_tokens"],
+        )
         yield CounterMetricFamily("mistralrs_engine_steps", "Engine steps (one forward pass each)", value=snap["steps"])
-        yield CounterMetricFamily("mistralrs_num_preemptions", "Sequences whose cache was dropped to make room "
-                                  "(recomputed later)", value=snap["preempted"])
+        yield CounterMetricFamily(
+            "mistralrs_num_preemptions",
+            "Sequences whose cache was dropped to make room (recomputed later)",
+            value=snap["preempted"],
+        )
 
 
 class HTTPMetricsMiddleware:

@@ -27,8 +27,12 @@ class APIKeyMiddleware:
         scheme, _, token = auth.partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
             return await self.app(scope, receive, send)
-        body = error_body("Incorrect or missing API key: send it as `Authorization: Bearer KEY`.",
-                          "authentication_error", None, "invalid_api_key")
+        body = error_body(
+            "Incorrect or missing API key: send it as `Authorization: Bearer KEY`.",
+            "authentication_error",
+            None,
+            "invalid_api_key",
+        )
         resp = JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
         await resp(scope, receive, send)
 
@@ -42,5 +46,8 @@ class JSONCORSMiddleware(CORSMiddleware):
             return resp
         why = resp.body.decode("utf-8", "replace")
         headers = {k: v for k, v in resp.headers.items() if k.lower() not in ("content-length", "content-type")}
-        return JSONResponse(error_body(f"CORS preflight refused: {why}", "invalid_request_error", None, "cors_refused"),
-                            resp.status_code, headers=headers)
+        return JSONResponse(
+            error_body(f"CORS preflight refused: {why}", "invalid_request_error", None, "cors_refused"),
+            resp.status_code,
+            headers=headers,
+        )

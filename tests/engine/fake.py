@@ -22,8 +22,16 @@ from mistralrs_py.pipeline.base import Pipeline
 from mistralrs_py.pipeline.tokenizer import Tokenizer
 
 EOS = 0
-WORDS = ["<eos>", "<unk>", *[chr(c) for c in range(ord("a"), ord("z") + 1)], *[str(d) for d in range(10)], "hello",
-         "world", "stop", "STOP"]
+WORDS = [
+    "<eos>",
+    "<unk>",
+    *[chr(c) for c in range(ord("a"), ord("z") + 1)],
+    *[str(d) for d in range(10)],
+    "hello",
+    "world",
+    "stop",
+    "STOP",
+]
 VOCAB = len(WORDS)
 
 
@@ -49,10 +57,26 @@ class FakePipeline(Pipeline):
     (so temperature sampling has a real distribution). Records slot begin/end calls and can fail."""
 
     def __init__(self, max_model_len: int = 64, peak: float = 8.0):
-        cfg = ModelConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
-                          num_kv_heads=1, head_dim=1, max_position_embeddings=max_model_len)
-        super().__init__(name="fake", config=cfg, model=None, tokenizer=fake_tokenizer(), dtype=torch.float32,
-                         device=torch.device("cpu"), max_model_len=max_model_len, summary={"format": "fake"})
+        cfg = ModelConfig(
+            vocab_size=VOCAB,
+            hidden_size=8,
+            intermediate_size=8,
+            num_layers=1,
+            num_heads=1,
+            num_kv_heads=1,
+            head_dim=1,
+            max_position_embeddings=max_model_len,
+        )
+        super().__init__(
+            name="fake",
+            config=cfg,
+            model=None,
+            tokenizer=fake_tokenizer(),
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            max_model_len=max_model_len,
+            summary={"format": "fake"},
+        )
         self.peak = peak
         self.fail_on: int | None = None  # a token id whose presence in a step makes forward raise
         self.begun: list[int] = []
@@ -88,7 +112,7 @@ def expected(prompt: list[int], n: int) -> list[int]:
     tokens = list(prompt)
     for _ in range(n):
         tokens.append(next_token(tokens))
-    return tokens[len(prompt):]
+    return tokens[len(prompt) :]
 
 
 def make_engine(pipe: FakePipeline | None = None, **kw) -> Engine:

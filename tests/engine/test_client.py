@@ -61,8 +61,12 @@ def test_sync_stream_numbers_choices_prompt_major(client):
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, n=2)
     events = list(c.submit([PROMPTS[0], PROMPTS[2]], params, "multi"))
     got = tokens_by_choice(events)
-    assert got == {0: expected(PROMPTS[0], 6), 1: expected(PROMPTS[0], 6),
-                   2: expected(PROMPTS[2], 6), 3: expected(PROMPTS[2], 6)}
+    assert got == {
+        0: expected(PROMPTS[0], 6),
+        1: expected(PROMPTS[0], 6),
+        2: expected(PROMPTS[2], 6),
+        3: expected(PROMPTS[2], 6),
+    }
     assert sorted(ev.index for ev in events if isinstance(ev, Done)) == [0, 1, 2, 3]
     (rec,) = log
     assert rec.outcome == "completed" and rec.n == 4 and rec.prompt_tokens == len(PROMPTS[0]) + len(PROMPTS[2])
@@ -93,6 +97,7 @@ def test_closing_a_stream_early_aborts_the_request(client, mode):
         next(iter(stream))
         stream.close()
     else:
+
         async def go():
             stream = c.submit([PROMPTS[0]], long, "gone", loop=asyncio.get_running_loop())
             await stream.__anext__()

@@ -14,8 +14,10 @@ from mistralrs_py.pipeline.hf import load_safetensors_dir
 
 from .test_engine import run
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                reason="torch.compile on the CPU needs a C++ compiler (apt install g++)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="torch.compile on the CPU needs a C++ compiler (apt install g++)",
+)
 
 
 def test_compiled_decode_gives_the_eager_tokens(tiny_mistral):

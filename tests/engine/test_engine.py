@@ -109,7 +109,7 @@ def test_stop_tokens_and_eos_end_a_sequence(engine):
 def test_stop_strings_cut_the_text(engine):
     e = engine(max_seqs=1)
     tok, prompt = e.pipe.tokenizer, PROMPTS[3]
-    text = tok.decode(prompt + expected(prompt, 12))[len(tok.decode(prompt)):]  # " d c b v u ..."
+    text = tok.decode(prompt + expected(prompt, 12))[len(tok.decode(prompt)) :]  # " d c b v u ..."
     words = text.split()
     stop = f"{words[2]} {words[3]}"  # spans two tokens: held back until it is decided
     (c,) = run(e, [prompt], [SamplingParams(temperature=0.0, max_tokens=12, stop=(stop,))])

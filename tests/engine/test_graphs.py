@@ -33,8 +33,14 @@ def pipe(request):
 
 def pool_for(pipe, slots: int) -> KVCachePool:
     c = pipe.config
-    return KVCachePool(CacheShape(c.num_layers, c.num_kv_heads, c.head_dim), slots, pipe.max_model_len, pipe.dtype,
-                       pipe.device, scratch_slot=True)
+    return KVCachePool(
+        CacheShape(c.num_layers, c.num_kv_heads, c.head_dim),
+        slots,
+        pipe.max_model_len,
+        pipe.dtype,
+        pipe.device,
+        scratch_slot=True,
+    )
 
 
 def test_padded_static_decode_equals_the_plain_step(pipe):

@@ -26,7 +26,9 @@ def test_call_runs_there_and_raises_here():
 
 def test_the_engine_loop_runs_on_the_thread_that_loaded_the_model(tiny_llama, monkeypatch):
     w = TorchThread(threads=1)
-    pipe = w.call(load_safetensors_dir, tiny_llama, ModelSpec(model_id=str(tiny_llama)), torch.device("cpu"), torch.float32)
+    pipe = w.call(
+        load_safetensors_dir, tiny_llama, ModelSpec(model_id=str(tiny_llama)), torch.device("cpu"), torch.float32
+    )
     engine = w.call(Engine, pipe, max_seqs=2, worker=w)
     seen = set()
     real = Engine.step

@@ -18,15 +18,23 @@ def test_config_defaults_and_adapters_forms():
     with pytest.warns(UserWarning, match="xlora_size"):
         assert XLoraConfig.from_dict({"hidden_size": 8, "xlora_depth": 2}).xlora_size == 2048
     # PEFT's scaling_pass_value None means 1/n
-    assert XLoraConfig.from_dict({"hidden_size": 8, "adapters": ["a", "b", "c", "d"], "scaling_pass_value": None}).scaling_pass_value == 0.25
+    assert (
+        XLoraConfig.from_dict(
+            {"hidden_size": 8, "adapters": ["a", "b", "c", "d"], "scaling_pass_value": None}
+        ).scaling_pass_value
+        == 0.25
+    )
 
 
-@pytest.mark.parametrize("d,msg", [
-    ({}, "`hidden_size` is required"),
-    ({"hidden_size": 8, "adapters": 3}, "`adapters` must be"),
-    ({"hidden_size": 8, "xlora_depth": 0}, "at least 1"),
-    ({"hidden_size": "x"}, "invalid literal"),
-])
+@pytest.mark.parametrize(
+    "d,msg",
+    [
+        ({}, "`hidden_size` is required"),
+        ({"hidden_size": 8, "adapters": 3}, "`adapters` must be"),
+        ({"hidden_size": 8, "xlora_depth": 0}, "at least 1"),
+        ({"hidden_size": "x"}, "invalid literal"),
+    ],
+)
 def test_config_errors(d, msg):
     with pytest.raises(XLoraConfigError, match=msg):
         XLoraConfig.from_dict(d)
@@ -40,12 +48,25 @@ def test_top_k_out_of_range():
 @pytest.mark.parametrize("relu", [True, False])
 def test_classifier_forward_and_xlora_package_indices(relu):
     """Depth 3 saved by the xlora package (ReLU/Dropout in the same ModuleList: inner.0, inner.3)."""
-    cfg = XLoraConfig.from_dict({"hidden_size": 6, "xlora_depth": 3, "xlora_size": 5, "layerwise_scalings": True,
-                                 "enable_relu_and_dropout": relu, "softmax_temperature": 0.7})
+    cfg = XLoraConfig.from_dict(
+        {
+            "hidden_size": 6,
+            "xlora_depth": 3,
+            "xlora_size": 5,
+            "layerwise_scalings": True,
+            "enable_relu_and_dropout": relu,
+            "softmax_temperature": 0.7,
+        }
+    )
     g = torch.Generator().manual_seed(0)
-    t = {"inner.0.weight": torch.randn(5, 6, generator=g), "inner.0.bias": torch.randn(5, generator=g),
-         "inner.3.weight": torch.randn(5, 5, generator=g), "inner.3.bias": torch.randn(5, generator=g),
-         "last.weight": torch.randn(4 * 2, 5, generator=g), "last.bias": torch.randn(8, generator=g)}
+    t = {
+        "inner.0.weight": torch.randn(5, 6, generator=g),
+        "inner.0.bias": torch.randn(5, generator=g),
+        "inner.3.weight": torch.randn(5, 5, generator=g),
+        "inner.3.bias": torch.randn(5, generator=g),
+        "last.weight": torch.randn(4 * 2, 5, generator=g),
+        "last.bias": torch.randn(8, generator=g),
+    }
     clf = XLoraClassifier(cfg, n_adapters=2, n_layers=4)
     clf.load(t)
     h = torch.randn(3, 6, generator=g)
@@ -55,15 +76,27 @@ def test_classifier_forward_and_xlora_package_indices(relu):
     assert torch.allclose(clf(h), torch.softmax(z / 0.7, -1), atol=1e-6)
 
 
-@pytest.mark.parametrize("change,msg", [
-    (lambda t: t.pop("inner.3.weight"), "has 1 inner Linear layers, xlora_depth=3 implies 2"),
-    (lambda t: t.update({"last.weight": torch.zeros(2, 5)}), r"last.weight has shape \(2, 5\), expected \(8, 5\) \(4 x 2 adapters: layerwise_scalings=true, 4 wrapped linears\)"),
-    (lambda t: t.pop("last.bias"), "missing last.bias"),
-])
+@pytest.mark.parametrize(
+    "change,msg",
+    [
+        (lambda t: t.pop("inner.3.weight"), "has 1 inner Linear layers, xlora_depth=3 implies 2"),
+        (
+            lambda t: t.update({"last.weight": torch.zeros(2, 5)}),
+            r"last.weight has shape \(2, 5\), expected \(8, 5\) \(4 x 2 adapters: layerwise_scalings=true, 4 wrapped linears\)",
+        ),
+        (lambda t: t.pop("last.bias"), "missing last.bias"),
+    ],
+)
 def test_classifier_file_errors(change, msg):
     cfg = XLoraConfig.from_dict({"hidden_size": 6, "xlora_depth": 3, "xlora_size": 5, "layerwise_scalings": True})
-    t = {"inner.0.weight": torch.zeros(5, 6), "inner.0.bias": torch.zeros(5), "inner.3.weight": torch.zeros(5, 5),
-         "inner.3.bias": torch.zeros(5), "last.weight": torch.zeros(8, 5), "last.bias": torch.zeros(8)}
+    t = {
+        "inner.0.weight": torch.zeros(5, 6),
+        "inner.0.bias": torch.zeros(5),
+        "inner.3.weight": torch.zeros(5, 5),
+        "inner.3.bias": torch.zeros(5),
+        "last.weight": torch.zeros(8, 5),
+        "last.bias": torch.zeros(8),
+    }
     change(t)
     with pytest.raises(XLoraConfigError, match=msg):
         XLoraClassifier(cfg, 2, 4).load(t)

@@ -35,8 +35,17 @@ class Opaque(nn.Module):
         return self.inner(x)
 
 
-def make(in_f, part_rows, ranks, layers, layerwise, dtype=torch.float32, lora_dtype=torch.float32, cpu_ops=False,
-         opaque=False):
+def make(
+    in_f,
+    part_rows,
+    ranks,
+    layers,
+    layerwise,
+    dtype=torch.float32,
+    lora_dtype=torch.float32,
+    cpu_ops=False,
+    opaque=False,
+):
     base = nn.Linear(in_f, sum(part_rows), bias=True).to(dtype)
     nn.init.normal_(base.weight, generator=G)
     parts, a_all, spans = [], [], []
@@ -44,14 +53,22 @@ def make(in_f, part_rows, ranks, layers, layerwise, dtype=torch.float32, lora_dt
     bt = torch.zeros(R, sum(part_rows))  # B^T compact: each part's columns hold its own B^T
     off = 0
     for rows, layer in zip(part_rows, layers):
-        adapters = [(torch.randn(r, in_f, generator=G), torch.randn(rows, r, generator=G), 0.5 + i) for i, r in enumerate(ranks)]
+        adapters = [
+            (torch.randn(r, in_f, generator=G), torch.randn(rows, r, generator=G), 0.5 + i) for i, r in enumerate(ranks)
+        ]
         parts.append((rows, adapters, layer))
         a_all.append(torch.cat([a for a, _, _ in adapters]))
         bt[:, off : off + rows] = torch.cat([bb * s for _, bb, s in adapters], dim=1).T
         spans.append((off, off + rows))
         off += rows
-    lin = XLoraLinear(Opaque(base) if opaque else base, torch.cat(a_all).to(lora_dtype), bt.to(lora_dtype),
-                      rows=list(layers) if layerwise else [0] * len(layers), indices=list(layers), spans=spans)
+    lin = XLoraLinear(
+        Opaque(base) if opaque else base,
+        torch.cat(a_all).to(lora_dtype),
+        bt.to(lora_dtype),
+        rows=list(layers) if layerwise else [0] * len(layers),
+        indices=list(layers),
+        spans=spans,
+    )
     lin.cpu_ops = cpu_ops
     rank_index = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
     return lin, base, parts, rank_index
@@ -76,12 +93,15 @@ OPS = [None, "lora_linear", "lora_add_"]
 @pytest.mark.parametrize("layers", [[3], [2, 3, 4], [4, 0, 2]], ids=["single", "fused-consecutive", "fused-gather"])
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_matches_per_adapter_formula(layers, layerwise, op):
-    lin, base, parts, rank_index = make(6, [5, 3, 3][: len(layers)], [2, 3, 1], layers, layerwise,
-                                        cpu_ops=cpu_op(op), opaque=op == "lora_add_")
+    lin, base, parts, rank_index = make(
+        6, [5, 3, 3][: len(layers)], [2, 3, 1], layers, layerwise, cpu_ops=cpu_op(op), opaque=op == "lora_add_"
+    )
     x = torch.randn(4, 6, generator=G)
     lam = torch.randn(4, 5 if layerwise else 1, 3, generator=G)  # [N, rows, n]
     full = lam if layerwise else lam.expand(4, 5, 3)
-    assert torch.allclose(lin(x, Scalings.per_token(lam.index_select(-1, rank_index))), naive(x, base, parts, full), atol=1e-4)
+    assert torch.allclose(
+        lin(x, Scalings.per_token(lam.index_select(-1, rank_index))), naive(x, base, parts, full), atol=1e-4
+    )
     assert torch.equal(lin(x, Scalings.fixed(0.0)), base(x))  # the adapters are skipped
     assert torch.equal(lin(x), base(x))  # no scalings: the base layer alone
     assert torch.allclose(lin(x, Scalings.fixed(0.3)), naive(x, base, parts, torch.full((4, 5, 3), 0.3)), atol=1e-4)
@@ -89,8 +109,9 @@ def test_matches_per_adapter_formula(layers, layerwise, op):
 
 @pytest.mark.parametrize("op", OPS)
 def test_float32_adapters_on_a_bf16_base(op):
-    lin, base, parts, rank_index = make(8, [6], [2, 2], [0], True, dtype=torch.bfloat16, cpu_ops=cpu_op(op),
-                                        opaque=op == "lora_add_")
+    lin, base, parts, rank_index = make(
+        8, [6], [2, 2], [0], True, dtype=torch.bfloat16, cpu_ops=cpu_op(op), opaque=op == "lora_add_"
+    )
     x = torch.randn(3, 8, generator=G).to(torch.bfloat16)
     lam = torch.rand(3, 1, 2, generator=G)
     y = lin(x, Scalings.per_token(lam.index_select(-1, rank_index)))
@@ -115,7 +136,12 @@ def test_decode_rows_take_one_op_over_a_dense_base(dtype):
         lin, _, _, rank_index = make(8, [6, 4], [2, 2], [0, 1], True, dtype=dtype, cpu_ops=small, opaque=opaque)
         lora = Scalings.per_token(torch.rand(2, 2, 2, generator=G).index_select(-1, rank_index))
         with torch.inference_mode():
-            assert ops_called(lambda lin=lin, lora=lora: lin(x, lora)) & {"mistralrs::lora_linear", "mistralrs::lora_add_"} == want
+            assert (
+                ops_called(lambda lin=lin, lora=lora: lin(x, lora)) & {"mistralrs::lora_linear", "mistralrs::lora_add_"}
+                == want
+            )
             big = torch.randn(9, 8).to(dtype)
             assert not ops_called(lambda lin=lin, big=big: lin(big, Scalings.fixed(0.5))) & {
-                "mistralrs::lora_linear", "mistralrs::lora_add_"}
+                "mistralrs::lora_linear",
+                "mistralrs::lora_add_",
+            }

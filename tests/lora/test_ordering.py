@@ -33,7 +33,9 @@ def test_indices_follow_peft_layer_numbers(tiny_llama):
 
     targets = ["v_proj", "q_proj", "down_proj", "o_proj"]
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=2, target_modules=targets))
-    peft_order = [name.removeprefix("base_model.model.") for name, m in model.named_modules() if isinstance(m, lora.Linear)]
+    peft_order = [
+        name.removeprefix("base_model.model.") for name, m in model.named_modules() if isinstance(m, lora.Linear)
+    ]
     o = make_ordering(model.config.num_hidden_layers, ["a", "b"], targets)
     assert list(o.layers) == peft_order and list(o.layers.values()) == list(range(len(peft_order)))
     assert o.order == ["a", "b"]
@@ -55,7 +57,9 @@ def test_templates_are_what_the_generator_writes():
 
 def test_ordering_cli(tmp_path):
     out = tmp_path / "o.json"
-    r = CliRunner().invoke(cli.app, ["ordering", "--num-layers", "3", "-a", "x,y", "-t", "q_proj,down_proj", "-o", str(out)])
+    r = CliRunner().invoke(
+        cli.app, ["ordering", "--num-layers", "3", "-a", "x,y", "-t", "q_proj,down_proj", "-o", str(out)]
+    )
     assert r.exit_code == 0, r.output
     o = load_ordering(out)
     assert o.order == ["x", "y"] and o.layers == make_ordering(3, ["x", "y"], ["q_proj", "down_proj"]).layers
@@ -72,13 +76,16 @@ def test_ordering_cli_reads_the_layer_count_of_a_model(tiny_mistral):
 WRAPPED = module_paths(2, ["q_proj", "v_proj"])
 
 
-@pytest.mark.parametrize("layers,msg", [
-    ({**{w: i for i, w in enumerate(WRAPPED)}, "model.layers.2.self_attn.q_proj": 9}, "the model has 2 layers"),
-    ({w: i for i, w in enumerate(WRAPPED[:-1])}, "has no index for model.layers.1.self_attn.v_proj"),
-    ({w: i + 1 for i, w in enumerate(WRAPPED)}, "has layer index 4, but the adapters wrap 4 linears"),
-    ({w: i // 2 for i, w in enumerate(WRAPPED)}, "share layer index 0"),
-    ({"model.layers.0.self_attn.q_proj.lora_A": 0}, "not a LoRA-able linear"),
-])
+@pytest.mark.parametrize(
+    "layers,msg",
+    [
+        ({**{w: i for i, w in enumerate(WRAPPED)}, "model.layers.2.self_attn.q_proj": 9}, "the model has 2 layers"),
+        ({w: i for i, w in enumerate(WRAPPED[:-1])}, "has no index for model.layers.1.self_attn.v_proj"),
+        ({w: i + 1 for i, w in enumerate(WRAPPED)}, "has layer index 4, but the adapters wrap 4 linears"),
+        ({w: i // 2 for i, w in enumerate(WRAPPED)}, "share layer index 0"),
+        ({"model.layers.0.self_attn.q_proj.lora_A": 0}, "not a LoRA-able linear"),
+    ],
+)
 def test_layer_map_errors(layers, msg):
     with pytest.raises(OrderingError, match=re.escape(msg)) as e:
         check_layers(Ordering([], layers), WRAPPED, 2)
@@ -104,13 +111,16 @@ def test_order_resolution():
         resolve_order(Ordering([], {}), None, ["a"])
 
 
-@pytest.mark.parametrize("text,msg", [
-    ("{", "not valid JSON"),
-    ('{"order": "a", "layers": {"x": 0}}', "`order` must be a list"),
-    ('{"order": ["a", "a"], "layers": {"x": 0}}', "names an adapter twice"),
-    ('{"order": ["a"]}', "`layers` must map"),
-    ('{"order": ["a"], "layers": {"x": -1}}', "not a non-negative integer"),
-])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("{", "not valid JSON"),
+        ('{"order": "a", "layers": {"x": 0}}', "`order` must be a list"),
+        ('{"order": ["a", "a"], "layers": {"x": 0}}', "names an adapter twice"),
+        ('{"order": ["a"]}', "`layers` must map"),
+        ('{"order": ["a"], "layers": {"x": -1}}', "not a non-negative integer"),
+    ],
+)
 def test_malformed_files(tmp_path, text, msg):
     p = tmp_path / "o.json"
     p.write_text(text)

@@ -27,8 +27,15 @@ class XLoraCase:
     n_layers: int  # wrapped linears (L)
 
     def spec(self, **kw) -> ModelSpec:
-        base = dict(model_id=str(self.base_kwargs["pretrained_model_name_or_path"])) if "gguf_file" not in self.base_kwargs \
-            else dict(quantized_filename=str(Path(self.base_kwargs["pretrained_model_name_or_path"]) / self.base_kwargs["gguf_file"]))
+        base = (
+            dict(model_id=str(self.base_kwargs["pretrained_model_name_or_path"]))
+            if "gguf_file" not in self.base_kwargs
+            else dict(
+                quantized_filename=str(
+                    Path(self.base_kwargs["pretrained_model_name_or_path"]) / self.base_kwargs["gguf_file"]
+                )
+            )
+        )
         args = dict(xlora_model_id=str(self.xlora_dir), order=str(self.ordering), dtype="float32", device="cpu", **base)
         return ModelSpec(ModelKind.XLORA, **{**args, **kw})
 
@@ -45,10 +52,31 @@ def load_base(**base_kwargs):
     return m
 
 
-def build_xlora(base_dir: Path, out: Path, *, ranks=(4, 6, 2), alphas=(8.0, 6.0, 8.0), targets=ALL, seed=0, depth=2,
-                size=16, layerwise=True, enable_softmax=True, temperature=1.0, top_k=None, softmax_topk=False, g=1.0,
-                spv=0.0, names=None, clf_std=0.6, lora_std=0.15, adapter_dtype=None, xlora_pkg_names=False,
-                dropout=0.2, gguf_file: str | None = None) -> XLoraCase:
+def build_xlora(
+    base_dir: Path,
+    out: Path,
+    *,
+    ranks=(4, 6, 2),
+    alphas=(8.0, 6.0, 8.0),
+    targets=ALL,
+    seed=0,
+    depth=2,
+    size=16,
+    layerwise=True,
+    enable_softmax=True,
+    temperature=1.0,
+    top_k=None,
+    softmax_topk=False,
+    g=1.0,
+    spv=0.0,
+    names=None,
+    clf_std=0.6,
+    lora_std=0.15,
+    adapter_dtype=None,
+    xlora_pkg_names=False,
+    dropout=0.2,
+    gguf_file: str | None = None,
+) -> XLoraCase:
     """Adapters with random A and B (PEFT saves them), then PEFT's X-LoRA with a random classifier."""
     from peft import LoraConfig, XLoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
@@ -60,8 +88,10 @@ def build_xlora(base_dir: Path, out: Path, *, ranks=(4, 6, 2), alphas=(8.0, 6.0,
     out.mkdir(parents=True, exist_ok=True)
     dirs = []
     for i in range(n):
-        pm = get_peft_model(load_base(**base_kwargs), LoraConfig(r=ranks[i], lora_alpha=alphas[i], target_modules=list(targets),
-                                                                 lora_dropout=0.1))
+        pm = get_peft_model(
+            load_base(**base_kwargs),
+            LoraConfig(r=ranks[i], lora_alpha=alphas[i], target_modules=list(targets), lora_dropout=0.1),
+        )
         with torch.no_grad():
             for name, p in pm.named_parameters():
                 if "lora_" in name:
@@ -74,10 +104,21 @@ def build_xlora(base_dir: Path, out: Path, *, ranks=(4, 6, 2), alphas=(8.0, 6.0,
         dirs.append(d)
     base = load_base(**base_kwargs)
     H = base.config.hidden_size
-    xcfg = XLoraConfig(task_type="CAUSAL_LM", hidden_size=H, adapters={str(i): str(d) for i, d in enumerate(dirs)},
-                       xlora_depth=depth, xlora_size=size, layerwise_scalings=layerwise, enable_softmax=enable_softmax,
-                       softmax_temperature=temperature, top_k_lora=top_k, enable_softmax_topk=softmax_topk,
-                       global_scaling_weight=g, scaling_pass_value=spv, xlora_dropout_p=dropout)
+    xcfg = XLoraConfig(
+        task_type="CAUSAL_LM",
+        hidden_size=H,
+        adapters={str(i): str(d) for i, d in enumerate(dirs)},
+        xlora_depth=depth,
+        xlora_size=size,
+        layerwise_scalings=layerwise,
+        enable_softmax=enable_softmax,
+        softmax_temperature=temperature,
+        top_k_lora=top_k,
+        enable_softmax_topk=softmax_topk,
+        global_scaling_weight=g,
+        scaling_pass_value=spv,
+        xlora_dropout_p=dropout,
+    )
     import warnings
 
     with warnings.catch_warnings():
@@ -88,11 +129,26 @@ def build_xlora(base_dir: Path, out: Path, *, ranks=(4, 6, 2), alphas=(8.0, 6.0,
         for p in clf.parameters():
             p.copy_(torch.randn(p.shape, generator=g_) * clf_std)
     export_classifier(clf, out / "xlora_classifier.safetensors", xlora_pkg_names)
-    (out / "xlora_config.json").write_text(json.dumps({
-        "hidden_size": H, "adapters": {nm: f"./{nm}" for nm in names}, "layerwise_scalings": layerwise,
-        "enable_relu_and_dropout": True, "xlora_depth": depth, "xlora_size": size, "xlora_dropout_p": dropout,
-        "enable_softmax": enable_softmax, "softmax_temperature": temperature, "scaling_pass_value": spv,
-        "use_bias": True, "global_scaling_weight": g, "top_k_lora": top_k, "enable_softmax_topk": softmax_topk}))
+    (out / "xlora_config.json").write_text(
+        json.dumps(
+            {
+                "hidden_size": H,
+                "adapters": {nm: f"./{nm}" for nm in names},
+                "layerwise_scalings": layerwise,
+                "enable_relu_and_dropout": True,
+                "xlora_depth": depth,
+                "xlora_size": size,
+                "xlora_dropout_p": dropout,
+                "enable_softmax": enable_softmax,
+                "softmax_temperature": temperature,
+                "scaling_pass_value": spv,
+                "use_bias": True,
+                "global_scaling_weight": g,
+                "top_k_lora": top_k,
+                "enable_softmax_topk": softmax_topk,
+            }
+        )
+    )
     num_layers = base.config.num_hidden_layers
     ordering = make_ordering(num_layers, names, targets)
     (out / "ordering.json").write_text(ordering.to_json())
@@ -123,15 +179,25 @@ def ref(case: XLoraCase, ids: list[int]):
 
 def make_pool(pipe, slots=4):
     c = pipe.config
-    return KVCachePool(CacheShape(c.num_layers, c.num_kv_heads, c.head_dim), slots, pipe.max_model_len, pipe.dtype,
-                       pipe.device, streams=pipe.cache_streams)
+    return KVCachePool(
+        CacheShape(c.num_layers, c.num_kv_heads, c.head_dim),
+        slots,
+        pipe.max_model_len,
+        pipe.dtype,
+        pipe.device,
+        streams=pipe.cache_streams,
+    )
 
 
 def step(pipe, pool, decode=(), prefill=(), all_rows=False):
     """decode: [(slot, pos, token)]; prefill: [(slot, start, tokens)] -> logits rows (all rows with all_rows)."""
     ids = [t for _, _, t in decode] + [t for _, _, toks in prefill for t in toks]
-    view = pool.build_view([(s, p) for s, p, _ in decode], [(s, st, len(toks)) for s, st, toks in prefill],
-                           pipe.config.sliding_window, [True] * len(prefill))
+    view = pool.build_view(
+        [(s, p) for s, p, _ in decode],
+        [(s, st, len(toks)) for s, st, toks in prefill],
+        pipe.config.sliding_window,
+        [True] * len(prefill),
+    )
     if all_rows:
         view.logit_rows = torch.arange(len(ids))
     return pipe.forward(torch.tensor(ids), view, pool)

@@ -5,6 +5,7 @@ References are float64 torch computations on the same (rounded) inputs; toleranc
 dtype's rounding (bf16 2^-8, fp16 2^-11 relative) plus float32 accumulation. Shapes cover the
 vectorised 16-lane path and the scalar tails (dims that are not multiples of 16).
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,8 +110,9 @@ def test_decode_attention(dtype, hd, H, Hk, window):
     ang = torch.rand(3, hd // 2, generator=g) * 6
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([-ang.sin(), ang.sin()], -1)
     slots, pos = [3, 0, 4], [0, 17, 69]  # position 0, a middle one, the slot's last
-    out = ops.decode_attention(q, k, v, cos.to(dtype), sin.to(dtype), kc, vc, torch.tensor(slots), torch.tensor(pos),
-                               window, hd**-0.5)
+    out = ops.decode_attention(
+        q, k, v, cos.to(dtype), sin.to(dtype), kc, vc, torch.tensor(slots), torch.tensor(pos), window, hd**-0.5
+    )
     assert out.shape == (3, H, hd)
     # the tables as passed (rounded to dtype) are what rope used; the reference used them unrounded
     tol = 1e-5 if dtype == torch.float32 else ROUND[dtype] * 4
@@ -135,13 +137,18 @@ def test_decode_attention_matches_the_torch_path_on_a_window_batch():
         t.copy_(torch.randn(t.shape, generator=g))
     view = pool.build_view([(2, 9), (0, 30), (3, 3)], [], W, [])
     assert view.window == W
-    q, k, v = torch.randn(3, H, hd, generator=g), torch.randn(3, Hk, hd, generator=g), torch.randn(3, Hk, hd, generator=g)
+    q, k, v = (
+        torch.randn(3, H, hd, generator=g),
+        torch.randn(3, Hk, hd, generator=g),
+        torch.randn(3, Hk, hd, generator=g),
+    )
     ang = torch.rand(3, hd // 2, generator=g)
     cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None], torch.cat([-ang.sin(), ang.sin()], -1)[:, None]
     kc, vc = pool.k[0].clone(), pool.v[0].clone()
     ref = attend(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, kc, vc, view)
-    out = ops.decode_attention(q, k, v, cos[:, 0], sin[:, 0], pool.k[0], pool.v[0], view.decode_slots,
-                               view.positions, W, hd**-0.5)
+    out = ops.decode_attention(
+        q, k, v, cos[:, 0], sin[:, 0], pool.k[0], pool.v[0], view.decode_slots, view.positions, W, hd**-0.5
+    )
     assert (out - ref).abs().max().item() < 1e-5
     assert (pool.k[0] - kc).abs().max().item() < 1e-6 and torch.equal(pool.v[0], vc)
 
@@ -156,13 +163,35 @@ def test_bad_arguments_raise_not_crash():
     with pytest.raises(RuntimeError, match="outside a cache"):
         ops.decode_attention(q, k, k, cs, cs, kc, kc.clone(), torch.tensor([2]), zero, 0, 0.25)
     with pytest.raises(RuntimeError, match="twice"):
-        ops.decode_attention(q.expand(2, 2, 16), k.expand(2, 1, 16), k.expand(2, 1, 16), cs.expand(2, 16),
-                             cs.expand(2, 16), kc, kc.clone(), torch.tensor([1, 1]), torch.tensor([0, 1]), 0, 0.25)
+        ops.decode_attention(
+            q.expand(2, 2, 16),
+            k.expand(2, 1, 16),
+            k.expand(2, 1, 16),
+            cs.expand(2, 16),
+            cs.expand(2, 16),
+            kc,
+            kc.clone(),
+            torch.tensor([1, 1]),
+            torch.tensor([0, 1]),
+            0,
+            0.25,
+        )
     with pytest.raises(RuntimeError, match="one dtype"):
         ops.decode_attention(q.bfloat16(), k, k, cs, cs, kc, kc.clone(), one, zero, 0, 0.25)
     with pytest.raises(RuntimeError, match="query heads"):
-        ops.decode_attention(torch.zeros(1, 3, 16), torch.zeros(1, 2, 16), torch.zeros(1, 2, 16), cs, cs,
-                             torch.zeros(2, 2, 8, 16), torch.zeros(2, 2, 8, 16), one, zero, 0, 0.25)
+        ops.decode_attention(
+            torch.zeros(1, 3, 16),
+            torch.zeros(1, 2, 16),
+            torch.zeros(1, 2, 16),
+            cs,
+            cs,
+            torch.zeros(2, 2, 8, 16),
+            torch.zeros(2, 2, 8, 16),
+            one,
+            zero,
+            0,
+            0.25,
+        )
     with pytest.raises(RuntimeError, match="weight must be"):
         ops.rms_norm(torch.zeros(2, 8), torch.zeros(7), 1e-5)
     with pytest.raises(RuntimeError, match="even"):
@@ -203,7 +232,11 @@ def test_decode_attention_skips_padding_rows_of_the_scratch_slot():
     H, Hk, hd, S, P = 4, 2, 16, 4, 12
     kc, vc = torch.randn(S, Hk, P, hd, generator=g), torch.randn(S, Hk, P, hd, generator=g)
     kc0, vc0 = kc.clone(), vc.clone()
-    q, k, v = torch.randn(4, H, hd, generator=g), torch.randn(4, Hk, hd, generator=g), torch.randn(4, Hk, hd, generator=g)
+    q, k, v = (
+        torch.randn(4, H, hd, generator=g),
+        torch.randn(4, Hk, hd, generator=g),
+        torch.randn(4, Hk, hd, generator=g),
+    )
     ang = torch.rand(4, hd // 2, generator=g)
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([-ang.sin(), ang.sin()], -1)
     slots, pos = torch.tensor([1, 0, 3, 3]), torch.tensor([5, 2, 0, 0])  # rows 2 and 3: padding in slot 3
@@ -227,7 +260,9 @@ def lora_ref(x, a, bt, lam, lam_rows, spans, constant):
     upd, mag = torch.zeros(M, N, dtype=torch.float64), torch.zeros(M, N, dtype=torch.float64)
     for p, (s, e) in enumerate(spans):
         ap = a[p * R : (p + 1) * R].double()
-        scale = lam[:, lam_rows[p], :].double() if lam is not None else torch.full((M, R), constant, dtype=torch.float64)
+        scale = (
+            lam[:, lam_rows[p], :].double() if lam is not None else torch.full((M, R), constant, dtype=torch.float64)
+        )
         upd[:, s:e] = ((x.double() @ ap.T) * scale) @ bt[:, s:e].double()
         mag[:, s:e] = ((x.double().abs() @ ap.abs().T) * scale.abs()) @ bt[:, s:e].double().abs()
     return upd, mag
@@ -235,7 +270,11 @@ def lora_ref(x, a, bt, lam, lam_rows, spans, constant):
 
 # (N, spans): one part covering the output; a fused q/k/v-like projection with one part left out
 # (its columns get no update); three parts back to back
-LORA_LAYOUTS = {"whole": (70, [(0, 70)]), "gap": (70, [(0, 30), (45, 70)]), "fused3": (57, [(0, 33), (33, 45), (45, 57)])}
+LORA_LAYOUTS = {
+    "whole": (70, [(0, 70)]),
+    "gap": (70, [(0, 30), (45, 70)]),
+    "fused3": (57, [(0, 33), (33, 45), (45, 57)]),
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -310,10 +349,13 @@ def test_lora_ops_refuse_bad_arguments():
     a, bt, lam = torch.randn(6, 8), torch.randn(3, 10), torch.randn(2, 4, 3)
     ok = parts_of([(0, 5), (5, 10)], [0, 1])
     ops.lora_linear(x, w, None, a, bt, ok, lam, 0.0)
-    for bad, match in [(parts_of([(0, 5)], [0]), "parts must be"), (ok.int(), "parts must be"),
-                       (parts_of([(0, 6), (5, 10)], [0, 1]), "ordered, disjoint"),
-                       (parts_of([(0, 5), (5, 11)], [0, 1]), "ordered, disjoint"),
-                       (parts_of([(0, 5), (5, 10)], [0, 4]), "out of range")]:
+    for bad, match in [
+        (parts_of([(0, 5)], [0]), "parts must be"),
+        (ok.int(), "parts must be"),
+        (parts_of([(0, 6), (5, 10)], [0, 1]), "ordered, disjoint"),
+        (parts_of([(0, 5), (5, 11)], [0, 1]), "ordered, disjoint"),
+        (parts_of([(0, 5), (5, 10)], [0, 4]), "out of range"),
+    ]:
         with pytest.raises(RuntimeError, match=match):
             ops.lora_linear(x, w, None, a, bt, bad, lam, 0.0)
     with pytest.raises(RuntimeError, match="lam must be"):

@@ -40,13 +40,20 @@ def load_ref(path):
 
 def make_pool(pipe, slots=4):
     c = pipe.config
-    return KVCachePool(CacheShape(c.num_layers, c.num_kv_heads, c.head_dim), slots, pipe.max_model_len, pipe.dtype, pipe.device)
+    return KVCachePool(
+        CacheShape(c.num_layers, c.num_kv_heads, c.head_dim), slots, pipe.max_model_len, pipe.dtype, pipe.device
+    )
 
 
 def step(pipe, pool, decode=(), prefill=()):
     """decode: [(slot, pos, token)]; prefill: [(slot, start, tokens)] -> logits rows."""
     ids = [t for _, _, t in decode] + [t for _, _, toks in prefill for t in toks]
-    view = pool.build_view([(s, p) for s, p, _ in decode], [(s, st, len(toks)) for s, st, toks in prefill], pipe.config.sliding_window, [True] * len(prefill))
+    view = pool.build_view(
+        [(s, p) for s, p, _ in decode],
+        [(s, st, len(toks)) for s, st, toks in prefill],
+        pipe.config.sliding_window,
+        [True] * len(prefill),
+    )
     return pipe.forward(torch.tensor(ids), view, pool)
 
 
@@ -59,13 +66,28 @@ def ref_logits(ref, ids):
         return ref(torch.tensor([ids]), use_cache=False).logits[0]
 
 
-@pytest.mark.parametrize("arch,overrides", [
-    ("llama", {}),
-    ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, "rope_theta": 500000.0}),
-    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "attention_bias": True}),
-    ("mistral", {"sliding_window": 8}),
-])
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [
+        ("llama", {}),
+        ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
+        (
+            "llama",
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 32,
+                },
+                "rope_theta": 500000.0,
+            },
+        ),
+        ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "attention_bias": True}),
+        ("mistral", {"sliding_window": 8}),
+    ],
+)
 @pytest.mark.parametrize("fused", [False, True])
 def test_prefill_and_decode_match_transformers(tmp_path, arch, overrides, fused, ops):
     path = make_tiny_model(tmp_path / "m", arch, seed=hash(str(overrides)) % 1000, **overrides)
@@ -96,8 +118,12 @@ def test_mixed_batch_of_unequal_lengths(tmp_path, ops):
     slots = [3, 0, 2]  # deliberately not contiguous
     for s, toks in zip(slots, seqs[:2]):
         step(ours, pool, prefill=[(s, 0, toks[:-1])])
-    out = step(ours, pool, decode=[(slots[0], len(seqs[0]) - 1, seqs[0][-1]), (slots[1], len(seqs[1]) - 1, seqs[1][-1])],
-               prefill=[(slots[2], 0, seqs[2])])
+    out = step(
+        ours,
+        pool,
+        decode=[(slots[0], len(seqs[0]) - 1, seqs[0][-1]), (slots[1], len(seqs[1]) - 1, seqs[1][-1])],
+        prefill=[(slots[2], 0, seqs[2])],
+    )
     for row, toks in enumerate(seqs):
         assert rel_err(out[row], ref_logits(ref, toks)[-1]) < 1e-4, row
 

@@ -11,6 +11,7 @@ Tolerances:
     offset term, which cancels in float32);
   * activation quantization: |x - xq| <= dx / 2 per element, so |y - x @ W.T| <= (dx/2) @ |W|.T.
 """
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
@@ -23,7 +24,9 @@ from tests.models.test_quant import group_max, make_raw, ref_dequant
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
-pytestmark = pytest.mark.skipif(not qmatmul.available(), reason=f"hand-written kernels off: {qmatmul.why_unavailable()}")
+pytestmark = pytest.mark.skipif(
+    not qmatmul.available(), reason=f"hand-written kernels off: {qmatmul.why_unavailable()}"
+)
 Q4 = [T.Q4_0, T.Q4_1, T.Q4_K]
 Q8 = [T.Q8_0, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q5_K, T.Q6_K]
 EXACT = {T.Q4_0, T.Q4_1, T.Q8_0}  # the packed weight equals the file's weight
@@ -60,8 +63,12 @@ def test_packed_weight_is_the_files(qt):
 
 
 # NOTE: K = 96 covers K % 64 == 32; K-quants need K % 256 == 0 (their super-blocks)
-CASES = [(qt, shape) for shape in [(48, 96), (64, 256), (32, 512)] for qt in Q4 + Q8
-         if shape[1] % 256 == 0 or qt in EXACT | {T.Q5_0, T.Q5_1}]
+CASES = [
+    (qt, shape)
+    for shape in [(48, 96), (64, 256), (32, 512)]
+    for qt in Q4 + Q8
+    if shape[1] % 256 == 0 or qt in EXACT | {T.Q5_0, T.Q5_1}
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
@@ -74,7 +81,11 @@ def test_equals_int8_activation_reference(qt, shape, dtype):
         x = (torch.randn(M, shape[1]) * torch.rand(M, 1) * 4).to(dtype)
         xq, dx = quantized_x(x)
         ref = xq @ Weff.T
-        got = ql(x) if dtype != torch.float32 else torch.ops.mistralrs.qmm(x, ql.kernel.qs, ql.kernel.d, ql.kernel.mw, ql.kernel.bits)
+        got = (
+            ql(x)
+            if dtype != torch.float32
+            else torch.ops.mistralrs.qmm(x, ql.kernel.qs, ql.kernel.d, ql.kernel.mw, ql.kernel.bits)
+        )
         assert got.dtype == dtype and got.shape == (M, shape[0])
         slack = 2**-16 * ((xq.abs() + 128 * dx) @ Weff.abs().T)
         assert ((got.double() - ref).abs() <= ROUND[dtype] * ref.abs() + slack + 1e-6).all(), (qt, M)

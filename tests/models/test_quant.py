@@ -14,6 +14,7 @@ Tolerances (all derived, not tuned):
     formats 8|s| <= 16/15 * groupmax and |z| <= groupmax, so <= 2^-7 * groupmax.
   * int8 per-channel requantization: |W_eff - W| <= (rowmax / 254) * (1 + 2^-8) <= rowmax / 250.
 """
+
 import warnings
 
 import gguf
@@ -50,7 +51,7 @@ def make_raw(qt: T, shape, seed=0) -> np.ndarray:
         bs, ts = GGML_QUANT_SIZES[qt]
         raw = rng.integers(0, 256, (N * K // bs, ts), dtype=np.uint8)
         for p in _F16_POS[qt]:
-            raw[:, p:p + 2] = rng.uniform(1e-3, 1e-2, (len(raw), 1)).astype(np.float16).view(np.uint8)
+            raw[:, p : p + 2] = rng.uniform(1e-3, 1e-2, (len(raw), 1)).astype(np.float16).view(np.uint8)
         return raw.reshape(N, -1)
     w = (rng.standard_normal((N, K)) * 0.05).astype(np.float32)
     w[:, :3] *= 8  # a few outlier columns, like real weights
@@ -166,7 +167,7 @@ def test_linear_bf16_exact_mode_and_fallbacks(qt):
 
 
 def test_auto_requant_policy():
-    """"auto" requantizes to int8 only when that adds <= the format's own rounding error (rms)."""
+    """ "auto" requantizes to int8 only when that adds <= the format's own rounding error (rms)."""
     shape = (64, 512)
     q5, q8 = make_raw(T.Q5_0, shape), make_raw(T.Q8_0, shape)
     auto5 = QuantLinear.from_gguf(q5, T.Q5_0, shape, torch.bfloat16, CPU)

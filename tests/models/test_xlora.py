@@ -11,8 +11,15 @@ from tests.lora.xlora_util import ALL, build_xlora, full_scalings, load_base, ma
 # Each case is a set of X-LoRA options PEFT implements; all compare logits and scalings at every position.
 CASES = {
     "layerwise-depth2": dict(),
-    "depth1-shared-subset-temp-g-bf16": dict(depth=1, layerwise=False, targets=["q_proj", "v_proj", "down_proj"],
-                                             temperature=0.5, g=0.7, adapter_dtype=torch.bfloat16, ranks=(4, 4)),
+    "depth1-shared-subset-temp-g-bf16": dict(
+        depth=1,
+        layerwise=False,
+        targets=["q_proj", "v_proj", "down_proj"],
+        temperature=0.5,
+        g=0.7,
+        adapter_dtype=torch.bfloat16,
+        ranks=(4, 4),
+    ),
     "topk2-softmax-topk-no-softmax": dict(enable_softmax=False, top_k=2, softmax_topk=True, clf_std=0.3),
     "topk1-layerwise": dict(top_k=1),
     "scaling-pass-0.5-depth3-xlora-names": dict(spv=0.5, depth=3, xlora_pkg_names=True, layerwise=False),
@@ -53,8 +60,9 @@ def test_forced_single_adapter_equals_merged_lora(tiny_llama, tmp_path):
     ids = list(range(5, 20))
     got = step(pipe, make_pool(pipe), prefill=[(0, 0, ids)], all_rows=True)
     assert torch.equal(full_scalings(pipe), torch.tensor([0.0, 1.0, 0.0]).expand(len(ids), case.n_layers, 3))
-    merged = PeftModel.from_pretrained(load_base(pretrained_model_name_or_path=str(tiny_llama)),
-                                       str(case.adapter_dirs[1])).merge_and_unload()
+    merged = PeftModel.from_pretrained(
+        load_base(pretrained_model_name_or_path=str(tiny_llama)), str(case.adapter_dirs[1])
+    ).merge_and_unload()
     with torch.no_grad():
         want = merged(torch.tensor([ids])).logits[0]
     assert rel_err(got, want) < 1e-4

@@ -36,17 +36,20 @@ def test_first_12_greedy_tokens_equal_transformers():
                     finished.add(i)
                     if len(finished) == len(PROMPTS):
                         done.set()
+
             return emit
 
         finished: set = set()
         prompts = [ref_tok(p)["input_ids"] for p in PROMPTS]
         for i, ids in enumerate(prompts):
             assert pipe.tokenizer.encode(PROMPTS[i]) == ids
-            engine.add_request(Request(f"p{i}", ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), emit_for(i)))
+            engine.add_request(
+                Request(f"p{i}", ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), emit_for(i))
+            )
         assert done.wait(120)
     finally:
         engine.stop()
     for i, ids in enumerate(prompts):
         with torch.no_grad():
-            want = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+            want = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
         assert results[i] == want, PROMPTS[i]

@@ -22,7 +22,9 @@ def tiny_gguf(tmp_path_factory):
 
 def logits_for(pipe, ids):
     c = pipe.config
-    pool = KVCachePool(CacheShape(c.num_layers, c.num_kv_heads, c.head_dim), 1, pipe.max_model_len, pipe.dtype, pipe.device)
+    pool = KVCachePool(
+        CacheShape(c.num_layers, c.num_kv_heads, c.head_dim), 1, pipe.max_model_len, pipe.dtype, pipe.device
+    )
     view = pool.build_view([], [(0, 0, len(ids))], c.sliding_window, [True])
     h = pipe.model.hidden_states(torch.tensor(ids), view, pool)
     return pipe.model.lm_head(h).float()
@@ -98,8 +100,11 @@ def test_bad_gguf_files_are_one_line_errors(tmp_path, tiny_gguf):
 
 def test_gguf_mistral_resolves_directory_and_file(tiny_gguf):
     _, path = tiny_gguf
-    for spec in (ModelSpec(ModelKind.GGUF, quantized_model_id=str(path.parent), quantized_filename=path.name),
-                 ModelSpec(ModelKind.GGUF, quantized_filename=str(path)), ModelSpec(ModelKind.GGUF, quantized_model_id=str(path.parent))):
+    for spec in (
+        ModelSpec(ModelKind.GGUF, quantized_model_id=str(path.parent), quantized_filename=path.name),
+        ModelSpec(ModelKind.GGUF, quantized_filename=str(path)),
+        ModelSpec(ModelKind.GGUF, quantized_model_id=str(path.parent)),
+    ):
         spec.device, spec.dtype = "cpu", "float32"
         assert load_pipeline(spec).config.num_layers == 2
     with pytest.raises(LoadError, match="quantized-filename"):
@@ -115,8 +120,12 @@ def _malformed_cases():
         "wrapping_dims": raw_gguf(base, [("token_embd.weight", [1 << 63, 2], 0, 0)], b"\0" * 64),
         "offset_past_end": raw_gguf(base, [("token_embd.weight", [4, 4], 0, 1 << 30)], b"\0" * 64),
         "huge_string": raw_gguf([kv_str("general.architecture", b"llama", declared_len=1 << 60)], []),
-        "bad_alignment": raw_gguf(base + [kv_u32("general.alignment", 3)], [("token_embd.weight", [4, 4], 0, 0)], b"\0" * 64),
-        "huge_array": raw_gguf(base + [kv_str_array("tokenizer.ggml.tokens", [b"a", b"b"], declared_count=1 << 50)], []),
+        "bad_alignment": raw_gguf(
+            base + [kv_u32("general.alignment", 3)], [("token_embd.weight", [4, 4], 0, 0)], b"\0" * 64
+        ),
+        "huge_array": raw_gguf(
+            base + [kv_str_array("tokenizer.ggml.tokens", [b"a", b"b"], declared_count=1 << 50)], []
+        ),
         "not_gguf": b"PK\x03\x04" + b"\0" * 100,
     }
 

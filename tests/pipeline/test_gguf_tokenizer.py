@@ -127,7 +127,11 @@ def test_read_gguf_fields_plain_values(smollm_fields):
 def test_smollm_metadata_matches_transformers(smollm, hf_smollm):
     tok = smollm.tokenizer
     assert (smollm.bos_token, smollm.eos_token, smollm.unk_token, smollm.pad_token) == (
-        hf_smollm.bos_token, hf_smollm.eos_token, hf_smollm.unk_token, hf_smollm.pad_token)
+        hf_smollm.bos_token,
+        hf_smollm.eos_token,
+        hf_smollm.unk_token,
+        hf_smollm.pad_token,
+    )
     assert (smollm.bos_token_id, smollm.eos_token_id) == (hf_smollm.bos_token_id, hf_smollm.eos_token_id) == (1, 2)
     assert smollm.add_bos_token is False and smollm.chat_template == hf_smollm.chat_template
     assert tok.post_processor is None
@@ -140,7 +144,8 @@ def test_smollm_metadata_matches_transformers(smollm, hf_smollm):
     # every single-token decode agrees (covers the byte-level decoder on the whole vocabulary)
     ids = [[i] for i in range(n)]
     assert tok.decode_batch(ids, skip_special_tokens=False) == [
-        hf_smollm.backend_tokenizer.decode(i, skip_special_tokens=False) for i in ids]
+        hf_smollm.backend_tokenizer.decode(i, skip_special_tokens=False) for i in ids
+    ]
 
 
 def test_smollm_encode_decode_matches_transformers(smollm, hf_smollm, hf_smollm_digits):
@@ -152,7 +157,8 @@ def test_smollm_encode_decode_matches_transformers(smollm, hf_smollm, hf_smollm_
         assert ids == hf_smollm_digits.encode(text).ids
         for skip in (False, True):
             assert smollm.tokenizer.decode(ids, skip_special_tokens=skip) == hf_smollm.decode(
-                ids, skip_special_tokens=skip)
+                ids, skip_special_tokens=skip
+            )
         assert smollm.tokenizer.decode(ids, skip_special_tokens=False) == text  # byte-level: lossless
     ids = _ours(smollm, prompt)
     assert ids.count(smollm.tokenizer.token_to_id("<|im_start|>")) == 5 and ids[0] == 1
@@ -200,8 +206,11 @@ def test_add_bos_defaults_follow_llama_cpp(smollm_fields):
 def test_llama3_ignore_merges(smollm_fields):
     # a vocabulary entry that BPE merges cannot reach is still used whole by llama-bpe (ignore_merges)
     tokens = smollm_fields["tokenizer.ggml.tokens"] + ["Ġzzqx"]
-    fields = {**smollm_fields, "tokenizer.ggml.tokens": tokens,
-              "tokenizer.ggml.token_type": smollm_fields["tokenizer.ggml.token_type"] + [1]}
+    fields = {
+        **smollm_fields,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": smollm_fields["tokenizer.ggml.token_type"] + [1],
+    }
     assert tokenizer_from_gguf({**fields, "tokenizer.ggml.pre": "llama-bpe"}).tokenizer.encode(" zzqx").ids == [49152]
     assert tokenizer_from_gguf(fields).tokenizer.encode(" zzqx").ids != [49152]
 
@@ -224,17 +233,29 @@ SPM_SPECIALS = ["<|im_start|>", "<|im_end|>"]  # appended as control tokens, lik
 def spm_model(tmp_path_factory):
     spm = pytest.importorskip("sentencepiece")
     rng = random.Random(0)
-    words = ("the quick brown fox jumps over lazy dog hello world café naïve straße groß über "
-             "你好 世界 天气 こんにちは 世界 ひらがな def return print import class if else while for "
-             "user assistant system").split()
+    words = (
+        "the quick brown fox jumps over lazy dog hello world café naïve straße groß über "
+        "你好 世界 天气 こんにちは 世界 ひらがな def return print import class if else while for "
+        "user assistant system"
+    ).split()
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(3000)]
     lines += ["def f(x):\n\treturn x + 1", "12345 67890", "  indented  text  "] * 10
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=420,
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, split_digits=True, character_coverage=0.995,
-        allow_whitespace_only_pieces=True, user_defined_symbols=["<tool>"], minloglevel=2)
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=420,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
+        character_coverage=0.995,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=["<tool>"],
+        minloglevel=2,
+    )
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
 
     # the vocabulary as llama.cpp's converter writes it (token types: 1 normal, 2 unknown,
@@ -243,8 +264,19 @@ def spm_model(tmp_path_factory):
     for i in range(sp.get_piece_size()):
         tokens.append(sp.id_to_piece(i))
         scores.append(sp.get_score(i))
-        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
-                     else 5 if sp.is_unused(i) else 4 if tokens[-1] == "<tool>" else 1)
+        types.append(
+            2
+            if sp.is_unknown(i)
+            else 3
+            if sp.is_control(i)
+            else 6
+            if sp.is_byte(i)
+            else 5
+            if sp.is_unused(i)
+            else 4
+            if tokens[-1] == "<tool>"
+            else 1
+        )
     tokens += SPM_SPECIALS
     scores += [0.0] * len(SPM_SPECIALS)
     types += [3] * len(SPM_SPECIALS)
@@ -304,8 +336,14 @@ def test_spm_metadata(spm_model):
     tok = info.tokenizer
     assert tok.get_vocab_size(with_added_tokens=True) == sp.get_piece_size() + len(SPM_SPECIALS)
     added = {t.content: (i, t.special) for i, t in tok.get_added_tokens_decoder().items()}
-    assert added == {"<unk>": (0, True), "<s>": (1, True), "</s>": (2, True), "<tool>": (3, False),
-                     "<|im_start|>": (420, True), "<|im_end|>": (421, True)}
+    assert added == {
+        "<unk>": (0, True),
+        "<s>": (1, True),
+        "</s>": (2, True),
+        "<tool>": (3, False),
+        "<|im_start|>": (420, True),
+        "<|im_end|>": (421, True),
+    }
 
 
 def test_spm_matches_sentencepiece(spm_model):
@@ -363,8 +401,9 @@ def test_spm_documented_deviations_from_transformers(spm_model, hf_spm):
 
 def test_spm_without_space_prefix(spm_model):
     _, _, fields, _ = spm_model
-    info = tokenizer_from_gguf({**fields, "tokenizer.ggml.add_space_prefix": False,
-                                "tokenizer.ggml.add_bos_token": False})
+    info = tokenizer_from_gguf(
+        {**fields, "tokenizer.ggml.add_space_prefix": False, "tokenizer.ggml.add_bos_token": False}
+    )
     assert info.add_bos_token is False
     enc = info.tokenizer.encode("hello world")
     assert not enc.tokens[0].startswith("▁") and "▁world" in enc.tokens

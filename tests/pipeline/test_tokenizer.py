@@ -11,7 +11,12 @@ from mistralrs_py.pipeline.tokenizer import (
     render_template,
 )
 
-TEXTS = ["Hello world, café naïve straße", "日本語のテキスト 中文 🙂🎉 emoji", "  leading spaces\n\ttabs\nand lines  ", "x" * 3 + " 12345 ü"]
+TEXTS = [
+    "Hello world, café naïve straße",
+    "日本語のテキスト 中文 🙂🎉 emoji",
+    "  leading spaces\n\ttabs\nand lines  ",
+    "x" * 3 + " 12345 ü",
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,24 +59,30 @@ def test_chat_template_renders_and_adds_no_double_bos(smollm):
     assert ids.count(smollm.bos_id) == text.count("<|im_start|>")
 
 
-@pytest.mark.parametrize("template", [
-    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-    "{% set x = messages.append(1) %}",
-    "{{ raise_exception('nope') }}",
-    "{% for %}",
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{% set x = messages.append(1) %}",
+        "{{ raise_exception('nope') }}",
+        "{% for %}",
+    ],
+)
 def test_hostile_or_broken_templates_are_clean_errors(template):
     with pytest.raises(ChatTemplateError):
         render_template(template, messages=[{"role": "user", "content": "x"}])
 
 
-@pytest.mark.parametrize("template", [
-    "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
-    "{{ 'x' * 1000000000 }}",
-    "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
-    "{{ 2 ** 100000000 }}",
-    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+        "{{ 'x' * 1000000000 }}",
+        "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+        "{{ 2 ** 100000000 }}",
+        "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    ],
+)
 def test_runaway_templates_fail_fast(template):
     import time
 
@@ -82,6 +93,8 @@ def test_runaway_templates_fail_fast(template):
 
 
 def test_normal_templates_still_render():
-    out = render_template("{% for m in messages %}{{ m['role'] }}:{{ m['content'] * 2 }}|{% endfor %}{{ range(3) | list }}",
-                          messages=[{"role": "user", "content": "ab"}])
+    out = render_template(
+        "{% for m in messages %}{{ m['role'] }}:{{ m['content'] * 2 }}|{% endfor %}{{ range(3) | list }}",
+        messages=[{"role": "user", "content": "ab"}],
+    )
     assert out == "user:abab|[0, 1, 2]"

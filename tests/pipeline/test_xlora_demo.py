@@ -26,9 +26,14 @@ def peft_from_demo(out):
     base = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     base.config.use_cache = False
     cfg = json.loads((out / "xlora_config.json").read_text())
-    xcfg = XLoraConfig(task_type="CAUSAL_LM", hidden_size=cfg["hidden_size"],
-                       adapters={str(i): str(out / a) for i, a in enumerate(ADAPTERS)}, xlora_depth=cfg["xlora_depth"],
-                       xlora_size=cfg["xlora_size"], layerwise_scalings=cfg["layerwise_scalings"])
+    xcfg = XLoraConfig(
+        task_type="CAUSAL_LM",
+        hidden_size=cfg["hidden_size"],
+        adapters={str(i): str(out / a) for i, a in enumerate(ADAPTERS)},
+        xlora_depth=cfg["xlora_depth"],
+        xlora_size=cfg["xlora_size"],
+        layerwise_scalings=cfg["layerwise_scalings"],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft = get_peft_model(base, xcfg).eval()
@@ -45,12 +50,17 @@ def peft_from_demo(out):
 def test_demo_on_the_embedded_model_equals_peft(tmp_path):
     out = tmp_path / "demo"
     assert main([str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted([*ADAPTERS, "ordering.json", "xlora_classifier.safetensors",
-                                                             "xlora_config.json"])
-    spec = ModelSpec(ModelKind.XLORA, xlora_model_id=str(out), order=str(out / "ordering.json"), dtype="float32", device="cpu")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*ADAPTERS, "ordering.json", "xlora_classifier.safetensors", "xlora_config.json"]
+    )
+    spec = ModelSpec(
+        ModelKind.XLORA, xlora_model_id=str(out), order=str(out / "ordering.json"), dtype="float32", device="cpu"
+    )
     pipe = load_pipeline(spec)
     assert pipe.xlora.L == 210 and pipe.summary["fused"] == 60
-    ids = pipe.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
+    ids = pipe.tokenizer.encode_chat(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+    )
     peft = peft_from_demo(out)
     with torch.no_grad():
         want = peft(input_ids=torch.tensor([ids + [504, 3575, 282]])).logits[0]

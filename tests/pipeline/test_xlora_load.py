@@ -24,8 +24,9 @@ def case(built, tmp_path):
     """A private copy of the checkpoint that a test may break."""
     d = tmp_path / "copy"
     shutil.copytree(built.xlora_dir, d)
-    return type(built)(built.peft, d, d / "ordering.json", built.names, [d / n for n in built.names], built.base_kwargs,
-                       built.n_layers)
+    return type(built)(
+        built.peft, d, d / "ordering.json", built.names, [d / n for n in built.names], built.base_kwargs, built.n_layers
+    )
 
 
 def edit_json(path, **changes):
@@ -99,13 +100,16 @@ def test_ordering_with_fewer_modules(case, tmp_path):
     assert "has no index for model.layers.0.self_attn.v_proj" in load_error(case, order=str(tmp_path / "o.json"))
 
 
-@pytest.mark.parametrize("key,value,msg", [
-    ("use_rslora", True, "use_rslora=true is not supported"),
-    ("rank_pattern", {"q_proj": 2}, "rank_pattern"),
-    ("bias", "all", 'bias="all"'),
-    ("peft_type", "IA3", "must be LoRA adapters"),
-    ("target_modules", ["q_proj"], "target different modules"),
-])
+@pytest.mark.parametrize(
+    "key,value,msg",
+    [
+        ("use_rslora", True, "use_rslora=true is not supported"),
+        ("rank_pattern", {"q_proj": 2}, "rank_pattern"),
+        ("bias", "all", 'bias="all"'),
+        ("peft_type", "IA3", "must be LoRA adapters"),
+        ("target_modules", ["q_proj"], "target different modules"),
+    ],
+)
 def test_lora_options_not_implemented_are_refused(case, key, value, msg):
     edit_json(case.xlora_dir / "adapter_b" / "adapter_config.json", **{key: value})
     assert msg in load_error(case)
@@ -126,13 +130,16 @@ def test_pickle_adapter_is_refused(case):
     assert "pickle weights are refused" in load_error(case)
 
 
-@pytest.mark.parametrize("changes,msg", [
-    ({"hidden_size": 32}, "hidden_size is 32, the base model's is 64"),
-    ({"layerwise_scalings": False}, "layerwise_scalings=false"),
-    ({"xlora_depth": 1}, "xlora_depth=1 implies 0"),
-    ({"top_k_lora": 5}, "`top_k_lora` is 5, but there are 3 adapters"),
-    ({"adapters": {"adapter_b": ".", "adapter_a": ".", "adapter_c": "."}}, "differs from the training order"),
-])
+@pytest.mark.parametrize(
+    "changes,msg",
+    [
+        ({"hidden_size": 32}, "hidden_size is 32, the base model's is 64"),
+        ({"layerwise_scalings": False}, "layerwise_scalings=false"),
+        ({"xlora_depth": 1}, "xlora_depth=1 implies 0"),
+        ({"top_k_lora": 5}, "`top_k_lora` is 5, but there are 3 adapters"),
+        ({"adapters": {"adapter_b": ".", "adapter_a": ".", "adapter_c": "."}}, "differs from the training order"),
+    ],
+)
 def test_config_and_classifier_mismatches(case, changes, msg):
     edit_json(case.xlora_dir / "xlora_config.json", **changes)
     assert msg in load_error(case)
@@ -147,8 +154,10 @@ def test_missing_files(case):
 
 def test_cli_start_up_error_is_one_line(case, tiny_llama):
     edit_json(case.ordering, order=["adapter_a", "nope", "adapter_c"])
-    r = CliRunner().invoke(cli.app, ["--port", "0", "x-lora-mistral", "-m", str(tiny_llama), "-x", str(case.xlora_dir),
-                                     "-o", str(case.ordering)])
+    r = CliRunner().invoke(
+        cli.app,
+        ["--port", "0", "x-lora-mistral", "-m", str(tiny_llama), "-x", str(case.xlora_dir), "-o", str(case.ordering)],
+    )
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output and "unknown adapter 'nope'" in r.output
     assert len([ln for ln in r.output.splitlines() if "error" in ln]) == 1
@@ -157,12 +166,34 @@ def test_cli_start_up_error_is_one_line(case, tiny_llama):
 def test_cli_maps_options_to_the_spec(monkeypatch):
     seen = {}
     monkeypatch.setattr("mistralrs_py.server.launch.run_server", lambda opts, spec: seen.update(spec=spec))
-    r = CliRunner().invoke(cli.app, ["--no-xlora-kv-cache", "x-lora-mistral", "-q", "org/repo", "-f", "m.gguf", "-x", "org/xl",
-                                     "-o", "o.json", "--tgt-non-granular-index", "3", "--repeat-last-n", "8"])
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "--no-xlora-kv-cache",
+            "x-lora-mistral",
+            "-q",
+            "org/repo",
+            "-f",
+            "m.gguf",
+            "-x",
+            "org/xl",
+            "-o",
+            "o.json",
+            "--tgt-non-granular-index",
+            "3",
+            "--repeat-last-n",
+            "8",
+        ],
+    )
     assert r.exit_code == 0, r.output
     s = seen["spec"]
-    assert (s.kind.value, s.quantized_model_id, s.quantized_filename, s.xlora_model_id, s.order) == \
-        ("x-lora-mistral", "org/repo", "m.gguf", "org/xl", "o.json")
+    assert (s.kind.value, s.quantized_model_id, s.quantized_filename, s.xlora_model_id, s.order) == (
+        "x-lora-mistral",
+        "org/repo",
+        "m.gguf",
+        "org/xl",
+        "o.json",
+    )
     assert (s.tgt_non_granular_index, s.no_xlora_kv_cache, s.repeat_last_n, s.model_id) == (3, True, 8, None)
     r = CliRunner().invoke(cli.app, ["x-lora-mistral", "-m", "a", "-q", "b", "-x", "c"])
     assert r.exit_code == 2 and "either" in r.output

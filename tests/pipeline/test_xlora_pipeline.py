@@ -144,8 +144,11 @@ def test_end_slot_reports_mean_scalings_per_adapter(llama_case):
     assert torch.allclose(torch.tensor(list(rep.values())), want, atol=1e-5)
     assert abs(sum(rep.values()) - 1) < 1e-5
     assert pipe.end_slot(0) is None  # reset: nothing ran in slot 0 since
-    assert torch.allclose(torch.tensor(list(pipe.end_slot(2)["xlora_scalings"].values())),
-                          ref(llama_case, b)[1].mean(dim=(0, 1)), atol=1e-5)
+    assert torch.allclose(
+        torch.tensor(list(pipe.end_slot(2)["xlora_scalings"].values())),
+        ref(llama_case, b)[1].mean(dim=(0, 1)),
+        atol=1e-5,
+    )
 
 
 def test_begin_slot_starts_a_fresh_report(llama_case):
@@ -206,18 +209,22 @@ def test_engine_batched_greedy_equals_peft_generate(llama_case, no_kv_cache):
                 extra[i] = ev.extra
                 if len(extra) == len(prompts):
                     done.set()
+
         return emit
 
     engine.start()
     try:
         for i, p in enumerate(prompts):
-            engine.add_request(Request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), emit_for(i)))
+            engine.add_request(
+                Request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), emit_for(i))
+            )
         assert done.wait(60)
     finally:
         engine.stop()
     for i, p in enumerate(prompts):
         with torch.no_grad():
-            want = llama_case.peft.generate(input_ids=torch.tensor([p]), max_new_tokens=6, do_sample=False,
-                                            pad_token_id=0)[0, len(p):].tolist()
+            want = llama_case.peft.generate(
+                input_ids=torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=0
+            )[0, len(p) :].tolist()
         assert out[i] == want, i
         assert list(extra[i]["xlora_scalings"]) == llama_case.names

@@ -97,8 +97,10 @@ def in_process_server(app):
 @pytest.fixture(scope="session")
 def tiny_server(tiny_llama, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "requests.jsonl"
-    with running_server(["--max-seqs", "4", "--log", str(log), "--max-model-len", "128", "--dtype", "float32"],
-                        ["mistral", "-m", str(tiny_llama)]) as srv:
+    with running_server(
+        ["--max-seqs", "4", "--log", str(log), "--max-model-len", "128", "--dtype", "float32"],
+        ["mistral", "-m", str(tiny_llama)],
+    ) as srv:
         yield srv.url, log
 
 

@@ -66,8 +66,10 @@ def test_logit_bias_bans_and_forces_tokens(tiny_server):
     first = chat(url, **kw).choices[0].logprobs.content[0].token
     first_id = httpx.post(f"{url}/tokenize", json={"prompt": first, "add_special_tokens": False}).json()["tokens"][0]
     banned = chat(url, logit_bias={str(first_id): -100}, **kw)
-    ids = [httpx.post(f"{url}/tokenize", json={"prompt": t.token, "add_special_tokens": False}).json()["tokens"]
-           for t in banned.choices[0].logprobs.content]
+    ids = [
+        httpx.post(f"{url}/tokenize", json={"prompt": t.token, "add_special_tokens": False}).json()["tokens"]
+        for t in banned.choices[0].logprobs.content
+    ]
     assert all(first_id not in t for t in ids)
     forced = chat(url, logit_bias={"42": 100}, temperature=0, max_tokens=5, extra_body={"ignore_eos": True})
     forced_text = httpx.post(f"{url}/detokenize", json={"tokens": [42] * 5}).json()["prompt"]
@@ -79,7 +81,12 @@ def test_top_k_one_and_tiny_top_p_are_greedy(tiny_server):
     kw = dict(max_tokens=10, extra_body={"ignore_eos": True})
     greedy = chat(url, temperature=0, **kw).choices[0].message.content
     assert chat(url, temperature=1.0, top_p=1e-6, seed=3, **kw).choices[0].message.content == greedy
-    assert chat(url, temperature=1.5, seed=3, max_tokens=10, extra_body={"ignore_eos": True, "top_k": 1}).choices[0].message.content == greedy
+    assert (
+        chat(url, temperature=1.5, seed=3, max_tokens=10, extra_body={"ignore_eos": True, "top_k": 1})
+        .choices[0]
+        .message.content
+        == greedy
+    )
 
 
 def test_frequency_penalty_changes_a_repetitive_answer(tiny_server):
@@ -103,7 +110,8 @@ def test_n_choices(tiny_server):
 def test_errors_are_openai_shaped(tiny_server):
     url, _ = tiny_server
     bad = [
-        (b"{not json", 400), (b"[1, 2]", 400),
+        (b"{not json", 400),
+        (b"[1, 2]", 400),
         (json.dumps({"messages": MSG, "temperature": 3}).encode(), 400),
         (json.dumps({"messages": MSG, "max_tokens": "5"}).encode(), 400),
         (json.dumps({"messages": []}).encode(), 400),
@@ -135,7 +143,8 @@ def test_models_health_and_log(tiny_server):
 @pytest.mark.slow
 def test_embedded_model_names_paris(embedded_server):
     r = client(embedded_server).chat.completions.create(
-        model="default", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0)
+        model="default", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0
+    )
     assert "Paris" in r.choices[0].message.content
     assert r.choices[0].finish_reason == "stop"
 
@@ -145,7 +154,8 @@ def test_gguf_mistral_embedded_answers(embedded_gguf_server):
     # NOTE: not the France question: at Q4_1 with int8-quantized activations (our kernels, and
     # llama.cpp's) this 135M model answers it "L'Étoile, la Cité, ..."; llama.cpp gives that too.
     r = client(embedded_gguf_server).chat.completions.create(
-        model="default", messages=[{"role": "user", "content": "What is 2+2?"}], temperature=0)
+        model="default", messages=[{"role": "user", "content": "What is 2+2?"}], temperature=0
+    )
     content = r.choices[0].message.content
     # NOTE: a standalone 4 (not 42, 4.5 or 14), and a clean end rather than the token limit
     assert re.search(r"(?<![\d.])4(?!\d|\.\d)", content), content

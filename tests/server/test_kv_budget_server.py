@@ -21,8 +21,7 @@ def test_requests_beyond_the_cache_wait_or_are_recomputed(tiny_llama):
         assert models["data"][0]["max_model_len"] == CAPACITY
 
         def complete(i: int) -> dict:
-            body = {"prompt": f"Hello world {i} " * 4, "max_tokens": 40, "temperature": 0,
-                    "ignore_eos": True}
+            body = {"prompt": f"Hello world {i} " * 4, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
             r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
             assert r.status_code == 200, r.text
             return r.json()
@@ -33,7 +32,10 @@ def test_requests_beyond_the_cache_wait_or_are_recomputed(tiny_llama):
         assert all(a["usage"]["completion_tokens"] == 40 for a in answers)
         assert complete(3)["choices"][0]["text"] == answers[3]["choices"][0]["text"]
         metrics = httpx.get(f"{url}/metrics").text
-        preempted = next(float(line.split()[-1]) for line in metrics.splitlines()
-                         if line.startswith("mistralrs_num_preemptions_total"))
+        preempted = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("mistralrs_num_preemptions_total")
+        )
         assert preempted > 0
         assert f"mistralrs_kv_cache_capacity_tokens {CAPACITY}.0" in metrics

@@ -41,9 +41,14 @@ def test_counters_move_by_what_was_served(tiny_server):
     url, _ = tiny_server
     c = client(url)
     before = scrape(url)
-    r1 = c.chat.completions.create(model="default", messages=MSG, temperature=0, max_tokens=5, extra_body={"ignore_eos": True})
-    chunks = list(c.chat.completions.create(model="default", messages=MSG, max_tokens=7, stream=True, seed=3,
-                                            stream_options={"include_usage": True}))
+    r1 = c.chat.completions.create(
+        model="default", messages=MSG, temperature=0, max_tokens=5, extra_body={"ignore_eos": True}
+    )
+    chunks = list(
+        c.chat.completions.create(
+            model="default", messages=MSG, max_tokens=7, stream=True, seed=3, stream_options={"include_usage": True}
+        )
+    )
     r3 = c.completions.create(model="default", prompt="Rivers:", n=2, max_tokens=4, seed=1)
     assert httpx.post(f"{url}/v1/chat/completions", json={"messages": MSG, "temperature": 5}).status_code == 400
     assert httpx.get(f"{url}/no/such/page").status_code == 404
@@ -71,8 +76,11 @@ def test_counters_move_by_what_was_served(tiny_server):
     assert delta("mistralrs_time_per_output_token_seconds_count") == generated - 4
     assert delta("mistralrs_time_to_first_token_seconds_sum") > 0
     assert delta("mistralrs_e2e_request_latency_seconds_count") == 3
-    reasons = [r1.choices[0].finish_reason, next(ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason),
-               *(ch.finish_reason for ch in r3.choices)]
+    reasons = [
+        r1.choices[0].finish_reason,
+        next(ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason),
+        *(ch.finish_reason for ch in r3.choices),
+    ]
     for reason in ("stop", "length"):
         assert delta("mistralrs_sequences_finished_total", finish_reason=reason) == reasons.count(reason)
 
@@ -103,7 +111,9 @@ def test_engine_gauges_show_a_running_sequence(tiny_llama):
     cached = sum(s.num_cached for s in engine.scheduler.running)
     assert cached > 0
     per_token = value(m, "mistralrs_kv_cache_bytes_used") / cached
-    assert per_token == pipe.config.num_layers * 2 * pipe.config.num_kv_heads * pipe.config.head_dim * 4  # K and V, fp32
+    assert (
+        per_token == pipe.config.num_layers * 2 * pipe.config.num_kv_heads * pipe.config.head_dim * 4
+    )  # K and V, fp32
     assert value(m, "mistralrs_kv_cache_usage_ratio") == pytest.approx(cached / (2 * engine.max_len))
     assert value(m, "mistralrs_engine_up") == 0  # stepped by hand: no engine thread
     assert value(m, "mistralrs_engine_steps_total") == 1
@@ -123,7 +133,9 @@ def test_a_request_observer_counts_an_abort_and_its_tokens():
 
 
 def test_no_metrics_and_no_ui_turn_the_routes_off(tiny_llama):
-    with running_server(["--no-metrics", "--no-ui", "--max-model-len", "64", "--max-seqs", "1"], ["mistral", "-m", str(tiny_llama)]) as srv:
+    with running_server(
+        ["--no-metrics", "--no-ui", "--max-model-len", "64", "--max-seqs", "1"], ["mistral", "-m", str(tiny_llama)]
+    ) as srv:
         url = srv.url
         assert httpx.get(f"{url}/metrics").status_code == 404
         assert httpx.get(f"{url}/ui/").status_code == 404
@@ -139,8 +151,17 @@ class _NoEngine:
 
     @staticmethod
     def snapshot():
-        return {"running": 0, "waiting": 0, "kv_slots_in_use": 0, "kv_slots_total": 1, "kv_cache_bytes_in_use": 0,
-                "kv_cache_capacity_tokens": 8, "kv_cache_capacity_bytes": 80, "steps": 0, "preempted": 0}
+        return {
+            "running": 0,
+            "waiting": 0,
+            "kv_slots_in_use": 0,
+            "kv_slots_total": 1,
+            "kv_cache_bytes_in_use": 0,
+            "kv_cache_capacity_tokens": 8,
+            "kv_cache_capacity_bytes": 80,
+            "steps": 0,
+            "preempted": 0,
+        }
 
 
 class _Unstarted:

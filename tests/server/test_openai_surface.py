@@ -73,11 +73,15 @@ def test_completions_prompt_forms_echo_and_n(tiny_server):
     a = c.completions.create(model="default", prompt="Hello world", temperature=0, max_tokens=5, extra_body=EXTRA)
     b = c.completions.create(model="default", prompt=ids, temperature=0, max_tokens=5, extra_body=EXTRA)
     assert a.choices[0].text == b.choices[0].text
-    e = c.completions.create(model="default", prompt="Hello world", echo=True, temperature=0, max_tokens=5, extra_body=EXTRA)
+    e = c.completions.create(
+        model="default", prompt="Hello world", echo=True, temperature=0, max_tokens=5, extra_body=EXTRA
+    )
     assert e.choices[0].text == "Hello world" + a.choices[0].text
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "echo": True, "logprobs": 1, "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
-    m = c.completions.create(model="default", prompt=["Hello world", "The fox"], n=2, temperature=0, max_tokens=4, extra_body=EXTRA)
+    m = c.completions.create(
+        model="default", prompt=["Hello world", "The fox"], n=2, temperature=0, max_tokens=4, extra_body=EXTRA
+    )
     assert [ch.index for ch in m.choices] == [0, 1, 2, 3]
     assert m.choices[0].text == m.choices[1].text == a.choices[0].text[: len(m.choices[0].text)]
     assert m.usage.completion_tokens == 16
@@ -88,7 +92,9 @@ def test_logprobs_are_log_softmax_of_model_logits(tiny_server, tiny_llama):
 
     url, _ = tiny_server
     ids = httpx.post(f"{url}/tokenize", json={"prompt": "The quick brown"}).json()["tokens"]
-    r = client(url).completions.create(model="default", prompt=ids, temperature=0, max_tokens=6, logprobs=5, extra_body=EXTRA)
+    r = client(url).completions.create(
+        model="default", prompt=ids, temperature=0, max_tokens=6, logprobs=5, extra_body=EXTRA
+    )
     lp = r.choices[0].logprobs
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     seq = list(ids)
@@ -106,8 +112,9 @@ def test_logprobs_are_log_softmax_of_model_logits(tiny_server, tiny_llama):
         assert all(any(abs(v - r) < 1e-4 for r in ref_top) for v in top)
         seq.append(tok)
     # chat shape: content entries with token, logprob, bytes, top_logprobs
-    chat = client(url).chat.completions.create(model="default", messages=MSG, temperature=0, max_tokens=3, logprobs=True,
-                                               top_logprobs=2, extra_body=EXTRA)
+    chat = client(url).chat.completions.create(
+        model="default", messages=MSG, temperature=0, max_tokens=3, logprobs=True, top_logprobs=2, extra_body=EXTRA
+    )
     entries = chat.choices[0].logprobs.content
     assert len(entries) == 3 and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
     assert all(e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in entries)
@@ -124,7 +131,9 @@ def test_chat_n_streaming(tiny_server):
             if ch.finish_reason:
                 finished.add(ch.index)
     assert finished == {0, 1, 2}
-    full = client(url).chat.completions.create(model="default", messages=MSG, n=3, temperature=1.0, seed=2, max_tokens=6, extra_body=EXTRA)
+    full = client(url).chat.completions.create(
+        model="default", messages=MSG, n=3, temperature=1.0, seed=2, max_tokens=6, extra_body=EXTRA
+    )
     assert [texts[i] for i in range(3)] == [c.message.content for c in full.choices]
 
 
@@ -137,8 +146,10 @@ def test_misc_routes(tiny_server):
     assert toks["count"] == len(toks["tokens"]) and toks["max_model_len"] == 128
     assert httpx.post(f"{url}/detokenize", json={"tokens": toks["tokens"]}).json()["prompt"].endswith("héllo 日本")
     assert httpx.post(f"{url}/detokenize", json={"tokens": [10**9]}).status_code == 400
-    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": MSG, "unknown_field": 1, "max_tokens": 2, "user": "u",
-                                                        "response_format": {"type": "text"}})
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"messages": MSG, "unknown_field": 1, "max_tokens": 2, "user": "u", "response_format": {"type": "text"}},
+    )
     assert r.status_code == 200
     # streamed requests are logged as one record when they end
     stream_chat(url, max_tokens=3)
@@ -156,19 +167,39 @@ def test_soak_mixed_requests(tiny_server):
             n_tok = rng.randint(1, 12)
             kind = i % 4
             if kind == 0:
-                r = await c.chat.completions.create(model="default", messages=MSG, max_tokens=n_tok, temperature=0.7, extra_body=EXTRA)
+                r = await c.chat.completions.create(
+                    model="default", messages=MSG, max_tokens=n_tok, temperature=0.7, extra_body=EXTRA
+                )
                 return r.choices[0].finish_reason, r.usage.completion_tokens, n_tok
             if kind == 1:
-                chunks = [ch async for ch in await c.chat.completions.create(model="default", messages=MSG, max_tokens=n_tok, stream=True,
-                                                                             stream_options={"include_usage": True}, extra_body=EXTRA)]
+                chunks = [
+                    ch
+                    async for ch in await c.chat.completions.create(
+                        model="default",
+                        messages=MSG,
+                        max_tokens=n_tok,
+                        stream=True,
+                        stream_options={"include_usage": True},
+                        extra_body=EXTRA,
+                    )
+                ]
                 fins = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
                 assert len(fins) == 1
                 return fins[0], chunks[-1].usage.completion_tokens, n_tok
             if kind == 2:
                 r = await c.completions.create(model="default", prompt=f"Item {i}:", max_tokens=n_tok, extra_body=EXTRA)
                 return r.choices[0].finish_reason, r.usage.completion_tokens, n_tok
-            chunks = [ch async for ch in await c.completions.create(model="default", prompt=f"Item {i}:", max_tokens=n_tok, stream=True,
-                                                                    stream_options={"include_usage": True}, extra_body=EXTRA)]
+            chunks = [
+                ch
+                async for ch in await c.completions.create(
+                    model="default",
+                    prompt=f"Item {i}:",
+                    max_tokens=n_tok,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body=EXTRA,
+                )
+            ]
             fins = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
             assert len(fins) == 1
             return fins[0], chunks[-1].usage.completion_tokens, n_tok

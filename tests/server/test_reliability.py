@@ -29,8 +29,21 @@ def long_llama(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(long_llama):
-    with running_server(["--max-seqs", "4", "--max-waiting", "4", "--max-body-bytes", "65536", "--max-model-len", "1024",
-                         "--dtype", "float32"], ["mistral", "-m", str(long_llama)]) as srv:
+    with running_server(
+        [
+            "--max-seqs",
+            "4",
+            "--max-waiting",
+            "4",
+            "--max-body-bytes",
+            "65536",
+            "--max-model-len",
+            "1024",
+            "--dtype",
+            "float32",
+        ],
+        ["mistral", "-m", str(long_llama)],
+    ) as srv:
         url = srv.url
         yield url
 
@@ -51,21 +64,33 @@ def wait_idle(url, timeout=10.0):
 
 def post(url, body, path="/v1/chat/completions", **kw):
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(f"{url}{path}", content=data, headers={"content-type": "application/json", **kw.pop("headers", {})}, **kw)
+    return httpx.post(
+        f"{url}{path}", content=data, headers={"content-type": "application/json", **kw.pop("headers", {})}, **kw
+    )
 
 
 BAD = [
-    ({"messages": MSG, "temperature": 2.01}, "temperature"), ({"messages": MSG, "temperature": -0.1}, "temperature"),
-    ({"messages": MSG, "top_p": 0}, "top_p"), ({"messages": MSG, "top_p": 1.5}, "top_p"),
-    ({"messages": MSG, "n": 0}, "n"), ({"messages": MSG, "n": 129}, "n"),
-    ({"messages": MSG, "max_tokens": 0}, "max_tokens"), ({"messages": MSG, "max_tokens": "5"}, "max_tokens"),
+    ({"messages": MSG, "temperature": 2.01}, "temperature"),
+    ({"messages": MSG, "temperature": -0.1}, "temperature"),
+    ({"messages": MSG, "top_p": 0}, "top_p"),
+    ({"messages": MSG, "top_p": 1.5}, "top_p"),
+    ({"messages": MSG, "n": 0}, "n"),
+    ({"messages": MSG, "n": 129}, "n"),
+    ({"messages": MSG, "max_tokens": 0}, "max_tokens"),
+    ({"messages": MSG, "max_tokens": "5"}, "max_tokens"),
     ({"messages": MSG, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"messages": MSG, "presence_penalty": 2.5}, "presence_penalty"), ({"messages": MSG, "frequency_penalty": -2.5}, "frequency_penalty"),
-    ({"messages": MSG, "temperature": "0.5"}, "temperature"), ({"messages": MSG, "stream": "yes"}, "stream"),
-    ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"), ({"messages": [{"role": "user"}, 5]}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"), ({}, "messages"),
-    ({"messages": MSG, "logit_bias": {"abc": 1}}, "logit_bias"), ({"messages": MSG, "logit_bias": {"1": 101}}, "logit_bias"),
+    ({"messages": MSG, "presence_penalty": 2.5}, "presence_penalty"),
+    ({"messages": MSG, "frequency_penalty": -2.5}, "frequency_penalty"),
+    ({"messages": MSG, "temperature": "0.5"}, "temperature"),
+    ({"messages": MSG, "stream": "yes"}, "stream"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user"}, 5]}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ({}, "messages"),
+    ({"messages": MSG, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"messages": MSG, "logit_bias": {"1": 101}}, "logit_bias"),
 ]
 
 
@@ -87,9 +112,18 @@ def test_malformed_bodies(server, raw):
 
 def test_boundary_values_are_accepted(server):
     ok = [
-        {"temperature": 0}, {"temperature": 2}, {"top_p": 1}, {"top_p": 1e-9}, {"max_tokens": 1}, {"n": 128, "max_tokens": 1},
-        {"logprobs": True, "top_logprobs": 0}, {"logprobs": True, "top_logprobs": 20}, {"stop": ["a", "b", "c", "d"]},
-        {"presence_penalty": -2, "frequency_penalty": 2}, {"logit_bias": {"5": -100, "6": 100}}, {"seed": -1},
+        {"temperature": 0},
+        {"temperature": 2},
+        {"top_p": 1},
+        {"top_p": 1e-9},
+        {"max_tokens": 1},
+        {"n": 128, "max_tokens": 1},
+        {"logprobs": True, "top_logprobs": 0},
+        {"logprobs": True, "top_logprobs": 20},
+        {"stop": ["a", "b", "c", "d"]},
+        {"presence_penalty": -2, "frequency_penalty": 2},
+        {"logit_bias": {"5": -100, "6": 100}},
+        {"seed": -1},
         {"unknown_field": {"x": 1}},
     ]
     for extra in ok:
@@ -131,6 +165,7 @@ def test_body_limit_without_buffering(server):
 def test_queue_bound_gives_503_with_retry_after(server):
     async def go():
         async with httpx.AsyncClient(timeout=60) as c:
+
             async def long():
                 return await c.post(f"{server}/v1/chat/completions", json={"messages": MSG, **LONG})
 
@@ -171,7 +206,11 @@ def test_open_and_abort_1000_streams(server):
     async def one(c, sem, i):
         async with sem:
             stop_after = rng.choice([0, 0, 1, 2, 5, 20])  # 0: gone before the first byte
-            body = {"messages": [{"role": "user", "content": f"stream {i} " * rng.randint(1, 20)}], "stream": True, **LONG}
+            body = {
+                "messages": [{"role": "user", "content": f"stream {i} " * rng.randint(1, 20)}],
+                "stream": True,
+                **LONG,
+            }
             try:
                 async with c.stream("POST", f"{server}/v1/chat/completions", json=body) as r:
                     n = 0
@@ -193,8 +232,9 @@ def test_open_and_abort_1000_streams(server):
     acct = h["requests"]
     assert acct["accepted"] == acct["completed"] + acct["errored"] + acct["aborted"]
     assert _rss(server) - rss0 < 100, "memory grew"
-    r = client(server).chat.completions.create(model="default", messages=MSG, max_tokens=4, temperature=0,
-                                              extra_body={"ignore_eos": True})
+    r = client(server).chat.completions.create(
+        model="default", messages=MSG, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
 
 
@@ -227,11 +267,15 @@ def test_soak_valid_invalid_cancelled(server):
                     assert lines[-1] == "data: [DONE]"
                     chunks = [json.loads(x[6:]) for x in lines[:-1]]
                     assert all(ch["object"] == "chat.completion.chunk" for ch in chunks)
-                    assert [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"][0]["finish_reason"]] in (["length"], ["stop"])
+                    assert [
+                        ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"][0]["finish_reason"]
+                    ] in (["length"], ["stop"])
                 else:
                     d = r.json()
                     assert d["object"] == "chat.completion" and d["choices"][0]["finish_reason"] in ("length", "stop")
-                    assert isinstance(d["choices"][0]["message"]["content"], str) and d["usage"]["completion_tokens"] >= 1
+                    assert (
+                        isinstance(d["choices"][0]["message"]["content"], str) and d["usage"]["completion_tokens"] >= 1
+                    )
                 outcomes["ok"] += 1
 
     async def go():
@@ -256,18 +300,23 @@ def _rss(url) -> float:
 def _pid_of(url) -> int:
     port = url.rsplit(":", 1)[1]
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return next(int(line.split()[0]) for line in out.splitlines() if f"--port {port}" in line and "mistralrs_py" in line)
+    return next(
+        int(line.split()[0]) for line in out.splitlines() if f"--port {port}" in line and "mistralrs_py" in line
+    )
 
 
 # ---- auth and CORS ---------------------------------------------------------------------------------
 def test_api_key_and_cors(tiny_llama, monkeypatch):
     monkeypatch.setenv("MISTRALRS_API_KEY", "s3cret")
-    with running_server(["--allowed-origins", "http://good.test", "--max-model-len", "64"],
-                        ["mistral", "-m", str(tiny_llama)]) as srv:
+    with running_server(
+        ["--allowed-origins", "http://good.test", "--max-model-len", "64"], ["mistral", "-m", str(tiny_llama)]
+    ) as srv:
         url = srv.url
         for path in ("/v1/models", "/metrics", "/tokenize"):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
-                r = httpx.request("POST" if path == "/tokenize" else "GET", f"{url}{path}", headers=headers, json={"prompt": "x"})
+                r = httpx.request(
+                    "POST" if path == "/tokenize" else "GET", f"{url}{path}", headers=headers, json={"prompt": "x"}
+                )
                 assert r.status_code == 401, (path, headers)
                 assert r.json()["error"]["type"] == "authentication_error"
         assert httpx.get(f"{url}/health").status_code == 200
@@ -280,7 +329,9 @@ def test_api_key_and_cors(tiny_llama, monkeypatch):
         assert c.chat.completions.create(model="default", messages=MSG, max_tokens=2).choices
         assert httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         # CORS: exactly the allowed origin
-        good = httpx.options(f"{url}/v1/models", headers={"Origin": "http://good.test", "Access-Control-Request-Method": "GET"})
+        good = httpx.options(
+            f"{url}/v1/models", headers={"Origin": "http://good.test", "Access-Control-Request-Method": "GET"}
+        )
         assert good.headers.get("access-control-allow-origin") == "http://good.test"
         bad = httpx.get(f"{url}/health", headers={"Origin": "http://evil.test"})
         assert "access-control-allow-origin" not in bad.headers
@@ -295,7 +346,9 @@ def test_cors_off_by_default(server):
 def test_sigterm_finishes_then_ends_streams_and_exits_0(long_llama):
     # NOTE: the long stream must outlast the grace period: 8000 tokens of this tiny model take
     # several seconds even with our fused CPU ops (the 200-token request needs ~0.2 s)
-    with running_server(["--shutdown-timeout", "1.5", "--max-model-len", "8192"], ["mistral", "-m", str(long_llama)]) as srv:
+    with running_server(
+        ["--shutdown-timeout", "1.5", "--max-model-len", "8192"], ["mistral", "-m", str(long_llama)]
+    ) as srv:
         url, proc = srv.url, srv.proc
         lines: list[str] = []
 

@@ -65,8 +65,10 @@ def chat_output(runner, lines) -> str:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("name,value", [("temperature", "5"), ("top_p", "0"), ("top_k", "-2"),
-                                        ("presence_penalty", "3"), ("max_tokens", "0")])
+@pytest.mark.parametrize(
+    "name,value",
+    [("temperature", "5"), ("top_p", "0"), ("top_k", "-2"), ("presence_penalty", "3"), ("max_tokens", "0")],
+)
 def test_the_terminal_chat_shows_the_same_message(tiny_server, runner, name, value):
     url, _ = tiny_server
     field = {name: float(value) if "." in value or name in ("temperature", "top_p", "presence_penalty") else int(value)}

@@ -18,7 +18,9 @@ from .conftest import running_server
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="the /ui browser tests need Debian's chromium package (apt-get install chromium); not found")
+    CHROMIUM is None,
+    reason="the /ui browser tests need Debian's chromium package (apt-get install chromium); not found",
+)
 QUESTION = "What is the capital of France?"
 
 
@@ -39,7 +41,7 @@ def test_ui_is_served_and_root_leads_to_it(tiny_server):
     assert r.status_code in (302, 307) and r.headers["location"] == "ui/"
     page = httpx.get(f"{url}/ui", follow_redirects=True)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "<textarea id=\"input\"" in page.text
+    assert '<textarea id="input"' in page.text
     js = httpx.get(f"{url}/ui/app.js")
     assert js.status_code == 200 and "javascript" in js.headers["content-type"]
 
@@ -84,7 +86,9 @@ RECORD_STATES = """() => {
 
 
 def set_controls(pg, temperature: str, max_tokens: str) -> None:
-    pg.eval_on_selector("#temperature", "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", temperature)
+    pg.eval_on_selector(
+        "#temperature", "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", temperature
+    )
     pg.fill("#max-tokens", max_tokens)
 
 
@@ -120,7 +124,10 @@ def test_typed_question_gets_a_streamed_answer(page, tiny_server):
     with page.expect_request("**/v1/chat/completions") as sent2:
         page.click("#send")
     assert sent2.value.post_data_json["messages"] == [
-        {"role": "user", "content": QUESTION}, {"role": "assistant", "content": shown}, {"role": "user", "content": "And of Italy?"}]
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": shown},
+        {"role": "user", "content": "And of Italy?"},
+    ]
     page.wait_for_selector(".msg.assistant:nth-of-type(4)[data-state=done]")
 
 
@@ -131,8 +138,10 @@ def test_stop_button_aborts_the_request(page, tiny_server):
     # clicked; the server itself is far faster than a person.
     cdp = page.context.new_cdp_session(page)
     cdp.send("Network.enable")
-    cdp.send("Network.emulateNetworkConditions",
-             {"offline": False, "latency": 20, "downloadThroughput": 800, "uploadThroughput": -1})
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 20, "downloadThroughput": 800, "uploadThroughput": -1},
+    )
     set_controls(page, "0", "60")
     failed = []
     page.on("requestfailed", lambda r: failed.append((r.url, r.failure)))
@@ -146,9 +155,20 @@ def test_stop_button_aborts_the_request(page, tiny_server):
     assert page.text_content(".msg.assistant .note") == "stopped"
     assert page.is_hidden("#stop") and page.is_enabled("#send")
     assert any(u.endswith("/v1/chat/completions") and "ABORTED" in (f or "") for u, f in failed), failed
-    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
-    full = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}],
-                                                          "temperature": 0, "max_tokens": 60, "ignore_eos": True}, timeout=60)
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+    )
+    full = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": QUESTION}],
+            "temperature": 0,
+            "max_tokens": 60,
+            "ignore_eos": True,
+        },
+        timeout=60,
+    )
     assert len(partial) < len(full.json()["choices"][0]["message"]["content"])
     assert full.json()["choices"][0]["message"]["content"].startswith(partial)
 
