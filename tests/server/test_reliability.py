@@ -117,7 +117,7 @@ def test_boundary_values_are_accepted(server):
         {"top_p": 1},
         {"top_p": 1e-9},
         {"max_tokens": 1},
-        {"n": 128, "max_tokens": 1},
+        {"n": 8, "max_tokens": 1},  # --max-seqs 4 + --max-waiting 4: what one request may ask
         {"logprobs": True, "top_logprobs": 0},
         {"logprobs": True, "top_logprobs": 20},
         {"stop": ["a", "b", "c", "d"]},
@@ -129,7 +129,19 @@ def test_boundary_values_are_accepted(server):
     for extra in ok:
         r = post(server, {"messages": MSG, "max_tokens": 2, **extra})
         assert r.status_code == 200, (extra, r.text)
-    assert len(post(server, {"messages": MSG, "n": 128, "max_tokens": 1}).json()["choices"]) == 128
+    assert len(post(server, {"messages": MSG, "n": 8, "max_tokens": 1}).json()["choices"]) == 8
+    wait_idle(server)
+
+
+def test_one_request_cannot_fan_out_past_the_limits(server):
+    """n x prompts is counted before anything is queued: over --max-seqs + --max-waiting it is a 400,
+    however idle the server is (128 prompts x n=128 would be 16,384 sequences)."""
+    r = post(server, {"messages": MSG, "n": 9, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "at most 8" in r.json()["error"]["message"]
+    r = post(server, {"prompt": ["hi"] * 128, "n": 128, "max_tokens": 1}, path="/v1/completions")
+    assert r.status_code == 400 and "16384 sequences" in r.json()["error"]["message"]
+    r = post(server, {"prompt": ["hi"] * 4, "n": 2, "max_tokens": 1}, path="/v1/completions")
+    assert r.status_code == 200 and len(r.json()["choices"]) == 8
     wait_idle(server)
 
 
