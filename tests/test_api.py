@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mistralrs_py import ContextTooLong, LoadError, Runner
-from mistralrs_py.pipeline.tokenizer import load_chat_template
+from mistralrs_py.pipeline.chat_template import load_chat_template
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 Q = [{"role": "user", "content": "What is the capital of France?"}]

@@ -99,7 +99,7 @@ class EngineClient:
         import torch
 
         from ..pipeline.base import load_pipeline
-        from ..pipeline.tokenizer import load_chat_template
+        from ..pipeline.chat_template import load_chat_template
 
         template = load_chat_template(spec.chat_template) if spec.chat_template else None  # NOTE: fails fast
         if options.threads:
@@ -109,6 +109,9 @@ class EngineClient:
         pipeline = worker.call(load_pipeline, spec, progress)
         if template is not None:
             pipeline.tokenizer.chat_template = template
+        if pipeline.tokenizer.chat_template:
+            # NOTE: starts the template workers now, beside the engine set-up, not on the first chat
+            threading.Thread(target=_warm_up, args=(pipeline.tokenizer,), daemon=True).start()
         phase = (
             status("compiling decode steps with torch.compile (a few minutes the first time, about a minute later on)")
             if status and options.compile
@@ -197,6 +200,11 @@ class EngineClient:
         with self._lock:
             self.accounting.outstanding -= sequences
             setattr(self.accounting, outcome, getattr(self.accounting, outcome) + 1)
+
+
+def _warm_up(tokenizer) -> None:
+    with contextlib.suppress(Exception):
+        tokenizer.render_chat([{"role": "user", "content": "hi"}])
 
 
 class RequestStream:

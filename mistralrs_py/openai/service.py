@@ -19,7 +19,7 @@ from typing import AsyncIterator, Iterator
 
 from ..engine.client import EngineClient, RequestStream
 from ..engine.request import SamplingParams
-from ..pipeline.tokenizer import ChatTemplateError
+from ..pipeline.chat_template import ChatTemplateError
 from . import protocol as P
 from .responses import Assembler, ChatAssembler, CompletionAssembler, new_id, now
 

@@ -130,14 +130,24 @@ def read_gguf(path: Path) -> tuple[dict, list[GGUFTensor]]:
         )
         for t in reader.tensors
     ]  # GGUF lists ne0 (columns) first
+    start, align = int(reader.data_offset), int(reader.alignment)
     del reader
     release_memory()
     size = path.stat().st_size
     whole = np.memmap(path, dtype=np.uint8, mode="r")
     tensors = []
-    for name, qtype, shape, offset, n in infos:
+    end_of_previous, previous = start, None
+    # NOTE: a writer places every tensor at a multiple of general.alignment inside the data section,
+    # one after the other; an offset off that grid, or into another tensor, means the file is corrupt
+    # (or crafted): reading it anyway would load garbage weights.
+    for name, qtype, shape, offset, n in sorted(infos, key=lambda t: t[3]):
         if offset < 0 or n < 0 or offset + n > size:
             raise LoadError(f"{path}: tensor {name} lies past the end of the file (truncated or corrupt GGUF)")
+        if (offset - start) % align:
+            raise LoadError(f"{path}: tensor {name} is not aligned to {align} bytes (corrupt GGUF)")
+        if offset < end_of_previous:
+            raise LoadError(f"{path}: tensors {previous} and {name} overlap (corrupt GGUF)")
+        end_of_previous, previous = offset + n, name
         tensors.append(GGUFTensor(name, qtype, shape, whole[offset : offset + n], offset))
     return fields, tensors
 

@@ -9,7 +9,7 @@ from ..models.config import ConfigError, ModelConfig
 from . import hub
 from .base import LoadError, ModelSpec, Pipeline, resolve_device, resolve_dtype
 from .tokenizer import load_hf_tokenizer
-from .weights import build_empty, load_tensors, memory_bytes, serving_length
+from .weights import build_empty, load_tensors, memory_bytes, open_safetensors, serving_length
 
 # NOTE: checkpoint naming is data: transformers' names -> ours (we drop the `model.` prefix).
 _PREFIX = "model."
@@ -70,13 +70,11 @@ def safetensors_files(path: Path) -> list[Path]:
 def load_safetensors_dir(
     path: Path, spec: ModelSpec, device, dtype, progress=None, name: str | None = None
 ) -> Pipeline:
-    from safetensors import safe_open
-
     cfg = read_config(path)
     files = safetensors_files(path)
     max_len = serving_length(spec, cfg)
     model = build_empty(cfg, max_len, dtype)
-    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    handles = [open_safetensors(f) for f in files]
     names = [(h, k) for h in handles for k in h.keys() if not k.endswith(_IGNORED_SUFFIXES)]
     task = progress.add_task("weights", total=len(names)) if progress else None
 

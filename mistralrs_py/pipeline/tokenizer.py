@@ -1,19 +1,18 @@
-"""Tokenizer wrapper, incremental detokenizer and chat templates rendered in a sandboxed jinja2."""
+"""Tokenizer wrapper and incremental detokenizer (chat templates render in chat_template.py)."""
 
 from __future__ import annotations
 
 import json
-import threading
-import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
 from .base import LoadError
+from .chat_template import ChatTemplateError, render_isolated
 
-
-class ChatTemplateError(ValueError):
-    """The chat template failed to render these messages; str() is safe to show a client."""
+# NOTE: `tokenizers` holds the GIL through encode() and decode(), but releases it in the batch
+# calls: texts this long go through those, so the server's event loop keeps running meanwhile
+# (a 2 MB prompt takes seconds to tokenize).
+_LONG = 4096
 
 
 class Tokenizer:
@@ -43,13 +42,20 @@ class Tokenizer:
     # ---- text <-> ids --------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.add_bos is None:
-            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+            return self._encode(text, add_special_tokens)
+        ids = self._encode(text, False)
         if add_special_tokens and self.add_bos and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
 
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if len(text) > _LONG:
+            return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if len(ids) > _LONG:
+            return self.backend.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, i: int) -> str | None:
@@ -65,7 +71,7 @@ class Tokenizer:
             raise ChatTemplateError(
                 "this model has no chat template; use /v1/completions, or start the server with --chat-template FILE"
             )
-        return render_template(
+        return render_isolated(
             self.chat_template,
             messages=messages,
             add_generation_prompt=add_generation_prompt,
@@ -78,140 +84,6 @@ class Tokenizer:
         # NOTE: the template writes BOS itself where the model wants it, so no special tokens are
         # added on top (what transformers' apply_chat_template(tokenize=True) does).
         return self.encode(self.render_chat(messages, **kwargs), add_special_tokens=False)
-
-
-# ---- chat templates ---------------------------------------------------------------------------
-_ENV = None
-
-
-# NOTE: limits for templates from untrusted model files: wall time, output size, and the size of
-# values built by `*`/`+` (so `'x' * 10**9` or nested range loops fail fast instead of hanging).
-TEMPLATE_SECONDS = 2.0
-TEMPLATE_MAX_CHARS = 16 * 1024 * 1024
-_budget = threading.local()
-
-
-def _check_budget() -> None:
-    deadline = getattr(_budget, "deadline", None)
-    if deadline is not None and time.monotonic() > deadline:
-        raise ChatTemplateError(f"chat template took longer than {TEMPLATE_SECONDS:.0f} s to render")
-
-
-def _environment():
-    global _ENV
-    if _ENV is None:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        class BudgetedSandbox(ImmutableSandboxedEnvironment):
-            intercepted_binops = frozenset(["*", "**", "+"])
-
-            def call(self, __context, __obj, *args, **kwargs):
-                _check_budget()
-                return super().call(__context, __obj, *args, **kwargs)
-
-            def call_binop(self, context, operator, left, right):
-                _check_budget()
-                if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
-                    raise ChatTemplateError("chat template computes an oversized power")
-                if operator == "*" and isinstance(left, (str, list, tuple)) != isinstance(right, (str, list, tuple)):
-                    count = right if isinstance(left, (str, list, tuple)) else left
-                    seq = left if isinstance(left, (str, list, tuple)) else right
-                    if isinstance(count, int) and count * max(len(seq), 1) > TEMPLATE_MAX_CHARS:
-                        raise ChatTemplateError("chat template builds an oversized value")
-                if operator == "+" and isinstance(left, (str, list)) and isinstance(right, (str, list)):
-                    if len(left) + len(right) > TEMPLATE_MAX_CHARS:
-                        raise ChatTemplateError("chat template builds an oversized value")
-                return super().call_binop(context, operator, left, right)
-
-        def raise_exception(message: str):
-            raise ChatTemplateError(f"chat template error: {message}")
-
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-        def budget_range(*args):
-            for i, v in enumerate(range(*args)):
-                if i % 1024 == 0:
-                    _check_budget()
-                yield v
-
-        # NOTE: an immutable sandbox: templates come from model files written by strangers; they may
-        # not reach Python internals or mutate the messages they are given.
-        env = BudgetedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        env.globals["range"] = budget_range
-        _ENV = env
-    return _ENV
-
-
-def render_template(template: str, **context) -> str:
-    from jinja2 import TemplateError
-
-    _budget.deadline = time.monotonic() + TEMPLATE_SECONDS
-    try:
-        parts, size = [], 0
-        for piece in _environment().from_string(template).generate(**context):
-            size += len(piece)
-            if size > TEMPLATE_MAX_CHARS:
-                raise ChatTemplateError("chat template output is too large")
-            _check_budget()
-            parts.append(piece)
-        return "".join(parts)
-    except ChatTemplateError:
-        raise
-    except TemplateError as e:
-        raise ChatTemplateError(f"chat template error: {type(e).__name__}: {e}") from None
-    except (
-        TypeError,
-        ValueError,
-        KeyError,
-        AttributeError,
-        IndexError,
-        OverflowError,
-        MemoryError,
-        RecursionError,
-    ) as e:
-        raise ChatTemplateError(f"chat template could not render these messages: {type(e).__name__}: {e}") from None
-    finally:
-        _budget.deadline = None
-
-
-def load_chat_template(path: str | Path) -> str:
-    """The template of a --chat-template FILE: a jinja file, or JSON holding `chat_template` (a
-    tokenizer_config.json or chat_template.json, as transformers writes them) or a JSON string.
-
-    NOTE: parsed here, before the (slow) weight load, so a typo fails in a second with its line."""
-    from jinja2 import TemplateSyntaxError
-
-    p = Path(path).expanduser()
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LoadError(f"--chat-template {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LoadError(f"--chat-template {path}: cannot read it ({type(e).__name__}: {e})") from None
-    template = text
-    if p.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise LoadError(f"--chat-template {path}: not valid JSON ({e})") from None
-        template = data.get("chat_template") if isinstance(data, dict) else data
-        if isinstance(template, list):  # named templates: take the default one
-            template = next(
-                (t.get("template") for t in template if t.get("name") == "default"), template[0].get("template")
-            )
-        if not isinstance(template, str):
-            raise LoadError(f'--chat-template {path}: a JSON file must hold a "chat_template" string')
-    if not template.strip():
-        raise LoadError(f"--chat-template {path}: the file is empty")
-    try:
-        _environment().parse(template)
-    except TemplateSyntaxError as e:
-        raise LoadError(f"--chat-template {path}: line {e.lineno}: {e.message}") from None
-    return template
 
 
 # ---- loading ------------------------------------------------------------------------------------

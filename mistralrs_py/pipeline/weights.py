@@ -17,6 +17,17 @@ from ..models.quant import QuantLinear
 from .base import LoadError
 
 
+def open_safetensors(path):
+    """A safetensors file opened for reading (memory-mapped). NOTE: a file that only has the name
+    (a download error page, a truncated copy, another format) is a one-line LoadError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise LoadError(f"{path} is not a valid safetensors file ({e}); download or convert it again") from None
+
+
 def serving_length(spec, cfg: ModelConfig) -> int:
     """--max-model-len, or the model's context; never more than the model was trained for."""
     if spec.max_model_len and spec.max_model_len > cfg.max_position_embeddings:

@@ -34,11 +34,12 @@ def load_xlora(spec: ModelSpec, progress=None) -> "XLoraPipeline":
     mc, order = base.config, [ad.name for ad in adapters]
     wrapped, index = wrapped_modules(cfg, ordering, adapters, mc, spec.order or "ordering")
     stacks = _stacks(base, adapters, wrapped, index)
-    from safetensors.torch import load_file
+    from .weights import open_safetensors
 
     classifier = XLoraClassifier(cfg, len(order), len(wrapped), device=base.device, dtype=base.dtype, linear=Linear)
     try:
-        classifier.load(load_file(str(clf_path)), str(clf_path))
+        with open_safetensors(clf_path) as f:
+            classifier.load({k: f.get_tensor(k) for k in f.keys()}, str(clf_path))
     except XLoraConfigError as e:
         raise LoadError(str(e)) from None
     from ..models.fusion import fuse_linears

@@ -95,7 +95,7 @@ def find_xlora_files(root: Path) -> tuple[Path, Path, dict[str, Path]]:
 
 
 def read_adapter(folder: Path, name: str) -> LoraAdapter:
-    from safetensors import safe_open
+    from .weights import open_safetensors
 
     cfg_path, w_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     try:
@@ -114,7 +114,7 @@ def read_adapter(folder: Path, name: str) -> LoraAdapter:
         raise LoadError(f"adapter {name}: {folder} has {why}")
     r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     pairs: dict[str, dict[str, Tensor]] = {}
-    with safe_open(str(w_path), framework="pt", device="cpu") as f:
+    with open_safetensors(w_path) as f:
         for key in f.keys():
             m = _ADAPTER_KEY.match(key)
             if m is None:

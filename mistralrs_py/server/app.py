@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -54,6 +55,14 @@ class ServerState:
         if self.metrics is not None:
             self.client.observe = self.metrics.observer
         self.shutting_down = False
+        # NOTE: parsing bodies, rendering templates and tokenizing are CPU work: done here, off the
+        # event loop, so a 2 MB prompt does not stall /health and every stream; two threads (the
+        # machine this is built for has two cores, and the engine thread needs one of them)
+        self.prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mistralrs-prep")
+
+    async def offload(self, fn, *args):
+        """fn(*args) on the preparation threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.prep, fn, *args)
 
     def check_open(self) -> None:
         if self.shutting_down:
@@ -93,6 +102,7 @@ def create_app(service: OpenAIService, cfg: ServerConfig) -> Starlette:
             yield
         finally:
             await asyncio.to_thread(service.client.stop)
+            state.prep.shutdown(wait=False, cancel_futures=True)
 
     routes = [
         Route("/v1/chat/completions", completions.chat, methods=["POST"]),

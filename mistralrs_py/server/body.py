@@ -56,7 +56,10 @@ async def read_json(request: Request) -> dict:
         if size > limit:
             raise too_big
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return await request.app.state.server.offload(parse_json, b"".join(chunks))
+
+
+def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw, parse_int=_number, parse_float=_number, parse_constant=_constant)
     except InvalidRequest:

@@ -29,7 +29,7 @@ async def _generate(request: Request, endpoint: str):
     state = request.app.state.server
     body = await read_json(request)
     service = state.service
-    gen = service.chat(body) if endpoint == "chat/completions" else service.completion(body)
+    gen = await state.offload(service.chat if endpoint == "chat/completions" else service.completion, body)
     state.check_open()
     if gen.stream:
         return _sse(state, gen, gen.achunks(), body, endpoint)

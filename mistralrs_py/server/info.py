@@ -28,11 +28,13 @@ async def version(request: Request):
 
 
 async def tokenize(request: Request):
-    return JSONResponse(request.app.state.server.service.tokenize(await read_json(request)))
+    state = request.app.state.server
+    return JSONResponse(await state.offload(state.service.tokenize, await read_json(request)))
 
 
 async def detokenize(request: Request):
-    return JSONResponse(request.app.state.server.service.detokenize(await read_json(request)))
+    state = request.app.state.server
+    return JSONResponse(await state.offload(state.service.detokenize, await read_json(request)))
 
 
 async def openapi(request: Request):

@@ -127,6 +127,11 @@ def _malformed_cases():
             base + [kv_str_array("tokenizer.ggml.tokens", [b"a", b"b"], declared_count=1 << 50)], []
         ),
         "not_gguf": b"PK\x03\x04" + b"\0" * 100,
+        # F32 tensors of 4 x 4 (64 bytes): one 8 bytes off the 32-byte grid, then two sharing bytes
+        "misaligned_offset": raw_gguf(base, [("token_embd.weight", [4, 4], 0, 8)], b"\0" * 128),
+        "overlapping_tensors": raw_gguf(
+            base, [("token_embd.weight", [4, 4], 0, 0), ("output.weight", [4, 4], 0, 32)], b"\0" * 128
+        ),
     }
 
 
@@ -149,6 +154,7 @@ def test_malformed_gguf_is_a_quick_one_line_error(tmp_path, case):
     assert time.monotonic() - t < 10
     msg = str(e.value)
     assert "\n" not in msg and len(msg) < 400 and "\x00" not in msg
+    assert {"misaligned_offset": "not aligned", "overlapping_tensors": "overlap"}.get(case, "") in msg
 
 
 def test_load_summary_counts_quantized_weights(tiny_gguf):

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mistralrs_py.pipeline.tokenizer import (
-    ChatTemplateError,
-    IncrementalDetokenizer,
-    load_hf_tokenizer,
-    render_template,
-)
+from mistralrs_py.pipeline.chat_template import ChatTemplateError, render_isolated, render_template
+from mistralrs_py.pipeline.tokenizer import IncrementalDetokenizer, load_hf_tokenizer
 
 TEXTS = [
     "Hello world, café naïve straße",
@@ -98,3 +94,43 @@ def test_normal_templates_still_render():
         messages=[{"role": "user", "content": "ab"}],
     )
     assert out == "user:abab|[0, 1, 2]"
+
+
+# ---- rendering in a worker process with a memory limit ----------------------------------------------
+MSG = [{"role": "user", "content": "x"}]
+
+
+def test_the_worker_renders_what_the_sandbox_renders():
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | upper }}{% endfor %}{{ bos_token }}"
+    ctx = dict(messages=[{"role": "user", "content": "héllo 日本"}], bos_token="<s>")
+    assert render_isolated(template, **ctx) == render_template(template, **ctx) == "[user] HÉLLO 日本<s>"
+
+
+@pytest.mark.parametrize(
+    "template,why",
+    [
+        # grown by `~` (concatenation is no intercepted operator): 2**31 characters, past the worker's 1 GiB
+        (
+            "{% set ns = namespace(s='x') %}{% for i in range(31) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+            "{{ ns.s|length }}",
+            "memory",
+        ),
+        # grown through a filter: slow enough that the time budget ends it first (the cap would too)
+        (
+            "{% set ns = namespace(s='xy') %}{% for i in range(31) %}{% set ns.s = ns.s|replace('x', 'xx') %}"
+            "{% endfor %}{{ ns.s|length }}",
+            "memory|longer than",
+        ),
+    ],
+    ids=["concat", "filter"],
+)
+def test_a_template_that_grows_gigabytes_fails_alone(template, why):
+    with pytest.raises(ChatTemplateError, match=why):
+        render_isolated(template, messages=MSG)
+    assert render_isolated("ok {{ messages|length }}", messages=MSG) == "ok 1"  # the sandbox still renders
+
+
+def test_template_errors_keep_their_message_and_the_worker():
+    with pytest.raises(ChatTemplateError, match="chat template error: no system role"):
+        render_isolated("{{ raise_exception('no system role') }}", messages=MSG)
+    assert render_isolated("{{ messages[0]['content'] }}", messages=MSG) == "x"

@@ -1,0 +1,50 @@
+"""`python -m mistralrs_py.pipeline.template_worker BYTES`: renders chat templates sent on stdin
+(length-prefixed JSON frames) and answers on stdout, with its address space capped at BYTES.
+
+Started by chat_template.TemplateSandbox; a render that runs out of memory fails with a MemoryError
+here (answered as an error) or ends this process (the server then starts another)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    from mistralrs_py.pipeline.chat_template import (
+        ChatTemplateError,
+        environment,
+        read_frame,
+        render_template,
+        write_frame,
+    )
+
+    environment()  # NOTE: jinja2 imported and the sandbox built before the cap
+    try:
+        import resource
+
+        limit = int(sys.argv[1])
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (ImportError, ValueError, OSError):  # NOTE: no such limit on this OS: the time budget stays
+        pass
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            job = read_frame(stdin)
+        except EOFError:
+            return
+        try:
+            reply = {"ok": True, "text": render_template(job["template"], **job["context"])}
+        except ChatTemplateError as e:
+            reply = {"ok": False, "error": str(e)}
+        except MemoryError:
+            reply = {"ok": False, "error": "chat template needs more memory than a render may use"}
+        except Exception as e:  # noqa: BLE001 - whatever a template does, it is its request's error
+            reply = {"ok": False, "error": f"chat template could not render these messages: {type(e).__name__}"}
+        try:
+            write_frame(stdout, reply)
+        except MemoryError:
+            write_frame(stdout, {"ok": False, "error": "chat template output needs more memory than allowed"})
+
+
+if __name__ == "__main__":
+    main()
