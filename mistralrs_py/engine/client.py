@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional, Protocol
 
@@ -84,6 +85,7 @@ class EngineClient:
         self.accounting = Accounting()
         self.observe: Optional[Callable[[int, int], Observer]] = None  # (prompt tokens, choices) -> observer
         self._lock = threading.Lock()
+        self._streams: weakref.WeakSet[RequestStream] = weakref.WeakSet()  # not ended yet
         engine.start()
 
     @classmethod
@@ -159,8 +161,13 @@ class EngineClient:
     def snapshot(self) -> dict:
         return {**self.engine.snapshot(), "requests": self.accounting.as_dict()}
 
-    def stop(self) -> None:
-        self.engine.stop()
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops the engine: whatever it was running ends with an error event. NOTE: should the engine
+        thread not end within `timeout` (a step that takes that long), every stream still open is
+        ended from here, so no caller waits on an engine that will not answer."""
+        self.engine.stop(timeout)
+        for stream in list(self._streams):
+            stream.fail("the server is shutting down")
 
     # ---- submissions -----------------------------------------------------------------------------
     def submit(
@@ -229,6 +236,8 @@ class RequestStream:
         self._loop = loop
         self._queue: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop else queue.SimpleQueue()
         self._ended = False
+        self._fail = self._emitter(0)
+        client._streams.add(self)
         engine = client.engine
         try:
             for k, (rid, ids) in enumerate(zip(self.ids, prompts)):
@@ -267,10 +276,16 @@ class RequestStream:
             self._end("completed")
         return ev
 
+    def fail(self, message: str) -> None:
+        """Ends the stream with an error event, from any thread (the next read raises it)."""
+        if not self._ended:
+            self._fail(Error(message, "server_error"))
+
     def _end(self, outcome: str) -> None:
         if self._ended:
             return
         self._ended = True
+        self.client._streams.discard(self)
         if outcome != "completed":  # NOTE: the other prompts' requests stop too
             for rid in self.ids:
                 self.client.engine.abort(rid)

@@ -84,4 +84,4 @@ def _sse(state, gen: Generation, chunks: AsyncIterator[dict], body: dict, endpoi
 
     # NOTE: on shutdown, streams keep going for the grace period: by then the engine has ended
     # them with an error event (see launch.GracefulServer), so clients see a clean end.
-    return EventSourceResponse(frames(), sep="\n", ping=15, shutdown_grace_period=state.cfg.shutdown_timeout + 2)
+    return EventSourceResponse(frames(), sep="\n", ping=15, shutdown_grace_period=state.cfg.shutdown_timeout + 3)

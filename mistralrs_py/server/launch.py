@@ -108,7 +108,7 @@ class GracefulServer(uvicorn.Server):
         if self._timer is None:
             # NOTE: a plain timer thread: stopping the engine fails whatever is left, and those
             # error events let uvicorn's wait for open responses end before its own hard timeout.
-            self._timer = threading.Timer(self.shutdown_timeout, self.state.client.stop)
+            self._timer = threading.Timer(self.shutdown_timeout, self.state.client.stop, kwargs={"timeout": 1.0})
             self._timer.daemon = True
             self._timer.start()
         super().handle_exit(sig, frame)

@@ -161,3 +161,25 @@ def test_streams_from_many_threads_are_batched_and_each_gets_its_own(client):
     for t in threads:
         t.join(30)
     assert results == {i: expected(PROMPTS[i % 4], 6) for i in range(8)}
+
+
+def test_stopping_ends_open_streams_even_when_the_engine_is_stuck(client):
+    pipe = FakePipeline()
+    c = client(pipe, max_seqs=2)
+    inside, release = threading.Event(), threading.Event()
+    real = pipe.forward
+
+    def stuck(*args):
+        inside.set()
+        release.wait(30)  # a step that does not end in time
+        return real(*args)
+
+    pipe.forward = stuck
+    stream = c.submit([PROMPTS[0]], GREEDY, "stuck")
+    assert inside.wait(10)
+    t = time.monotonic()
+    c.stop(timeout=0.2)
+    with pytest.raises(GenerationFailed, match="shutting down"):
+        next(stream)
+    assert time.monotonic() - t < 5
+    release.set()
