@@ -157,3 +157,22 @@ def test_readme_python_example_runs(tmp_path):
     assert "Paris" in lines[0], out.stdout  # the chat() answer
     assert "'completion_tokens'" in lines[1]  # its usage
     assert lines[2] == lines[0]  # stream_chat() streams the same greedy answer
+
+
+def test_a_prompt_of_no_tokens_is_refused_without_a_bos_token(tiny_llama, tmp_path):
+    """Nothing to compute a first token from: with a BOS token the prompt is that token (tested over
+    HTTP in tests/server/test_hardening.py), without one it is a 400-style InvalidRequest."""
+    import shutil
+
+    from mistralrs_py import InvalidRequest
+
+    d = tmp_path / "no_bos"
+    shutil.copytree(tiny_llama, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    del cfg["bos_token"]
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with Runner(model_id=str(d), dtype="float32", max_seqs=1, max_model_len=64) as r:
+        with pytest.raises(InvalidRequest, match="no tokens") as e:
+            r.complete("", max_tokens=2)
+        assert e.value.param == "prompt"
+        assert r.complete("Hello", max_tokens=2)["usage"]["completion_tokens"] >= 1

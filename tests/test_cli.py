@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -145,3 +146,18 @@ def test_max_model_len_beyond_the_model_is_capped_with_a_warning(tiny_llama, cap
         )
     assert pipe.max_model_len == 256
     assert any("more than this model's context" in r.getMessage() for r in caplog.records)
+
+
+def test_a_file_named_safetensors_that_is_not_one_is_a_one_line_error(tiny_llama, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    d = tmp_path / "broken"
+    shutil.copytree(tiny_llama, d)
+    (d / "model.safetensors").write_text("<html>404 Not Found</html>")  # what a failed download leaves
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "mistralrs_py", "--port", "0", "mistral", "-m", str(d)],
+                         capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "is not a valid safetensors file" in out.stderr and "Traceback" not in out.stderr

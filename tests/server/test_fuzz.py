@@ -36,11 +36,13 @@ def test_the_document_lists_every_route(api_schema):
     assert sorted(r.ok().label for r in api_schema.get_all_operations()) == sorted(ROUTES)
 
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
-@pytest.mark.parametrize("route", ROUTES)
+# NOTE: the GET routes take no parameters: there is nothing invalid to send them
+CASES = [(r, m) for r in ROUTES for m in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+         if r.startswith("POST") or m == GenerationMode.POSITIVE]  # fmt: skip
+
+
+@pytest.mark.parametrize("route,mode", CASES, ids=[f"{r}-{m.value}" for r, m in CASES])
 def test_the_api_survives_whatever_its_schema_allows_or_forbids(api_schema, fuzz_server, route, mode):
-    if route.startswith("GET") and mode == GenerationMode.NEGATIVE:
-        pytest.skip("a GET route here takes no parameters: there is nothing invalid to send")
     operation = api_schema.find_operation_by_label(route)
     seen = []
 
