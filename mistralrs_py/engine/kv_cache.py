@@ -166,6 +166,14 @@ class KVCachePool(KVStream):
         self._zeroed = [0] * (num_slots + scratch_slot)
         self._dirty: set[int] = set()  # slots written since they were last released
 
+    @classmethod
+    def for_pipeline(cls, pipe, slots: int, **kw) -> "KVCachePool":
+        """A pool shaped for `pipe`'s model: `slots` slots of its whole context, its cache streams."""
+        c = pipe.config
+        shape = CacheShape(c.num_layers, c.num_kv_heads, c.head_dim)
+        kw.setdefault("streams", pipe.cache_streams)
+        return cls(shape, slots, pipe.max_model_len, pipe.dtype, pipe.device, **kw)
+
     # ---- slots ----------------------------------------------------------------------------
     def release(self, slot: int) -> None:
         """A slot's sequence ended (the scheduler freed the slot).

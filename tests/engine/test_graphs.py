@@ -8,7 +8,7 @@ import torch
 
 from mistralrs_py.engine.engine import Engine
 from mistralrs_py.engine.graphs import DecodeGraphs, batch_buckets, length_bucket
-from mistralrs_py.engine.kv_cache import CacheShape, KVCachePool
+from mistralrs_py.engine.kv_cache import KVCachePool
 from mistralrs_py.engine.request import SamplingParams
 from mistralrs_py.pipeline.base import ModelSpec
 from mistralrs_py.pipeline.hf import load_safetensors_dir
@@ -32,15 +32,7 @@ def pipe(request):
 
 
 def pool_for(pipe, slots: int) -> KVCachePool:
-    c = pipe.config
-    return KVCachePool(
-        CacheShape(c.num_layers, c.num_kv_heads, c.head_dim),
-        slots,
-        pipe.max_model_len,
-        pipe.dtype,
-        pipe.device,
-        scratch_slot=True,
-    )
+    return KVCachePool.for_pipeline(pipe, slots, scratch_slot=True)
 
 
 def test_padded_static_decode_equals_the_plain_step(pipe):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mistralrs_py.engine.kv_cache import CacheShape, KVCachePool
+from mistralrs_py.engine.kv_cache import KVCachePool
 from mistralrs_py.lora.ordering import LEAF_NAMES, make_ordering
 from mistralrs_py.pipeline.base import ModelKind, ModelSpec
 
@@ -178,15 +178,7 @@ def ref(case: XLoraCase, ids: list[int]):
 
 
 def make_pool(pipe, slots=4):
-    c = pipe.config
-    return KVCachePool(
-        CacheShape(c.num_layers, c.num_kv_heads, c.head_dim),
-        slots,
-        pipe.max_model_len,
-        pipe.dtype,
-        pipe.device,
-        streams=pipe.cache_streams,
-    )
+    return KVCachePool.for_pipeline(pipe, slots)
 
 
 def step(pipe, pool, decode=(), prefill=(), all_rows=False):

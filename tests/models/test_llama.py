@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mistralrs_py.engine.kv_cache import CacheShape, KVCachePool
+from mistralrs_py.engine.kv_cache import KVCachePool
 from mistralrs_py.models import kernels
 from mistralrs_py.models.fusion import fuse_linears
 from mistralrs_py.models.llama import fuse_projections, use_cpu_kernels
@@ -39,10 +39,7 @@ def load_ref(path):
 
 
 def make_pool(pipe, slots=4):
-    c = pipe.config
-    return KVCachePool(
-        CacheShape(c.num_layers, c.num_kv_heads, c.head_dim), slots, pipe.max_model_len, pipe.dtype, pipe.device
-    )
+    return KVCachePool.for_pipeline(pipe, slots)
 
 
 def step(pipe, pool, decode=(), prefill=()):

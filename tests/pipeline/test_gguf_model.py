@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mistralrs_py.engine.kv_cache import CacheShape, KVCachePool
+from mistralrs_py.engine.kv_cache import KVCachePool
 from mistralrs_py.models import qmatmul
 from mistralrs_py.pipeline.base import LoadError, ModelKind, ModelSpec, load_pipeline
 from mistralrs_py.pipeline.gguf import load_gguf_file
@@ -21,11 +21,8 @@ def tiny_gguf(tmp_path_factory):
 
 
 def logits_for(pipe, ids):
-    c = pipe.config
-    pool = KVCachePool(
-        CacheShape(c.num_layers, c.num_kv_heads, c.head_dim), 1, pipe.max_model_len, pipe.dtype, pipe.device
-    )
-    view = pool.build_view([], [(0, 0, len(ids))], c.sliding_window, [True])
+    pool = KVCachePool.for_pipeline(pipe, 1)
+    view = pool.build_view([], [(0, 0, len(ids))], pipe.config.sliding_window, [True])
     h = pipe.model.hidden_states(torch.tensor(ids), view, pool)
     return pipe.model.lm_head(h).float()
 
