@@ -24,6 +24,7 @@ RESULTS = ROOT / "bench" / "results.json"
 sys.path.insert(0, str(ROOT))
 
 from mistralrs_py.engine.engine import Engine  # noqa: E402
+from mistralrs_py.engine.grammar import GrammarCompiler, JsonSchema  # noqa: E402
 from mistralrs_py.engine.request import Delta, Error, Request, SamplingParams  # noqa: E402
 from mistralrs_py.pipeline.base import ModelKind, ModelSpec, load_pipeline  # noqa: E402
 from mistralrs_py.pipeline.hub import embedded_gguf_path  # noqa: E402
@@ -99,11 +100,13 @@ class Run:
     (see mistralrs_py/engine/worker.py), which would slow whichever side ran second. The server
     (measured below through HTTP) runs its engine on the thread that loaded the model."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, **params):
         self.engine = engine
+        # SamplingParams fields of every request (a grammar...); greedy, EOS ignored unless they say
+        self.params = {"temperature": 0, "ignore_eos": True, **params}
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> dict:
-        """Runs the prompts concurrently; returns total tok/s and per-request TTFTs."""
+        """Runs the prompts concurrently; returns total tok/s, tokens generated and per-request TTFTs."""
         counts, first = [0] * len(prompts), [None] * len(prompts)
         t0 = time.perf_counter()
         for i, ids in enumerate(prompts):
@@ -116,12 +119,11 @@ class Run:
                 elif isinstance(ev, Error):
                     raise RuntimeError(ev.message)
 
-            self.engine.add_request(
-                Request(f"b{i}-{t0}", ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), emit)
-            )
+            params = SamplingParams(max_tokens=max_tokens, **self.params)
+            self.engine.add_request(Request(f"b{i}-{t0}", ids, params, emit))
         self.engine.run_until_idle()
         dt = time.perf_counter() - t0
-        return {"tok_s": sum(counts) / dt, "ttft": first, "seconds": dt}
+        return {"tok_s": sum(counts) / dt, "tokens": sum(counts), "ttft": first, "seconds": dt}
 
 
 def engine_for(spec: ModelSpec, **kw) -> tuple[Engine, object]:
@@ -133,17 +135,41 @@ def decode_speed(run: Run, tok, repeats: int, n_tokens=128) -> float:
     return alternate({"run": run}, tok, repeats, n_tokens)["run"]
 
 
-def alternate(runs: dict[str, Run], tok, repeats: int, n_tokens=128) -> dict[str, float]:
-    """Median single-stream decode speed of each engine, run in turn repeat by repeat (as against
-    transformers in compare_with_hf): a ratio between them is then not skewed by the machine's drift."""
-    prompt = tok.encode("Write a long story about a lighthouse keeper.")
+def alternate(runs: dict[str, Run], tok, repeats: int, n_tokens=128, streams=1) -> dict[str, float]:
+    """Median decode speed (tok/s, all streams together) of each run, run in turn repeat by repeat
+    (as against transformers in compare_with_hf): a ratio between them is then not skewed by the
+    machine's drift. Every run must generate its full `streams * n_tokens` tokens, or the ratio
+    would compare different work."""
+    prompts = [tok.encode("Write a long story about a lighthouse keeper.")]
+    prompts += [tok.encode(f"Write a long story about lighthouse keeper number {i}.") for i in range(1, streams)]
     for run in runs.values():
-        run.generate([prompt], 4)
+        run.generate(prompts[:2], 4)
     speeds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            speeds[name].append(run.generate([prompt], n_tokens)["tok_s"])
+            r = run.generate(prompts, n_tokens)
+            if r["tokens"] != streams * n_tokens:
+                raise RuntimeError(f"{name}: {r['tokens']} tokens generated, not {streams} x {n_tokens}")
+            speeds[name].append(r["tok_s"])
     return {name: median(v) for name, v in speeds.items()}
+
+
+# NOTE: a schema that cannot end within the bench's max_tokens, so the constrained streams generate
+# as many tokens as the unconstrained ones (whose EOS is ignored); greedy in both.
+STORY_SCHEMA = {
+    "type": "object",
+    "properties": {"story": {"type": "string", "minLength": 5000}},
+    "required": ["story"],
+    "additionalProperties": False,
+}
+
+
+def json_schema_decode(eng: Engine, pipe, repeats: int, n_tokens=64) -> dict:
+    """Decode with a JSON-schema grammar (llguidance's masks, computed on a helper thread during the
+    forward pass) against the same engine without one, at 1 and 16 streams, run alternately."""
+    grammar = GrammarCompiler(pipe.tokenizer, pipe.config.vocab_size).compile(JsonSchema(STORY_SCHEMA))
+    runs = {"json": Run(eng, grammar=grammar, ignore_eos=False), "free": Run(eng)}
+    return {str(streams): alternate(runs, pipe.tokenizer, repeats, n_tokens, streams) for streams in (1, 16)}
 
 
 class HF:
@@ -375,6 +401,9 @@ def main() -> None:
     eng, pipe = engine_for(ModelSpec(ModelKind.GGUF, device="cpu"), max_seqs=16)
     R["gguf_kernels"] = pipe.summary.get("format")
     R["gguf_decode"] = decode_speed(Run(eng), pipe.tokenizer, reps)
+    # NOTE: a ratio near 1 against a 0.9x target: 5 repeats, as for X-LoRA below
+    R["json_schema"] = json_schema_decode(eng, pipe, reps if a.quick else max(reps, 5))
+    print("  json schema vs free:", R["json_schema"], flush=True)
     eng, pipe = engine_for(ModelSpec(ModelKind.GGUF, device="cpu"), max_seqs=16, compile=True)
     R["gguf_decode_compiled"] = decode_speed(Run(eng), pipe.tokenizer, reps)
     R["llama_cpp_decode"] = llama_cpp_speed(gguf, reps, a.threads)
@@ -519,6 +548,17 @@ def report(R: dict) -> None:
                     ">= 1.3x at 16, > 1x at 4",
                 )
             )
+    for streams in (1, 16) if R.get("json_schema") else ():
+        js = R["json_schema"][str(streams)]
+        rows.append(
+            (
+                f"json-schema decode, {streams} stream{'s' * (streams > 1)} x64 (tok/s)",
+                js["json"],
+                js["free"],
+                "unconstrained",
+                ">= 0.9x",
+            )
+        )
     if R.get("xlora_decode"):
         rows.append(("x-lora decode (tok/s)", R["xlora_decode"], R["xlora_base_decode"], "same base", ">= 0.45x"))
     print()

@@ -39,12 +39,17 @@ class Runner:
         scheduler: str = "continuous",
         prefill_chunk: int = 512,
         truncate_sequence: bool = False,
+        tool_call_parser: Optional[str] = None,
         threads: Optional[int] = None,
         progress: bool = False,
         kv_cache_mb: Optional[float] = None,
         compile: bool = False,
         **spec_fields: Any,
     ):
+        from .openai.structured import TOOL_PARSERS
+
+        if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"tool_call_parser {tool_call_parser!r} is not one of {', '.join(TOOL_PARSERS)}")
         if spec is None:
             if "kind" in spec_fields:
                 spec_fields["kind"] = ModelKind(spec_fields["kind"])
@@ -66,7 +71,7 @@ class Runner:
                 client = EngineClient.start(spec, options, bar)
         else:
             client = EngineClient.start(spec, options)
-        self._setup(client, spec.repeat_last_n, truncate_sequence, None)
+        self._setup(client, spec.repeat_last_n, truncate_sequence, None, tool_call_parser)
         # NOTE: a Runner that owns its engine and is never closed stops it at interpreter exit (or
         # when collected): killing the daemon engine thread inside an OpenMP region made the C++
         # runtime abort noisily ("terminate called without an active exception")
@@ -80,18 +85,30 @@ class Runner:
         repeat_last_n: int = 64,
         truncate_sequence: bool = False,
         model_name: Optional[str] = None,
+        tool_call_parser: Optional[str] = None,
     ) -> "Runner":
         """Wraps an engine client that is already started (the terminal chat's); closing the Runner
         stops it."""
         self = cls.__new__(cls)
-        self._setup(client, repeat_last_n, truncate_sequence, model_name)
+        self._setup(client, repeat_last_n, truncate_sequence, model_name, tool_call_parser)
         self._finalizer = weakref.finalize(self, client.stop)
         return self
 
-    def _setup(self, client: EngineClient, repeat_last_n: int, truncate_sequence: bool, model_name: Optional[str]):
+    def _setup(
+        self,
+        client: EngineClient,
+        repeat_last_n: int,
+        truncate_sequence: bool,
+        model_name: Optional[str],
+        tool_call_parser: Optional[str] = None,
+    ):
         self.client = client
         self.service = OpenAIService(
-            client, model_name=model_name, truncate_sequence=truncate_sequence, repeat_last_n=repeat_last_n
+            client,
+            model_name=model_name,
+            truncate_sequence=truncate_sequence,
+            repeat_last_n=repeat_last_n,
+            tool_call_parser=tool_call_parser,
         )
         self.tokenizer = client.tokenizer
         self.model = self.service.model_name

@@ -6,8 +6,10 @@ every turn (so the model sees its history); Ctrl-C stops the answer being writte
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 from rich.console import Console
@@ -40,6 +42,8 @@ COMMANDS = [
         "set a sampling option; also /top_p /top_k /min_p /max_tokens /seed /repetition_penalty "
         "/presence_penalty /frequency_penalty; 'off' restores the default",
     ),
+    ("/json", "answer in JSON (a grammar guarantees it); /json off goes back to text"),
+    ("/schema FILE", "answer in JSON valid against the JSON schema in FILE; /schema off goes back to text"),
     ("/settings", "show the sampling options in use"),
     ("/history", "show the conversation the model sees"),
     ("/exit", "leave (also /quit, /bye or Ctrl-D)"),
@@ -67,6 +71,7 @@ def run_interactive(opts, spec) -> None:
         repeat_last_n=spec.repeat_last_n,
         truncate_sequence=opts.truncate_sequence,
         model_name=opts.served_model_name,
+        tool_call_parser=opts.tool_call_parser,
     )
     err_console.print(
         f"{ready_line(client, runner.model, opts.scheduler)} | interactive", highlight=False, soft_wrap=True
@@ -233,12 +238,41 @@ class Chat:
                 self.out.print("[dim](empty)[/]")
         elif name in SETTINGS:
             self.set(name, arg)
+        elif name in ("json", "schema"):
+            self.set_format(name, arg)
         else:
             self.out.print(
                 f"[bold red]unknown command[/] /{escape(name)}; /help lists the commands "
                 "(start a message with // to send one that begins with /)"
             )
         return None
+
+    def set_format(self, name: str, arg: str) -> None:
+        """/json and /schema FILE: the answers' form, as the API's response_format."""
+        if arg.lower() in ("off", "none", "default", "text"):
+            self.settings.pop("response_format", None)
+            self.out.print("[dim](answers in text)[/]")
+            return
+        if name == "json":
+            value = {"type": "json_object"}
+        else:
+            if not arg:
+                self.out.print("[bold red]error:[/] /schema needs a file holding a JSON schema")
+                return
+            try:
+                schema = json.loads(Path(arg).expanduser().read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                self.out.print(f"[bold red]error:[/] /schema {escape(arg)}: {escape(str(e))}")
+                return
+            value = {"type": "json_schema", "json_schema": {"name": Path(arg).stem[:64] or "schema", "schema": schema}}
+        try:
+            # NOTE: compiled now by the server's own validation, so an unsupported schema says so here
+            self.runner.service.chat({"messages": [{"role": "user", "content": ""}], "response_format": value})
+        except ValueError as e:
+            self.out.print(f"[bold red]error:[/] /{name} {escape(arg)}: {escape(str(e))}")
+            return
+        self.settings["response_format"] = value
+        self.out.print(f"[dim](answers in JSON{' following ' + escape(arg) if name == 'schema' else ''})[/]")
 
     def set(self, name: str, arg: str) -> None:
         if not arg:

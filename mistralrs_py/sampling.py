@@ -127,6 +127,40 @@ def token_logprobs(raw_logits: Tensor, token: int, top_n: int) -> tuple[float, l
     return float(lp[token]), top
 
 
+def apply_token_bitmask(logits: Tensor, bitmask: Tensor) -> Tensor:
+    """logits: [R, V]; bitmask: int32 [R, ceil(V/32)], bit t of a row set when token t is allowed
+    (a grammar's mask) -> logits with every other token at -inf. The input is not modified."""
+    allowed = unpack_bitmask(bitmask, logits.shape[1], logits.device)
+    return torch.where(allowed, logits, float("-inf"))
+
+
+def unpack_bitmask(bitmask: Tensor, V: int, device: torch.device, gather: bool | None = None) -> Tensor:
+    """int32 [R, W] -> bool [R, V] on `device`. NOTE: read as bytes (little-endian int32: token t is
+    bit t % 8 of byte t // 8). On the CPU numpy unpacks them (~0.1 ms for 16 rows of a 49k
+    vocabulary); on a GPU (or with gather=True) a 256 x 8 table is gathered."""
+    if gather is None:
+        gather = device.type != "cpu" or bitmask.device.type != "cpu"
+    if not gather:
+        import numpy as np
+
+        bits = np.unpackbits(bitmask.contiguous().numpy().view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(bits).view(torch.bool)[:, :V]
+    data = bitmask.to(device, non_blocking=True).contiguous().view(torch.uint8)
+    return _byte_bits(device)[data.long()].view(bitmask.shape[0], -1)[:, :V]
+
+
+_BYTE_BITS: dict[torch.device, Tensor] = {}
+
+
+def _byte_bits(device: torch.device) -> Tensor:
+    """[256, 8] bool: entry [b, j] is bit j of byte b."""
+    table = _BYTE_BITS.get(device)
+    if table is None:
+        b = torch.arange(256, dtype=torch.int32)
+        table = _BYTE_BITS[device] = ((b[:, None] >> torch.arange(8, dtype=torch.int32)) & 1).bool().to(device)
+    return table
+
+
 # ---- the whole batch at once ----------------------------------------------------------------------
 def _draw(probs: Tensor, generators: Sequence[torch.Generator | None]) -> Tensor:
     """probs: [R, V] (rows sum to ~1) -> [R] token ids by inverse CDF, -1 for a row whose

@@ -24,6 +24,7 @@ from typing import Callable, ContextManager, Optional, Protocol
 
 from ..pipeline.base import LoadError, ModelSpec, Pipeline
 from .engine import Engine, EngineDead
+from .grammar import GrammarCompiler
 from .request import Done, Error, Event, Request, SamplingParams
 from .worker import TorchThread
 
@@ -80,6 +81,8 @@ class EngineClient:
     def __init__(self, pipeline: Pipeline, engine: Engine, *, max_waiting: Optional[int] = None):
         self.pipeline, self.engine = pipeline, engine
         self.tokenizer = pipeline.tokenizer
+        # output grammars (response_format, tool choices) are compiled for this tokenizer
+        self.grammars = GrammarCompiler(pipeline.tokenizer, pipeline.config.vocab_size)
         self.max_seqs = engine.scheduler.max_seqs
         self.max_waiting = max_waiting
         self.accounting = Accounting()
@@ -111,9 +114,6 @@ class EngineClient:
         pipeline = worker.call(load_pipeline, spec, progress)
         if template is not None:
             pipeline.tokenizer.chat_template = template
-        if pipeline.tokenizer.chat_template:
-            # NOTE: starts the template workers now, beside the engine set-up, not on the first chat
-            threading.Thread(target=_warm_up, args=(pipeline.tokenizer,), daemon=True).start()
         phase = (
             status("compiling decode steps with torch.compile (a few minutes the first time, about a minute later on)")
             if status and options.compile
@@ -136,7 +136,11 @@ class EngineClient:
             raise LoadError(
                 f"could not allocate the KV cache: {e}; lower --max-seqs or --max-model-len, or set --kv-cache-mb"
             ) from None
-        return cls(pipeline, engine, max_waiting=options.max_waiting)
+        client = cls(pipeline, engine, max_waiting=options.max_waiting)
+        # NOTE: the chat template's worker processes and the grammar compiler's token trie are made
+        # now, beside the first requests' arrival, not inside the first request that needs them
+        threading.Thread(target=_warm_up, args=(client,), daemon=True).start()
+        return client
 
     # ---- what front ends read ------------------------------------------------------------------
     @property
@@ -209,9 +213,12 @@ class EngineClient:
             setattr(self.accounting, outcome, getattr(self.accounting, outcome) + 1)
 
 
-def _warm_up(tokenizer) -> None:
+def _warm_up(client: EngineClient) -> None:
+    if client.tokenizer.chat_template:
+        with contextlib.suppress(Exception):
+            client.tokenizer.render_chat([{"role": "user", "content": "hi"}])
     with contextlib.suppress(Exception):
-        tokenizer.render_chat([{"role": "user", "content": "hi"}])
+        client.grammars.warm_up()
 
 
 class RequestStream:

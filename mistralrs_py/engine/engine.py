@@ -194,6 +194,7 @@ class Engine:
             self._fail_all(f"the engine stopped: {type(e).__name__}")
         finally:
             self._fail_all("the server is shutting down", drain=True)
+            self.runner.close()
             self._loop_done.set()
 
     def _drain(self, block: bool) -> bool:
@@ -295,6 +296,11 @@ class Engine:
                 self._end(seq, "error", f"sampling failed: {type(sample).__name__}: {sample}")
                 continue
             token, lp = sample
+            # NOTE: the grammar advances with every sampled token; its mask allowed only tokens it
+            # accepts, so a refusal here means the matcher failed (a resource limit)
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                self._end(seq, "error", f"the output grammar failed: {seq.matcher.get_error()}")
+                continue
             seq.append(token, self.max_len, self.eos_ids)
             if lp is not None:
                 seq.pending_logprobs.append(lp)

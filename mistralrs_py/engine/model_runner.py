@@ -4,12 +4,14 @@ forward pass, and every row sampled in one batched call. The only engine code th
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from .. import sampling
 from ..pipeline.base import Pipeline
+from .grammar import fill_masks, mask_words
 from .graphs import DecodeGraphs
 from .kv_cache import KVCachePool
 from .request import TokenLogprob
@@ -32,6 +34,8 @@ class ModelRunner:
     def __init__(self, pipeline: Pipeline, pool: KVCachePool, graphs: DecodeGraphs | None):
         self.pipe, self.pool, self.graphs = pipeline, pool, graphs
         self.window = pipeline.config.sliding_window
+        self.vocab_size = pipeline.config.vocab_size
+        self._masker: ThreadPoolExecutor | None = None  # started by the first constrained sequence
 
     def release(self, slot: int) -> dict | None:
         """The sequence in `slot` ended: its pipeline state is closed (its report returned: X-LoRA's
@@ -49,12 +53,41 @@ class ModelRunner:
             self.pool.copy_prefix(src, dst, n)
         if out.empty:
             return StepResult()
+        masks = self._start_masks(out.sampled)
         try:
             logits = self._forward(out)
         except Exception as e:  # noqa: BLE001 - a failed forward fails its batch, not the server
             log.exception("forward failed")
+            if masks is not None:
+                masks[2].exception()  # NOTE: the matchers are not touched again until it is done
             return StepResult(error=e)
-        return StepResult(self._sample(out.sampled, logits))
+        return StepResult(self._sample(out.sampled, logits, self._finish_masks(masks)))
+
+    # ---- grammar masks -------------------------------------------------------------------------
+    def _start_masks(self, rows: list[Sequence]) -> tuple[list[int], torch.Tensor, Future] | None:
+        """Starts computing the token masks of the constrained rows on a helper thread, so that the
+        CPU work overlaps the forward pass (llguidance runs without the GIL). A matcher's state only
+        depends on tokens already sampled, so the mask for this step is known before its logits."""
+        constrained = [(r, s.matcher) for r, s in enumerate(rows) if s.matcher is not None]
+        if not constrained:
+            return None
+        if self._masker is None:
+            self._masker = ThreadPoolExecutor(1, thread_name_prefix="mistralrs-grammar")
+        bitmask = torch.empty((len(constrained), mask_words(self.vocab_size)), dtype=torch.int32)
+        future = self._masker.submit(fill_masks, [m for _, m in constrained], bitmask)
+        return [r for r, _ in constrained], bitmask, future
+
+    def _finish_masks(self, masks) -> tuple[list[int], torch.Tensor] | None:
+        """-> (the constrained rows, their masks [len(rows), W]) once computed."""
+        if masks is None:
+            return None
+        rows, bitmask, future = masks
+        future.result()
+        return rows, bitmask
+
+    def close(self) -> None:
+        if self._masker is not None:
+            self._masker.shutdown(wait=True)
 
     def _forward(self, out: SchedulerOutput) -> torch.Tensor:
         """-> float32 logits [rows, V] of the step's sampled rows, in order."""
@@ -72,9 +105,16 @@ class ModelRunner:
         return self.pipe.forward(input_ids, view, self.pool)
 
     # ---- sampling ------------------------------------------------------------------------------
-    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[Sample | Exception]:
+    def _sample(
+        self, rows: list[Sequence], logits: torch.Tensor, masks: tuple[list[int], torch.Tensor] | None
+    ) -> list[Sample | Exception]:
+        bitmask = None
+        if masks is not None:
+            # NOTE: a full-width mask per row, for the row-by-row fallback (unconstrained rows: all ones)
+            bitmask = torch.full((len(rows), masks[1].shape[1]), -1, dtype=torch.int32)
+            bitmask[masks[0]] = masks[1]
         try:
-            batch = self._sample_batch(rows, logits)
+            batch = self._sample_batch(rows, logits, masks)
         except Exception:  # noqa: BLE001 - one bad row must not fail the others: retry row by row
             log.warning("batched sampling failed; sampling this step row by row", exc_info=True)
             batch = [None] * len(rows)
@@ -83,22 +123,37 @@ class ModelRunner:
             # NOTE: a row the batch could not sample (None) is sampled alone, where a bad setup
             # raises and fails this sequence only.
             try:
-                out.append(batch[r] if batch[r] is not None else self._sample_row(seq, logits[r]))
+                out.append(
+                    batch[r]
+                    if batch[r] is not None
+                    else self._sample_row(seq, logits[r], None if bitmask is None else bitmask[r])
+                )
             except Exception as e:  # noqa: BLE001 - reported to this sequence alone
                 log.exception("sampling failed")
                 out.append(e)
         return out
 
-    def _sample_batch(self, rows: list[Sequence], logits: torch.Tensor) -> list[Sample | None]:
+    def _sample_batch(
+        self, rows: list[Sequence], logits: torch.Tensor, masks: tuple[list[int], torch.Tensor] | None
+    ) -> list[Sample | None]:
         """Samples every row of the step in one batched call (greedy without penalties is a plain
-        argmax); None for a row whose distribution is empty or not finite."""
+        argmax); None for a row whose distribution is empty or not finite, or whose grammar failed."""
         if not rows:
             return []
         logits = logits[: len(rows)]
         params = [s.params for s in rows]
         # NOTE: output ids are copied out only for rows with presence/frequency penalties.
         outputs = [s.output_ids if p.presence_penalty or p.frequency_penalty else [] for s, p in zip(rows, params)]
-        tokens = sampling.sample_batch(logits, params, outputs, [s.tokens for s in rows], [s.generator for s in rows])
+        # NOTE: the grammar's mask comes first, so that bias, penalties, temperature and top-k/p act
+        # on the allowed tokens only (a top-k taken before it could keep none of them); logprobs
+        # below still read the model's own distribution, `logits`.
+        constrained = logits
+        if masks is not None:
+            idx = torch.tensor(masks[0], dtype=torch.long, device=logits.device)
+            constrained = logits.float().index_copy(0, idx, sampling.apply_token_bitmask(logits[idx].float(), masks[1]))
+        tokens = sampling.sample_batch(
+            constrained, params, outputs, [s.tokens for s in rows], [s.generator for s in rows]
+        )
         want = [r for r, p in enumerate(params) if p.logprobs]
         lps = {}
         if want:
@@ -107,12 +162,20 @@ class ModelRunner:
             got = sampling.batch_token_logprobs(logits[idx], tokens[idx].clamp(min=0), top_ns)
             lps = dict(zip(want, got))
         ids = tokens.tolist()  # NOTE: the step's one host read of the sampled tokens
-        return [None if t < 0 else (t, TokenLogprob(t, *lps[r]) if r in lps else None) for r, t in enumerate(ids)]
+        return [
+            None
+            if t < 0 or (s.matcher is not None and s.matcher.is_error())  # NOTE: argmax of all -inf is 0
+            else (t, TokenLogprob(t, *lps[r]) if r in lps else None)
+            for r, (t, s) in enumerate(zip(ids, rows))
+        ]
 
-    def _sample_row(self, seq: Sequence, row: torch.Tensor) -> Sample:
+    def _sample_row(self, seq: Sequence, row: torch.Tensor, mask: torch.Tensor | None) -> Sample:
         """One row alone: the fallback when the batch fails, so a bad row fails by itself."""
         p = seq.params
-        processed = sampling.process_logits(row, p, seq.output_ids, seq.tokens)
+        if seq.matcher is not None and seq.matcher.is_error():
+            raise ValueError(f"the output grammar failed: {seq.matcher.get_error()}")
+        logits = row if mask is None else sampling.apply_token_bitmask(row[None].float(), mask[None])[0]
+        processed = sampling.process_logits(logits, p, seq.output_ids, seq.tokens)
         token = sampling.sample(processed, sampling.is_greedy(p), seq.generator)
         lp = None
         if p.logprobs:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from .stops import StopStrings
+
+if TYPE_CHECKING:
+    from .grammar import Grammar
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class SamplingParams:
     top_logprobs: int = 0
     n: int = 1
     skip_special_tokens: bool = True
+    # the output's grammar (compiled from response_format, a tool choice...): every choice follows it
+    grammar: Optional["Grammar"] = field(default=None, compare=False)
     # NOTE: the stop strings' matching tables, built once here (on the thread that prepares the
     # request, not the engine's) and shared by the request's sequences
     stop_strings: Optional[StopStrings] = field(init=False, repr=False, compare=False, default=None)

@@ -43,6 +43,10 @@ class Sequence:
         strings = request.params.stop_strings
         self.stops = strings.matcher() if strings is not None else None
         self.share_from: Sequence | None = None  # choice 0 of the same request: copy its prompt cache
+        # NOTE: the output grammar's state (an llguidance matcher): the model runner reads its mask,
+        # the engine's update step advances it with each sampled token
+        grammar = request.params.grammar
+        self.matcher = grammar.matcher() if grammar is not None else None
 
     @property
     def params(self):
@@ -76,6 +80,11 @@ class Sequence:
             self.text += self.detok.flush()
             return
         if self._add_text(self.detok.add(token)):
+            return
+        if self.matcher is not None and self.matcher.is_stopped():
+            # NOTE: the grammar is complete and only EOS could follow: stop here, a step earlier
+            self.finish("stop")
+            self._add_text(self.detok.flush())
             return
         if p.max_tokens is not None and self.num_output >= p.max_tokens or len(self.tokens) >= max_len:
             self.finish("length")

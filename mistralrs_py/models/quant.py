@@ -12,8 +12,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .ggml_blocks import check_size, dequantize_bytes, to_u8
-from .quant_kernels import Qmm, QuantKernel, choose_kernel
+from . import qmatmul
+from .ggml_blocks import DENSE_TYPES, INT4_OFFSET, check_size, dequantize_bytes, to_u8, type_name
+from .quant_kernels import (
+    HAS_INT4_CPU,
+    HAS_INT8_CPU,
+    Dense,
+    DequantPerCall,
+    Int4Cpu,
+    Int4Cuda,
+    Int8,
+    Qmm,
+    QuantKernel,
+)
 
 _PREFER = ("auto", "fast", "exact", "dense", "kernel")
 
@@ -129,3 +140,52 @@ class QuantEmbedding(torch.nn.Module):
             bias,
             **kw,
         )
+
+
+def choose_kernel(
+    t: torch.Tensor,
+    qtype: int,
+    N: int,
+    K: int,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    prefer: str,
+    keep_raw: bool,
+) -> QuantKernel:
+    """The kernel for a GGUF weight [N, K] (t: its raw bytes on the CPU), as quant_kernels' docstring
+    lays out; `prefer` as QuantLinear.from_gguf takes it."""
+    cdt, name = compute_dtype, type_name(qtype)
+    dt = str(cdt).replace("torch.", "")
+    if qtype in DENSE_TYPES or prefer == "dense":
+        return Dense.build(t, qtype, N, K, cdt, device, f"{name}->dense {dt}")
+    if device.type != "cpu":
+        k = None
+        if device.type == "cuda" and qtype in INT4_OFFSET and cdt == torch.bfloat16 and N % 8 == 0:
+            k = Int4Cuda.build(t, qtype, N, K, cdt, device, keep_raw)
+        return k if k is not None else DequantPerCall(t.to(device), qtype, N, K, cdt)
+    if (
+        prefer in ("auto", "fast")
+        and cdt in (torch.bfloat16, torch.float16)
+        and N % 16 == 0
+        and K % 32 == 0
+        and qmatmul.available()
+    ):
+        k = Qmm.build(t, qtype, N, K, cdt, prefer)
+        if k is not None:
+            return k  # NOTE: the hand-written kernels (qmatmul.cpp) are 4-5x torch's at decode sizes
+    if not (cdt == torch.bfloat16 or prefer == "kernel"):
+        return Dense.build(
+            t, qtype, N, K, cdt, device, f"{name}->dense {dt} (exact; cpu int kernels have no fast {dt} path)"
+        )
+    if qtype in INT4_OFFSET and N % 16 == 0 and HAS_INT4_CPU:
+        return Int4Cpu.build(t, qtype, N, K, cdt, keep_raw)
+    if qtype in INT4_OFFSET or prefer == "exact" or K % 16 or not HAS_INT8_CPU:
+        # NOTE: int4pack needs N % 16 == 0; the bf16 int8 kernel returns garbage (or
+        # segfaults) when K % 16 != 0 (never the case for GGUF block sizes, but guard anyway)
+        why = (
+            ("N%16!=0" if HAS_INT4_CPU else "no int4 kernel")
+            if qtype in INT4_OFFSET
+            else ("exact" if prefer == "exact" else "no int8 kernel")
+        )
+        return Dense.build(t, qtype, N, K, cdt, device, f"{name}->dense {dt} ({why})")
+    return Int8.build(t, qtype, N, K, cdt, device, prefer)

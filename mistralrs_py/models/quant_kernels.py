@@ -1,5 +1,5 @@
 """The kernels a `QuantLinear` multiplies with: one class per way of keeping a GGUF weight W [N, K],
-each owning its packed tensors; `choose_kernel` picks one, once, at load.
+each owning its packed tensors; `quant.choose_kernel` picks one, once, at load.
 
 Each kernel has `mm(x)` (x: [M, K] contiguous in the compute dtype, M >= 1 -> [M, N]), `linear(x,
 bias)` (any leading shape), `dequantized()` (the effective [N, K] float32 weight), `cat(parts)`
@@ -47,11 +47,11 @@ from gguf import GGMLQuantizationType as T
 from torch import Tensor
 
 from . import qmatmul
-from .ggml_blocks import DENSE_TYPES, INT4_OFFSET, decode_blocks, dequantize_bytes, int4_parts, row_chunks, type_name
+from .ggml_blocks import INT4_OFFSET, decode_blocks, dequantize_bytes, int4_parts, row_chunks, type_name
 
 # NOTE: the *_for_cpu int4 ops appeared in torch 2.6 (pyproject allows >= 2.4): probe, don't assume
-_HAS_INT4_CPU = hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
-_HAS_INT8_CPU = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+HAS_INT4_CPU = hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+HAS_INT8_CPU = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 _INT8_DENSE_ROWS = 8  # from this many rows of x, int8 weights are converted by blocks (see Int8._by_blocks)
 _INT8_BLOCK_ROWS = 8192
 
@@ -361,45 +361,3 @@ class DequantPerCall(QuantKernel):
     def dequantized(self) -> Tensor:
         N, K = self.out_features, self.in_features
         return dequantize_bytes(self.raw, self.qtype, N * K).view(N, K).to(self.compute_dtype).float()
-
-
-def choose_kernel(
-    t: Tensor, qtype: int, N: int, K: int, compute_dtype: torch.dtype, device: torch.device, prefer: str, keep_raw: bool
-) -> QuantKernel:
-    """The kernel for a GGUF weight [N, K] (t: its raw bytes on the CPU), as the module docstring
-    lays out; `prefer` as QuantLinear.from_gguf takes it."""
-    cdt, name = compute_dtype, type_name(qtype)
-    dt = str(cdt).replace("torch.", "")
-    if qtype in DENSE_TYPES or prefer == "dense":
-        return Dense.build(t, qtype, N, K, cdt, device, f"{name}->dense {dt}")
-    if device.type != "cpu":
-        k = None
-        if device.type == "cuda" and qtype in INT4_OFFSET and cdt == torch.bfloat16 and N % 8 == 0:
-            k = Int4Cuda.build(t, qtype, N, K, cdt, device, keep_raw)
-        return k if k is not None else DequantPerCall(t.to(device), qtype, N, K, cdt)
-    if (
-        prefer in ("auto", "fast")
-        and cdt in (torch.bfloat16, torch.float16)
-        and N % 16 == 0
-        and K % 32 == 0
-        and qmatmul.available()
-    ):
-        k = Qmm.build(t, qtype, N, K, cdt, prefer)
-        if k is not None:
-            return k  # NOTE: the hand-written kernels (qmatmul.cpp) are 4-5x torch's at decode sizes
-    if not (cdt == torch.bfloat16 or prefer == "kernel"):
-        return Dense.build(
-            t, qtype, N, K, cdt, device, f"{name}->dense {dt} (exact; cpu int kernels have no fast {dt} path)"
-        )
-    if qtype in INT4_OFFSET and N % 16 == 0 and _HAS_INT4_CPU:
-        return Int4Cpu.build(t, qtype, N, K, cdt, keep_raw)
-    if qtype in INT4_OFFSET or prefer == "exact" or K % 16 or not _HAS_INT8_CPU:
-        # NOTE: int4pack needs N % 16 == 0; the bf16 int8 kernel returns garbage (or
-        # segfaults) when K % 16 != 0 (never the case for GGUF block sizes, but guard anyway)
-        why = (
-            ("N%16!=0" if _HAS_INT4_CPU else "no int4 kernel")
-            if qtype in INT4_OFFSET
-            else ("exact" if prefer == "exact" else "no int8 kernel")
-        )
-        return Dense.build(t, qtype, N, K, cdt, device, f"{name}->dense {dt} ({why})")
-    return Int8.build(t, qtype, N, K, cdt, device, prefer)

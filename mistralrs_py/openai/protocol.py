@@ -10,9 +10,17 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from ..engine.request import SamplingParams
+from .output_protocol import (
+    NamedToolChoice,
+    OpenAIModel,
+    ResponseFormat,
+    StructuredOutputs,
+    Tool,
+    ToolCall,
+)
 
 MAX_STOP = 4
 MAX_DEPTH = 64  # JSON nesting a request may have (ours need a handful of levels; tool schemas ~20)
@@ -39,10 +47,6 @@ TEMPLATE_ARGUMENTS = frozenset(
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-
 class TextPart(OpenAIModel):
     type: Literal["text"]
     text: str
@@ -52,6 +56,16 @@ class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None  # an assistant's calls, earlier in the conversation
+    tool_call_id: Optional[str] = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -63,10 +77,6 @@ class ChatMessage(OpenAIModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
-
-
-class ResponseFormat(OpenAIModel):
-    type: Literal["text"]
 
 
 Probability = Annotated[float, Field(ge=0.0, le=2.0)]
@@ -98,6 +108,16 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     return_xlora_scalings: bool = False  # X-LoRA models: mean scalings per adapter in each choice
+    # output constraints: OpenAI's response_format, vLLM's structured_outputs (and its older guided_*
+    # names), llama.cpp's grammar (GBNF) and json_schema
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputs] = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[Annotated[list[str], Field(min_length=1)]] = None
+    guided_grammar: Optional[str] = None
+    grammar: Optional[str] = None
+    json_schema: Optional[dict[str, Any]] = None
 
     @field_validator("stop")
     @classmethod
@@ -116,7 +136,14 @@ class SamplingFields(OpenAIModel):
         return self.max_tokens
 
     def to_sampling_params(
-        self, *, repeat_last_n: int, vocab_size: int, logprobs: bool, top_logprobs: int
+        self,
+        *,
+        repeat_last_n: int,
+        vocab_size: int,
+        logprobs: bool,
+        top_logprobs: int,
+        grammar=None,
+        skip_special_tokens: Optional[bool] = None,
     ) -> SamplingParams:
         bias = None
         if self.logit_bias:
@@ -156,7 +183,8 @@ class SamplingFields(OpenAIModel):
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             n=self.n,
-            skip_special_tokens=self.skip_special_tokens,
+            skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
+            grammar=grammar,
         )
 
 
@@ -165,9 +193,14 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Optional[Annotated[int, Field(ge=1)]] = None
     logprobs: bool = False
     top_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
-    response_format: Optional[ResponseFormat] = None
     add_generation_prompt: bool = True
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
+    # NOTE: OpenAI's deprecated names for tools; refused with a pointer rather than ignored
+    functions: Optional[Any] = None
+    function_call: Optional[Any] = None
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -184,6 +217,15 @@ class ChatCompletionRequest(SamplingFields):
     def _top_logprobs_needs_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        if self.functions is not None or self.function_call is not None:
+            raise ValueError("functions and function_call are deprecated and not supported: use tools and tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
+            if not self.tools:
+                raise ValueError("tool_choice names a tool or requires one, but no tools are given")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {t.function.name for t in self.tools or ()}
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools")
         return self
 
 

@@ -16,6 +16,7 @@ from typing import Optional
 from .. import __version__
 from ..engine.request import Delta, Done, Event, TokenLogprob
 from ..pipeline.tokenizer import Tokenizer
+from .tool_calls import CallStart, Content, ToolCallParser
 
 FINGERPRINT = f"mistralrs-py-{__version__}"
 
@@ -167,10 +168,75 @@ class Assembler:
 
 
 class ChatAssembler(Assembler):
+    """Chat completions. With tool-call parsers (one per choice, when the request has tools), each
+    choice's text is split into content and `tool_calls` as it arrives."""
+
     object_name = "chat.completion.chunk"
+
+    def __init__(self, *args, parsers: Optional[list[Optional[ToolCallParser]]] = None, **kw):
+        super().__init__(*args, **kw)
+        self.parsers = parsers if parsers and any(parsers) else None
+        self.content = ["" for _ in self.choices]  # content, tool-call text taken out
+        self.calls: list[list[dict]] = [[] for _ in self.choices]
+        self.held_logprobs: list[list[TokenLogprob]] = [[] for _ in self.choices]
 
     def head(self) -> list[dict]:
         return [self.chunk(c.index, {"role": "assistant", "content": ""}) for c in self.choices]
+
+    def feed(self, ev: Event) -> list[dict]:
+        if self.parsers is None or self.parsers[ev.index] is None:
+            return super().feed(ev)
+        choice = self.choices[ev.index]
+        choice.add(ev)
+        parser = self.parsers[ev.index]
+        if isinstance(ev, Delta):
+            self.held_logprobs[ev.index] += ev.logprobs or []
+            return self._pieces(choice, parser.feed(ev.text))
+        if isinstance(ev, Done):
+            chunks = self._pieces(choice, parser.finish())
+            if self.calls[choice.index] and choice.finish_reason == "stop":
+                choice.finish_reason = "tool_calls"
+            chunk = self.chunk(choice.index, {}, choice.finish_reason)
+            chunk["choices"][0].update(self.extras(choice))
+            return chunks + [chunk]
+        return []
+
+    def _pieces(self, choice: Choice, pieces: list) -> list[dict]:
+        i = choice.index
+        chunks = []
+        for piece in pieces:
+            if isinstance(piece, Content):
+                if not piece.text:
+                    continue
+                self.content[i] += piece.text
+                delta = {"content": piece.text}
+            elif isinstance(piece, CallStart):
+                self.calls[i].append(
+                    {"id": piece.id, "type": "function", "function": {"name": piece.name, "arguments": ""}}
+                )
+                call = {"index": piece.index, "id": piece.id, "type": "function"}
+                delta = {"tool_calls": [{**call, "function": {"name": piece.name, "arguments": ""}}]}
+            else:  # Arguments
+                self.calls[i][piece.index]["function"]["arguments"] += piece.text
+                delta = {"tool_calls": [{"index": piece.index, "function": {"arguments": piece.text}}]}
+            # NOTE: the tokens' logprobs go out with the first chunk their text makes
+            held, self.held_logprobs[i] = self.held_logprobs[i], []
+            lp = chat_logprobs(self.tok, held) if self.logprobs and held else None
+            chunks.append(self.chunk(i, delta, None, lp))
+        return chunks
+
+    def message(self, c: Choice) -> dict:
+        if self.parsers is None or self.parsers[c.index] is None:
+            return {"role": "assistant", "content": c.text}
+        # NOTE: a call cut short by max_tokens was streamed in part, but a whole response carries
+        # only finished calls (their arguments parse)
+        finished = {call["id"] for call in self.parsers[c.index].calls}
+        calls = [call for call in self.calls[c.index] if call["id"] in finished]
+        content = self.content[c.index]
+        msg: dict = {"role": "assistant", "content": content if content or not calls else None}
+        if calls:
+            msg["tool_calls"] = calls
+        return msg
 
     def chunk(self, index: int, delta: dict, finish_reason=None, logprobs=None) -> dict:
         return {
@@ -198,7 +264,7 @@ class ChatAssembler(Assembler):
             "choices": [
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": self.message(c),
                     "logprobs": chat_logprobs(self.tok, c.logprobs) if self.logprobs else None,
                     "finish_reason": c.finish_reason,
                     **self.extras(c),

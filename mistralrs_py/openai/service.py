@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator
 
 from ..engine.client import EngineClient, RequestStream
+from ..engine.grammar import GrammarError
 from ..engine.request import SamplingParams
 from ..pipeline.chat_template import ChatTemplateError
 from . import protocol as P
 from .responses import Assembler, ChatAssembler, CompletionAssembler, new_id, now
+from .structured import TOOL_PARSERS, OutputPlan, plan_output
 
 NO_TEMPLATE = (
     "this model has no chat template: give one with --chat-template FILE (Runner(chat_template=FILE) in "
@@ -106,21 +109,26 @@ class OpenAIService:
         model_name: str | None = None,
         truncate_sequence: bool = False,
         repeat_last_n: int = 64,
+        tool_call_parser: str | None = None,
     ):
+        if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"tool_call_parser {tool_call_parser!r} is not one of {', '.join(TOOL_PARSERS)}")
         self.client, self.tok = client, client.tokenizer
         self.model_name = model_name or client.name
         self.truncate_sequence, self.repeat_last_n = truncate_sequence, repeat_last_n
+        self.tool_call_parser = tool_call_parser  # None: recognised from the chat template
 
     # ---- generation --------------------------------------------------------------------------------
     def chat(self, body: dict) -> Generation:
         req = P.parse(P.ChatCompletionRequest, body)
         self.check_model(req.model)
         self.check_fan_out(1, req.n)
-        ids = self.encode_chat(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        plan = plan_output(req, self.tok, self.tool_call_parser)
+        ids = self.encode_chat(req.messages, req.add_generation_prompt, req.chat_template_kwargs, plan.tools)
         if not ids:
             raise P.InvalidRequest("the chat template rendered these messages to no tokens", "messages")
         ids = self.fit(ids, req.wanted_max_tokens())
-        params = self.sampling(req, req.logprobs, req.top_logprobs or 0)
+        params = self.sampling(req, req.logprobs, req.top_logprobs or 0, plan)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         asm = ChatAssembler(
             new_id("chatcmpl"),
@@ -131,6 +139,7 @@ class OpenAIService:
             logprobs=params.logprobs,
             include_usage=include_usage,
             xlora_scalings=req.return_xlora_scalings,
+            parsers=[plan.parser() for _ in range(params.n)],
         )
         return Generation(self.client, req, [ids], params, asm)
 
@@ -162,7 +171,7 @@ class OpenAIService:
                     )
                 ids = [self.tok.bos_id]
             prompts.append(self.fit(ids, req.max_tokens))
-        params = self.sampling(req, req.logprobs is not None, req.logprobs or 0)
+        params = self.sampling(req, req.logprobs is not None, req.logprobs or 0, plan_output(req, self.tok))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         echo = [self.tok.decode(ids) if req.echo else "" for ids in prompts]
         asm = CompletionAssembler(
@@ -235,19 +244,63 @@ class OpenAIService:
         if bad:
             raise P.InvalidRequest(f"{what} {bad[0]} is outside the vocabulary", param)
 
-    def encode_chat(self, messages: list[P.ChatMessage], add_generation_prompt: bool, kwargs: dict | None) -> list[int]:
+    def encode_chat(
+        self,
+        messages: list[P.ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: dict | None,
+        tools: list[dict] | None = None,
+    ) -> list[int]:
         if not self.tok.chat_template:
             raise P.InvalidRequest(NO_TEMPLATE, "messages")
-        rendered = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+        extra = {"tools": tools} if tools else {}
         try:
-            return self.tok.encode_chat(rendered, add_generation_prompt=add_generation_prompt, **(kwargs or {}))
+            return self.tok.encode_chat(
+                [template_message(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                **(kwargs or {}),
+                **extra,
+            )
         except ChatTemplateError as e:
             raise P.InvalidRequest(str(e), "messages") from None
 
     def fit(self, ids: list[int], max_tokens: int | None) -> list[int]:
         return P.fit_context(ids, max_tokens, self.client.max_len, self.truncate_sequence)
 
-    def sampling(self, req: P.SamplingFields, logprobs: bool, top: int) -> SamplingParams:
+    def sampling(self, req: P.SamplingFields, logprobs: bool, top: int, plan: OutputPlan) -> SamplingParams:
+        grammar = None
+        if plan.grammar is not None:
+            try:
+                grammar = self.client.grammars.compile(plan.grammar)
+            except GrammarError as e:
+                raise P.InvalidRequest(f"{plan.param}: {e}", plan.param) from None
         return req.to_sampling_params(
-            repeat_last_n=self.repeat_last_n, vocab_size=self.tok.vocab_size, logprobs=logprobs, top_logprobs=top
+            repeat_last_n=self.repeat_last_n,
+            vocab_size=self.tok.vocab_size,
+            logprobs=logprobs,
+            top_logprobs=top,
+            grammar=grammar,
+            # NOTE: a tool-call marker that is a special token must reach the parser as text
+            skip_special_tokens=False if plan.keep_special_tokens else None,
         )
+
+
+def template_message(m: P.ChatMessage) -> dict:
+    """A message as chat templates take it: OpenAI's fields, with tool call arguments as objects
+    (HF templates write them with `tojson`; a JSON string would be quoted twice), and text content
+    ("" for an assistant turn that only calls tools: templates apply string filters to it)."""
+    out: dict = {"role": m.role, "content": m.text()}
+    if m.name:
+        out["name"] = m.name
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for c in m.tool_calls:
+            try:
+                args = json.loads(c.function.arguments)
+            except ValueError:
+                args = c.function.arguments
+            calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
+        out["tool_calls"] = calls
+    return out

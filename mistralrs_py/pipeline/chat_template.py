@@ -253,3 +253,23 @@ def load_chat_template(path: str | Path) -> str:
     except TemplateSyntaxError as e:
         raise LoadError(f"--chat-template {path}: line {e.lineno}: {e.message}") from None
     return template
+
+
+# ---- what a template can express ------------------------------------------------------------------
+_variables_cache: dict[str, frozenset[str]] = {}
+
+
+def template_variables(template: str) -> frozenset[str]:
+    """The names a template reads from its context (`messages`, `tools`, `documents`...): a template
+    that never reads `tools` cannot show the model its tool definitions."""
+    found = _variables_cache.get(template)
+    if found is None:
+        from jinja2 import TemplateSyntaxError, meta
+
+        try:
+            found = frozenset(meta.find_undeclared_variables(environment().parse(template)))
+        except TemplateSyntaxError:
+            found = frozenset()
+        if len(_variables_cache) < 64:
+            _variables_cache[template] = found
+    return found

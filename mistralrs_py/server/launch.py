@@ -54,6 +54,7 @@ def run_server(opts, spec) -> None:
         model_name=opts.served_model_name,
         truncate_sequence=opts.truncate_sequence,
         repeat_last_n=spec.repeat_last_n,
+        tool_call_parser=opts.tool_call_parser,
     )
     cfg = ServerConfig(
         log_file=str(opts.log) if opts.log else None,

@@ -93,10 +93,10 @@ def test_a_failing_batch_falls_back_and_the_bad_row_fails_alone(pipe, monkeypatc
             raise RuntimeError("injected batch fault")
         return real_batch(logits, params, *rest)
 
-    def row(self, seq, logits_row):
+    def row(self, seq, logits_row, mask):
         if seq.params.seed == 666 and seq.num_output >= 2:
             raise RuntimeError("injected sampling fault")
-        return real_row(self, seq, logits_row)
+        return real_row(self, seq, logits_row, mask)
 
     monkeypatch.setattr(sampling, "sample_batch", batch)
     monkeypatch.setattr(ModelRunner, "_sample_row", row)

@@ -7,13 +7,13 @@ NOTE: torch, transformers and the loaders are imported inside serve(), so `--hel
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .pipeline.base import ModelKind, ModelSpec
+from ..pipeline.base import ModelKind, ModelSpec
+from .options import GlobalOptions
 
 app = typer.Typer(
     name="mistralrs",
@@ -23,51 +23,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["--help", "-h"]},
 )
-
-
-@dataclass
-class GlobalOptions:
-    port: int
-    host: str
-    log: Optional[Path]
-    truncate_sequence: bool
-    max_seqs: int
-    device: str
-    dtype: str
-    threads: Optional[int]
-    scheduler: str
-    prefill_chunk: int
-    max_model_len: Optional[int]
-    served_model_name: Optional[str]
-    interactive: bool = False
-    metrics: bool = True
-    ui: bool = True
-    chat_template: Optional[Path] = None
-    no_xlora_kv_cache: bool = False
-    api_key: Optional[str] = None
-    allowed_origins: tuple[str, ...] = ()
-    max_waiting: int = 256
-    max_body_bytes: int = 2 * 1024 * 1024
-    shutdown_timeout: float = 10.0
-    kv_cache_mb: Optional[float] = None
-    cuda_graphs: bool = True
-    compile: bool = False
-
-    def engine_options(self, **overrides):
-        """The engine's part of these options (imported here: `--help` must not import torch)."""
-        from .engine.client import EngineOptions
-
-        fields = dict(
-            max_seqs=self.max_seqs,
-            scheduler=self.scheduler,
-            prefill_chunk=self.prefill_chunk,
-            kv_cache_mb=self.kv_cache_mb,
-            compile=self.compile,
-            cuda_graphs=self.cuda_graphs,
-            threads=self.threads,
-            max_waiting=self.max_waiting,
-        )
-        return EngineOptions(**{**fields, **overrides})
 
 
 @app.callback()
@@ -173,11 +128,18 @@ def main_options(
         metavar="FILE",
         help='Chat template overriding the model\'s: a jinja file, or JSON with a "chat_template" key (tokenizer_config.json).',
     ),
+    tool_call_parser: Optional[str] = typer.Option(
+        None,
+        "--tool-call-parser",
+        metavar="NAME",
+        help="How the model writes tool calls: hermes, llama3_json or mistral (default: recognised from the chat template).",
+    ),
 ):
     """Global options go before the model subcommand."""
     for name, value, allowed in (
         ("--dtype", dtype, ("auto", "float32", "bfloat16", "float16")),
         ("--scheduler", scheduler, ("continuous", "catch-up")),
+        ("--tool-call-parser", tool_call_parser or "hermes", ("hermes", "llama3_json", "mistral")),
     ):
         if value not in allowed:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=name)
@@ -200,6 +162,7 @@ def main_options(
         not no_metrics,
         not no_ui,
         chat_template,
+        tool_call_parser=tool_call_parser,
         no_xlora_kv_cache=no_xlora_kv_cache,
         api_key=api_key,
         allowed_origins=tuple(o.strip() for o in (allowed_origins or "").split(",") if o.strip()),
@@ -374,14 +337,14 @@ def ordering(
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model."),
 ):
     """Write an X-LoRA ordering file for a model (registration order of the wrapped linears, as PEFT)."""
-    from .lora.ordering import OrderingError, make_ordering
+    from ..lora.ordering import OrderingError, make_ordering
 
     names = [a.strip() for a in adapters.split(",") if a.strip()] if adapters else []
     targets = [t.strip() for t in target_modules.split(",") if t.strip()]
     try:
         if num_layers is None:
-            from .pipeline.base import LoadError
-            from .pipeline.xlora import num_layers_of
+            from ..pipeline.base import LoadError
+            from ..pipeline.xlora import num_layers_of
 
             try:
                 num_layers = num_layers_of(model_id, revision)
@@ -403,11 +366,11 @@ def serve(opts: GlobalOptions, spec: ModelSpec) -> None:
     if opts.chat_template:
         spec.chat_template = str(opts.chat_template)
     if opts.interactive:
-        from .interactive import run_interactive  # the terminal chat replaces the HTTP server
+        from ..interactive import run_interactive  # the terminal chat replaces the HTTP server
 
         run_interactive(opts, spec)
         return
-    from .server.launch import run_server
+    from ..server.launch import run_server
 
     run_server(opts, spec)
 

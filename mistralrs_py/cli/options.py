@@ -1,0 +1,53 @@
+"""The CLI's global options (the callback's), as the launchers read them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class GlobalOptions:
+    port: int
+    host: str
+    log: Optional[Path]
+    truncate_sequence: bool
+    max_seqs: int
+    device: str
+    dtype: str
+    threads: Optional[int]
+    scheduler: str
+    prefill_chunk: int
+    max_model_len: Optional[int]
+    served_model_name: Optional[str]
+    interactive: bool = False
+    metrics: bool = True
+    ui: bool = True
+    chat_template: Optional[Path] = None
+    tool_call_parser: Optional[str] = None
+    no_xlora_kv_cache: bool = False
+    api_key: Optional[str] = None
+    allowed_origins: tuple[str, ...] = ()
+    max_waiting: int = 256
+    max_body_bytes: int = 2 * 1024 * 1024
+    shutdown_timeout: float = 10.0
+    kv_cache_mb: Optional[float] = None
+    cuda_graphs: bool = True
+    compile: bool = False
+
+    def engine_options(self, **overrides):
+        """The engine's part of these options (imported here: `--help` must not import torch)."""
+        from ..engine.client import EngineOptions
+
+        fields = dict(
+            max_seqs=self.max_seqs,
+            scheduler=self.scheduler,
+            prefill_chunk=self.prefill_chunk,
+            kv_cache_mb=self.kv_cache_mb,
+            compile=self.compile,
+            cuda_graphs=self.cuda_graphs,
+            threads=self.threads,
+            max_waiting=self.max_waiting,
+        )
+        return EngineOptions(**{**fields, **overrides})
