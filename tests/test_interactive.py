@@ -208,3 +208,22 @@ def test_slash_slash_sends_a_message_starting_with_a_slash(tiny_runner):
     assert chat.turns[0] == {"role": "user", "content": "/etc/hosts is a file"}
     assert chat.turns[1]["role"] == "assistant" and chat.turns[1]["content"]  # the answer came back
     assert "tokens," in out  # and its stats line
+
+
+def test_json_and_schema_commands_shape_the_answers(tiny_runner, tmp_path):
+    import json
+
+    good, bad = tmp_path / "ab.json", tmp_path / "bad.json"
+    schema = {
+        "type": "object",
+        "properties": {"a": {"enum": ["x", "y"]}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    good.write_text(json.dumps(schema))
+    bad.write_text(json.dumps({"not": {"type": "null"}}))
+    chat, out = run_chat(tiny_runner, [f"/schema {bad}", "/temperature 0", "/max_tokens 60", f"/schema {good}", "hi"])
+    assert f"error: /schema {bad}" in out and "not" in out
+    assert json.loads(chat.turns[1]["content"])["a"] in ("x", "y")
+    chat, out = run_chat(tiny_runner, ["/json", "/json off", "/settings"])
+    assert "response_format" not in chat.settings and "answers in text" in out

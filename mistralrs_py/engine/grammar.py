@@ -120,16 +120,19 @@ class GrammarCompiler:
             return self._llt
 
     def compile(self, spec: GrammarSpec) -> Grammar:
-        try:
-            source = lark_source(spec)
-        except ValueError as e:  # the JSON compiler's argument checks
-            raise GrammarError(str(e)) from None
         llt = self._lltokenizer()
         limits = llguidance.LLParserLimits(**_LIMITS)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, llt, limits=limits)
-        if is_error:
-            raise GrammarError(_one_line(messages[0]))
-        matcher = llguidance.LLMatcher(llt, source, log_level=0, limits=limits)
+        # NOTE: the spec is a client's: whatever llguidance raises about it is that client's error
+        try:
+            source = lark_source(spec)
+            is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, llt, limits=limits)
+            if is_error:
+                raise GrammarError(_one_line(messages[0]))
+            matcher = llguidance.LLMatcher(llt, source, log_level=0, limits=limits)
+        except GrammarError:
+            raise
+        except Exception as e:  # noqa: BLE001 - ValueError, TypeError, OverflowError... from the input
+            raise GrammarError(_one_line(str(e)) or type(e).__name__) from None
         if matcher.is_error():
             raise GrammarError(_one_line(matcher.get_error()))
         return Grammar(matcher, type(spec).__name__)

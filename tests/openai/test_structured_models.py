@@ -135,3 +135,31 @@ def test_auto_tools_with_a_response_format_give_an_answer_or_a_call(runner):
         else:
             assert c["finish_reason"] == "stop", c
             jsonschema.validate(json.loads(msg["content"]), SCHEMA)
+
+
+def test_auto_tool_calls_stream_as_whole_calls(runner):
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}}
+    kw = dict(
+        tools=[TOOL], response_format=fmt, parallel_tool_calls=False, n=4, temperature=1.0, seed=9, max_tokens=600
+    )
+    whole = runner.chat([{"role": "user", "content": "x"}], **kw)
+    content, calls, finish = [""] * 4, [{} for _ in range(4)], [None] * 4
+    for chunk in runner.stream_chat([{"role": "user", "content": "x"}], **kw):
+        for ch in chunk["choices"]:
+            i, d = ch["index"], ch["delta"]
+            content[i] += d.get("content") or ""
+            finish[i] = ch["finish_reason"] or finish[i]
+            for tc in d.get("tool_calls") or ():
+                if "id" in tc:
+                    calls[i][tc["index"]] = [tc["function"]["name"], ""]
+                calls[i][tc["index"]][1] += tc["function"]["arguments"]
+    assert any(calls), "no choice called the tool: the streamed calls went untested"
+    for i, c in enumerate(whole["choices"]):
+        # NOTE: the same seeds, the same answers; streamed or not, the same calls and text
+        got = [(n, json.loads(a)) for n, a in calls[i].values()]
+        want = [
+            (t["function"]["name"], json.loads(t["function"]["arguments"]))
+            for t in c["message"].get("tool_calls") or ()
+        ]
+        assert got == want and finish[i] == c["finish_reason"]
+        assert content[i] == (c["message"]["content"] or "")

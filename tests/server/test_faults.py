@@ -37,10 +37,10 @@ def test_a_failing_sequence_fails_alone(live, monkeypatch):
     url, engine = live
     real = ModelRunner._sample_row
 
-    def flaky(self, seq, row):
+    def flaky(self, seq, row, mask):
         if seq.params.seed == 666 and seq.num_output >= 2:
             raise RuntimeError("injected sampling fault")
-        return real(self, seq, row)
+        return real(self, seq, row, mask)
 
     monkeypatch.setattr(ModelRunner, "_sample_row", flaky)
     # the batched sampler fails the whole step when a bad row is in it; the engine then samples
