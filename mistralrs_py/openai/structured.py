@@ -187,9 +187,10 @@ def _answer_rule(spec: GrammarSpec, param: Optional[str]) -> str:
     )
 
 
-def _special_tokens(tokenizer) -> set[str]:
+def _special_tokens(tokenizer) -> dict[str, int]:
+    """The tokenizer's special tokens, text -> id."""
     backend = tokenizer.backend
     try:
-        return {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+        return {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
     except AttributeError:
-        return set()
+        return {}

@@ -18,7 +18,8 @@ import json
 import secrets
 import string
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 from ..engine.grammar import json_rule
 
@@ -69,14 +70,19 @@ def parameters_schema(parameters: Optional[dict]) -> dict:
     return parameters or {"type": "object"}
 
 
-def call_grammar(fmt: ToolFormat, tools: list[dict], parallel: bool, special: Iterable[str] = ()) -> str:
+def call_grammar(
+    fmt: ToolFormat, tools: list[dict], parallel: bool, special: Mapping[str, int] = MappingProxyType({})
+) -> str:
     """A Lark grammar (llguidance's, with %json) whose every sentence is one call, or one or more calls
     when `parallel`, to one of `tools` ([{"name", "parameters"}]) with arguments valid against that
-    function's schema. `special`: marker texts that are special tokens, written as tokens."""
+    function's schema. `special`: the tokenizer's special tokens (text -> id); a marker that is one is
+    matched as that token."""
     return "start: calls\n" + call_rules(fmt, tools, parallel, special)
 
 
-def call_rules(fmt: ToolFormat, tools: list[dict], parallel: bool, special: Iterable[str] = ()) -> str:
+def call_rules(
+    fmt: ToolFormat, tools: list[dict], parallel: bool, special: Mapping[str, int] = MappingProxyType({})
+) -> str:
     """The rules behind call_grammar, without `start`: the rule `calls` (and `call`)."""
     options = [
         {
@@ -88,26 +94,22 @@ def call_rules(fmt: ToolFormat, tools: list[dict], parallel: bool, special: Iter
         for t in tools
     ]
     schema = options[0] if len(options) == 1 else {"anyOf": options}
-    special = set(special)
 
     def lit(text: str) -> str:
         # NOTE: a marker that is a special token is matched as that token (its text alone would
-        # tokenize differently and the model would never have seen it)
-        return f"<{text}>" if text in special and text.startswith("<|") else json.dumps(text)
+        # tokenize differently, and the model has only seen the token): llguidance writes
+        # <|name|> tokens as they are and any other one by id
+        if text not in special:
+            return json.dumps(text)
+        return text if text.startswith("<|") and text.endswith("|>") else f"<[{special[text]}]>"
 
     if fmt is HERMES:
         block = f'{lit("<tool_call>")} "\\n" call "\\n" {lit("</tool_call>")}'
         body = f'{block} ("\\n" {block})*' if parallel else block
         return f"calls: {body}\ncall: {json_rule(schema)}\n"
     if fmt is MISTRAL:
-        trigger = _special_ref(fmt.trigger, special)
+        trigger = lit(fmt.trigger)
         body = 'call (", " call)*' if parallel else "call"
         return f'calls: {trigger} "[" {body} "]"\ncall: {json_rule(schema)}\n'
     body = 'call ("; " call)*' if parallel else "call"
     return f"calls: {body}\ncall: {json_rule(schema)}\n"
-
-
-def _special_ref(text: str, special: set[str]) -> str:
-    if text in special:
-        return f"<[{text}]>" if not text.startswith("<|") else f"<{text}>"
-    return json.dumps(text)

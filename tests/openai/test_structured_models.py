@@ -95,6 +95,13 @@ def test_json_schema_holds_on_a_random_model_whole_streamed_and_batched(runner):
     jsonschema.validate(json.loads(text), SCHEMA)
     done = runner.complete("The", structured_outputs={"regex": "[a-c]{3}-[0-9]{2}"}, max_tokens=20, temperature=0.8)
     assert __import__("re").fullmatch("[a-c]{3}-[0-9]{2}", done["choices"][0]["text"])
+    gbnf = 'root ::= "yes" | "no" | num\nnum ::= [0-9]{2}'  # llama.cpp's grammar field
+    for seed in range(4):
+        done = runner.complete("The", grammar=gbnf, max_tokens=20, temperature=1.0, seed=seed)
+        assert __import__("re").fullmatch("yes|no|[0-9]{2}", done["choices"][0]["text"])
+    lark = 'start: "a" b+\nb: /[xy]/'
+    done = runner.complete("The", structured_outputs={"grammar": lark}, max_tokens=8, temperature=1.0, seed=1)
+    assert __import__("re").fullmatch("a[xy]+", done["choices"][0]["text"])
 
 
 def test_a_forced_tool_call_validates_on_a_random_model(runner):
@@ -163,3 +170,49 @@ def test_auto_tool_calls_stream_as_whole_calls(runner):
         ]
         assert got == want and finish[i] == c["finish_reason"]
         assert content[i] == (c["message"]["content"] or "")
+
+
+MISTRAL_STYLE = (
+    "{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]"
+    "{% elif m.tool_calls %}[TOOL_CALLS] {{ m.tool_calls | map(attribute='function') | list | tojson }}</s>"
+    "{% else %}{{ m.content }}</s>{% endif %}{% endfor %}"
+    "{% if tools %}[AVAILABLE_TOOLS] {{ tools | map(attribute='function') | map(attribute='name') | list | tojson }}"
+    "[/AVAILABLE_TOOLS]{% endif %}"
+)
+
+
+def test_a_special_token_marker_is_generated_as_that_token(tmp_path):
+    """Mistral's [TOOL_CALLS] is a special token: the forced grammar must produce the token (not its
+    letters), and the parser must see it in the text although special tokens are normally hidden.
+    The model's vocabulary is wider than the tokenizer's (as padded embeddings are): the ids past it
+    are never allowed."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from tests.conftest import make_tiny_model
+
+    d = make_tiny_model(tmp_path / "m", "llama", seed=12, max_position_embeddings=1024, vocab_size=416)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("[TOOL_CALLS]", special=True)])
+    tok.save(str(d / "tokenizer.json"))
+    marker = tok.token_to_id("[TOOL_CALLS]")
+    assert marker == 400
+    (d / "t.jinja").write_text(MISTRAL_STYLE)
+    with Runner(ModelSpec(ModelKind.PLAIN, model_id=str(d), dtype="float32", chat_template=str(d / "t.jinja"))) as r:
+        gen = r.service.chat(
+            dict(
+                messages=[{"role": "user", "content": "x"}],
+                tools=[TOOL],
+                tool_choice="required",
+                temperature=1.0,
+                seed=3,
+                n=3,
+                max_tokens=400,
+            )
+        )
+        out = gen.response()
+        for c, raw in zip(out["choices"], gen.assembler.choices):
+            assert raw.token_ids[0] == marker and max(raw.token_ids) < 401
+            assert c["finish_reason"] == "tool_calls", raw.text
+            for call in c["message"]["tool_calls"]:
+                jsonschema.validate(json.loads(call["function"]["arguments"]), TOOL["function"]["parameters"])
+                assert len(call["id"]) == 9 and call["id"].isalnum()  # NOTE: Mistral's templates require 9
