@@ -423,6 +423,12 @@ def main() -> None:
     except ImportError:
         R["xlora_decode"] = None
 
+    # answer quality: perplexity and KL divergence against float32 (and llama.cpp's, when installed)
+    from bench.quality import quality
+
+    R["quality"] = quality(gguf, a.threads)
+    print("  quality:", R["quality"], flush=True)
+
     # HTTP server: streaming load at 1/4/16 (eager, then --compile), then RSS across 1000 requests
     port = 18000 + os.getpid() % 1000
     base = f"http://127.0.0.1:{port}"
@@ -583,6 +589,10 @@ def report(R: dict) -> None:
             f"server RSS after 100 / 1000 requests: {R['server_rss_after_100_mb']:.0f} / {R['server_rss_after_1000_mb']:.0f} MB "
             f"(growth {d:+.0f} MB; target within 50 MB)"
         )
+    if R.get("quality"):
+        from bench.quality import report_lines
+
+        print("\n".join(report_lines(R["quality"])))
     if R.get("llama_cpp_decode") is None:
         print("llama.cpp peers not installed: run `make bench-peers` for those baselines")
     RESULTS.write_text(json.dumps(R, indent=2, default=str))

@@ -142,6 +142,12 @@ class Runner:
         body = {"messages": list(messages), **sampling, "stream": True, "stream_options": {"include_usage": True}}
         return self.service.chat(body).chunks()
 
+    def respond(self, input: Any, **fields: Any) -> dict:
+        """A Responses API `response` dict for `input` (a string or a list of items), stateless as the
+        server's /v1/responses; fields take that API's names (instructions, max_output_tokens, ...)."""
+        _no_stream(fields)
+        return self.service.responses({"input": input, **fields}).response()
+
     def complete(self, prompt: str, **sampling: Any) -> dict:
         """A text_completion dict for one string prompt (no chat template)."""
         _no_stream(sampling)

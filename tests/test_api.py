@@ -176,3 +176,11 @@ def test_a_prompt_of_no_tokens_is_refused_without_a_bos_token(tiny_llama, tmp_pa
             r.complete("", max_tokens=2)
         assert e.value.param == "prompt"
         assert r.complete("Hello", max_tokens=2)["usage"]["completion_tokens"] >= 1
+
+
+def test_respond_gives_a_responses_api_object(runner):
+    from openai.types.responses import Response
+
+    out = runner.respond("Hello", instructions="Be brief.", max_output_tokens=4, temperature=0)
+    resp = Response.model_validate(out)
+    assert resp.status == "incomplete" and resp.usage.output_tokens == 4 and resp.output_text

@@ -14,6 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "mistralrs_py"
 LEVEL = {
     "cli": 0,
     "interactive": 1,
+    "evaluate": 1,
     "api": 2,
     "server": 2,
     "terminal": 3,

@@ -90,6 +90,18 @@ def main_options(
         "-i",
         help="Chat with the model in this terminal instead of serving HTTP (/help inside for commands).",
     ),
+    perplexity: Optional[Path] = typer.Option(
+        None,
+        "--perplexity",
+        exists=True,
+        dir_okay=False,
+        metavar="FILE",
+        help="Print the model's perplexity over a text file (llama-perplexity's chunks) instead of serving.",
+    ),  # fmt: skip
+    kl_divergence: bool = typer.Option(
+        False, "--kl-divergence", help="With --perplexity: also the KL divergence from float32 of the same weights."
+    ),
+    ppl_context: int = typer.Option(512, "--ppl-context", min=4, help="With --perplexity: tokens per chunk."),
     no_metrics: bool = typer.Option(False, "--no-metrics", help="Do not serve Prometheus metrics at /metrics."),
     no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the web chat page at /ui."),
     api_key: Optional[str] = typer.Option(
@@ -163,6 +175,9 @@ def main_options(
         not no_ui,
         chat_template,
         tool_call_parser=tool_call_parser,
+        perplexity=perplexity,
+        kl_divergence=kl_divergence,
+        ppl_context=ppl_context,
         no_xlora_kv_cache=no_xlora_kv_cache,
         api_key=api_key,
         allowed_origins=tuple(o.strip() for o in (allowed_origins or "").split(",") if o.strip()),
@@ -309,62 +324,15 @@ def x_lora_mistral(
     )
 
 
-@app.command("ordering")
-def ordering(
-    adapters: Optional[str] = typer.Option(
-        None,
-        "--adapters",
-        "-a",
-        help="Adapter names (folder names) in training order, comma-separated "
-        "(default: none; the loader then takes xlora_config.json's order).",
-    ),
-    model_id: Optional[str] = typer.Option(
-        None,
-        "--model-id",
-        "-m",
-        help="Model whose layers to count: directory, hub id or .gguf file (default: the embedded model).",
-    ),
-    num_layers: Optional[int] = typer.Option(
-        None, "--num-layers", min=1, help="Decoder layer count instead of --model-id."
-    ),
-    target_modules: str = typer.Option(
-        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        "--target-modules",
-        "-t",
-        help="The adapters' target_modules, comma-separated.",
-    ),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write (default: standard output)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model."),
-):
-    """Write an X-LoRA ordering file for a model (registration order of the wrapped linears, as PEFT)."""
-    from ..lora.ordering import OrderingError, make_ordering
-
-    names = [a.strip() for a in adapters.split(",") if a.strip()] if adapters else []
-    targets = [t.strip() for t in target_modules.split(",") if t.strip()]
-    try:
-        if num_layers is None:
-            from ..pipeline.base import LoadError
-            from ..pipeline.xlora import num_layers_of
-
-            try:
-                num_layers = num_layers_of(model_id, revision)
-            except LoadError as e:
-                raise OrderingError(str(e)) from None
-        made = make_ordering(num_layers, names, targets)
-    except OrderingError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    if output is None:
-        typer.echo(made.to_json(), nl=False)
-    else:
-        output.write_text(made.to_json())
-        typer.echo(f"wrote {output}: {len(names)} adapters, {len(made.layers)} wrapped linears", err=True)
-
-
 def serve(opts: GlobalOptions, spec: ModelSpec) -> None:
     spec.device, spec.dtype, spec.max_model_len = opts.device, opts.dtype, opts.max_model_len
     if opts.chat_template:
         spec.chat_template = str(opts.chat_template)
+    if opts.perplexity:
+        from ..evaluate import run_perplexity  # a measurement, no server
+
+        run_perplexity(opts, spec)
+        return
     if opts.interactive:
         from ..interactive import run_interactive  # the terminal chat replaces the HTTP server
 
@@ -373,6 +341,9 @@ def serve(opts: GlobalOptions, spec: ModelSpec) -> None:
     from ..server.launch import run_server
 
     run_server(opts, spec)
+
+
+from . import ordering as _ordering  # noqa: E402,F401 - registers the `ordering` command on `app`
 
 
 def main() -> None:

@@ -26,6 +26,9 @@ class GlobalOptions:
     ui: bool = True
     chat_template: Optional[Path] = None
     tool_call_parser: Optional[str] = None
+    perplexity: Optional[Path] = None  # a text file: measure, don't serve
+    kl_divergence: bool = False
+    ppl_context: int = 512
     no_xlora_kv_cache: bool = False
     api_key: Optional[str] = None
     allowed_origins: tuple[str, ...] = ()

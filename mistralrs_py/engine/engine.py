@@ -291,9 +291,16 @@ class Engine:
             return
         self.stats.steps += 1
         self.stats.prompt_tokens += sum(c.n for c in out.prefill)
+        for seq, lps in result.prompt_logprobs:
+            seq.add_prompt_logprobs(lps)
         for seq, sample in zip(out.sampled, result.samples):
             if isinstance(sample, Exception):
                 self._end(seq, "error", f"sampling failed: {type(sample).__name__}: {sample}")
+                continue
+            if seq.params.max_tokens == 0:
+                # NOTE: the prompt alone (echo, prompt logprobs): prefilled, nothing generated
+                seq.finish("length")
+                self._emit(seq)
                 continue
             token, lp = sample
             # NOTE: the grammar advances with every sampled token; its mask allowed only tokens it
@@ -313,7 +320,9 @@ class Engine:
         if text or finished:
             # NOTE: token ids and logprobs travel with the text they produced; a token whose text is
             # held back (incomplete character, possible stop string) waits for the next delta.
-            seq.request.emit(Delta(seq.index, text, seq.pending_ids, seq.pending_logprobs or None))
+            seq.request.emit(
+                Delta(seq.index, text, seq.pending_ids, seq.pending_logprobs or None, seq.take_prompt_logprobs())
+            )
             seq.pending_ids, seq.pending_logprobs = [], []
         if finished:
             self.stats.finished += 1

@@ -220,12 +220,13 @@ class KVCachePool(KVStream):
         decode: list[tuple[int, int]],
         prefill: list[tuple[int, int, int]],
         window: int | None,
-        want_prefill_logits: list[bool],
+        want_prefill_logits: list[bool | str],
     ) -> BatchView:
         """decode: (slot, position) per decoding sequence; prefill: (slot, start_pos, n) per chunk.
 
         Logits are wanted for every decode row and for the last row of each prefill chunk whose
-        flag in `want_prefill_logits` is set (the chunk that ends the prompt)."""
+        flag in `want_prefill_logits` is set (the chunk that ends the prompt), or for every row of
+        a chunk whose flag is "all" (a prompt whose logprobs are asked for)."""
         dev = self.device
         positions: list[int] = [p for _, p in decode]
         row_slots: list[int] = [s for s, _ in decode]
@@ -242,7 +243,9 @@ class KVCachePool(KVStream):
                 self._ensure_zeroed([slot], [start], start + n)
             segments.append(seg)
             row += n
-            if want:
+            if want == "all":
+                logit_rows.extend(range(row - n, row))
+            elif want:
                 logit_rows.append(row - 1)
         fields: dict = {}
         if decode:

@@ -28,6 +28,8 @@ class StepResult:
     # one per SchedulerOutput.sampled row: the sampled token (and its logprobs), or why that row failed
     samples: list[Sample | Exception] = field(default_factory=list)
     error: Exception | None = None  # the forward pass failed: every sequence of the step fails
+    # prompt logprobs computed this step: (sequence, logprobs of its prompt tokens start+1..start+n)
+    prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -55,13 +57,16 @@ class ModelRunner:
             return StepResult()
         masks = self._start_masks(out.sampled)
         try:
-            logits = self._forward(out)
+            logits, prompt_parts = self._forward(out)
+            prompt_lps = self._prompt_logprobs(logits, prompt_parts)
+            if prompt_parts:
+                logits = logits[self._sample_rows(out, prompt_parts)]
         except Exception as e:  # noqa: BLE001 - a failed forward fails its batch, not the server
             log.exception("forward failed")
             if masks is not None:
                 masks[2].exception()  # NOTE: the matchers are not touched again until it is done
             return StepResult(error=e)
-        return StepResult(self._sample(out.sampled, logits, self._finish_masks(masks)))
+        return StepResult(self._sample(out.sampled, logits, self._finish_masks(masks)), prompt_logprobs=prompt_lps)
 
     # ---- grammar masks -------------------------------------------------------------------------
     def _start_masks(self, rows: list[Sequence]) -> tuple[list[int], torch.Tensor, Future] | None:
@@ -89,20 +94,70 @@ class ModelRunner:
         if self._masker is not None:
             self._masker.shutdown(wait=True)
 
-    def _forward(self, out: SchedulerOutput) -> torch.Tensor:
-        """-> float32 logits [rows, V] of the step's sampled rows, in order."""
+    def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[tuple[Sequence, int, int, int]]]:
+        """-> float32 logits of the step's sampled rows in order, plus, for a prompt whose logprobs
+        are wanted, every row of its chunk; and those chunks as (sequence, start, n, first row)."""
         ids: list[int] = [s.tokens[-1] for s in out.decode]
         decode = [(s.slot, len(s.tokens) - 1) for s in out.decode]
-        prefill, want = [], []
+        prefill, want, parts = [], [], []
+        row = len(decode)
         for seq, start, n in out.prefill:
             ids.extend(seq.tokens[start : start + n])
             prefill.append((seq.slot, start, n))
-            want.append(start + n == len(seq.tokens))
+            ends = start + n == len(seq.tokens)
+            if seq.wants_prompt_logprobs and start < seq.prompt_len:
+                want.append("all")
+                parts.append((seq, start, n, row))
+                row += n
+            else:
+                want.append(ends)
+                row += int(ends)
         if self.graphs is not None and not prefill and self.graphs.fits(len(decode), max(p for _, p in decode) + 1):
-            return self.graphs.run(ids, decode)  # NOTE: a decode-only step: static buffers, a graph
+            return self.graphs.run(ids, decode), []  # NOTE: a decode-only step: static buffers, a graph
         view = self.pool.build_view(decode, prefill, self.window, want)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.pipe.device)
-        return self.pipe.forward(input_ids, view, self.pool)
+        return self.pipe.forward(input_ids, view, self.pool), parts
+
+    # ---- prompt logprobs -----------------------------------------------------------------------
+    def _sample_rows(self, out: SchedulerOutput, parts: list) -> torch.Tensor:
+        """The rows of the logits that belong to out.sampled, when whole prompt chunks came back too."""
+        rows = list(range(len(out.decode)))
+        full = {id(seq): first + n - 1 for seq, _, n, first in parts}
+        row = len(out.decode)
+        for chunk in out.prefill:
+            if id(chunk.seq) in full:
+                if chunk.ends_prompt:
+                    rows.append(full[id(chunk.seq)])
+                row += chunk.n
+            elif chunk.ends_prompt:
+                rows.append(row)
+                row += 1
+        return torch.tensor(rows, dtype=torch.long, device=self.pipe.device)
+
+    def _prompt_logprobs(self, logits: torch.Tensor, parts: list) -> list[tuple[Sequence, list[TokenLogprob]]]:
+        """Each prompt token's logprob from the row before it (float32 log-softmax of the model's
+        logits), with its `prompt_logprobs` best alternatives; one host read for the step."""
+        if not parts:
+            return []
+        rows, targets, tops, owners = [], [], [], []
+        for seq, start, n, first in parts:
+            # NOTE: the row at position p predicts the token at p + 1; the prompt's last row predicts
+            # the first generated token, which is sampled, not scored
+            for p in range(start, min(start + n, seq.prompt_len - 1)):
+                rows.append(first + p - start)
+                targets.append(seq.tokens[p + 1])
+                tops.append(seq.params.prompt_logprobs)
+                owners.append(seq)
+        if not rows:
+            return [(seq, []) for seq, *_ in parts]
+        dev = logits.device
+        got = sampling.batch_token_logprobs(
+            logits[torch.tensor(rows, device=dev)], torch.tensor(targets, device=dev), tops
+        )
+        by_seq: dict[int, list[TokenLogprob]] = {id(seq): [] for seq, *_ in parts}
+        for seq, t, (lp, top) in zip(owners, targets, got):
+            by_seq[id(seq)].append(TokenLogprob(t, lp, top))
+        return [(seq, by_seq[id(seq)]) for seq, *_ in parts]
 
     # ---- sampling ------------------------------------------------------------------------------
     def _sample(

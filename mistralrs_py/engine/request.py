@@ -24,7 +24,7 @@ class SamplingParams:
     repeat_last_n: int = 64
     logit_bias: dict[int, float] | None = None
     seed: int | None = None
-    max_tokens: int | None = None  # None: until the context is full
+    max_tokens: int | None = None  # None: until the context is full; 0: the prompt alone (its logprobs)
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -32,6 +32,9 @@ class SamplingParams:
     top_logprobs: int = 0
     n: int = 1
     skip_special_tokens: bool = True
+    # the prompt's own logprobs (echo with logprobs, vLLM's prompt_logprobs): None off, else the
+    # alternatives per position; computed in float32 in the prefill that serves the request
+    prompt_logprobs: int | None = None
     # the output's grammar (compiled from response_format, a tool choice...): every choice follows it
     grammar: Optional["Grammar"] = field(default=None, compare=False)
     # NOTE: the stop strings' matching tables, built once here (on the thread that prepares the
@@ -57,6 +60,9 @@ class Delta:
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
+    # the prompt's logprobs, on the first delta of the choice that computed them (the first
+    # prompt token has none: None)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

@@ -40,6 +40,10 @@ class Sequence:
         self.sent = 0  # characters of `text` already emitted
         self.pending_ids: list[int] = []  # token ids not yet emitted with text
         self.pending_logprobs: list[TokenLogprob] = []
+        # NOTE: the prompt's logprobs are computed once, by the choice that prefills the prompt
+        # (n > 1 choices copy its cache), and not again when a preempted sequence is recomputed
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.wants_prompt_logprobs = request.params.prompt_logprobs is not None and index == 0
         strings = request.params.stop_strings
         self.stops = strings.matcher() if strings is not None else None
         self.share_from: Sequence | None = None  # choice 0 of the same request: copy its prompt cache
@@ -102,6 +106,22 @@ class Sequence:
         self.text = self.text[:start]
         self.finish("stop", stop)
         return True
+
+    def add_prompt_logprobs(self, lps: list[TokenLogprob]) -> None:
+        """The logprobs of the next prompt tokens (the first prompt token has none)."""
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
+        self.prompt_logprobs.extend(lps)
+        if len(self.prompt_logprobs) >= self.prompt_len:
+            self.wants_prompt_logprobs = False
+
+    def take_prompt_logprobs(self) -> list[TokenLogprob | None] | None:
+        """The prompt's logprobs once, when complete (for the first delta that goes out)."""
+        lps = self.prompt_logprobs
+        if lps is None or self.wants_prompt_logprobs or getattr(self, "_prompt_sent", False):
+            return None
+        self._prompt_sent = True
+        return lps
 
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
         self.status = SeqStatus.FINISHED

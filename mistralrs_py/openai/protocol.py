@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..engine.request import SamplingParams
 from .output_protocol import (
@@ -52,9 +52,25 @@ class TextPart(OpenAIModel):
     text: str
 
 
+class ContentPart(OpenAIModel):
+    """A part of a message's content that is not text (image_url, input_audio, file...)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[Union[TextPart, ContentPart]], None] = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, v):
+        for part in v if isinstance(v, list) else ():
+            if not isinstance(part, TextPart):
+                raise ValueError(f"this model reads text only: a {part.type!r} content part cannot be given to it")
+        return v
+
     name: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None  # an assistant's calls, earlier in the conversation
     tool_call_id: Optional[str] = None  # a tool message: the call it answers
@@ -86,11 +102,21 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 class SamplingFields(OpenAIModel):
     """Fields shared by both endpoints, OpenAI's plus the usual extensions (vLLM/llama.cpp names)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        # NOTE: OpenAI's schema lets a client send `null` for an optional field (n, stream, echo, the
+        # penalties...), meaning "the default"; the SDKs and LangChain do
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            data = {k: v for k, v in data.items() if not (v is None and k in fields and fields[k].default is not None)}
+        return data
+
     model: str = "default"
     temperature: Optional[Probability] = None
     top_p: Optional[Annotated[float, Field(gt=0.0, le=1.0)]] = None
     n: Annotated[int, Field(ge=1, le=128)] = 1
-    max_tokens: Optional[Annotated[int, Field(ge=1)]] = None
+    max_tokens: Optional[Annotated[int, Field(ge=0)]] = None  # 0: the prompt alone (echo, prompt_logprobs)
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -108,6 +134,7 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     return_xlora_scalings: bool = False  # X-LoRA models: mean scalings per adapter in each choice
+    prompt_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None  # vLLM's: the prompt's own logprobs
     # output constraints: OpenAI's response_format, vLLM's structured_outputs (and its older guided_*
     # names), llama.cpp's grammar (GBNF) and json_schema
     response_format: Optional[ResponseFormat] = None
@@ -144,6 +171,7 @@ class SamplingFields(OpenAIModel):
         top_logprobs: int,
         grammar=None,
         skip_special_tokens: Optional[bool] = None,
+        prompt_logprobs: Optional[int] = None,
     ) -> SamplingParams:
         bias = None
         if self.logit_bias:
@@ -185,12 +213,13 @@ class SamplingFields(OpenAIModel):
             n=self.n,
             skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
             grammar=grammar,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Optional[Annotated[int, Field(ge=1)]] = None
+    max_completion_tokens: Optional[Annotated[int, Field(ge=0)]] = None
     logprobs: bool = False
     top_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
     add_generation_prompt: bool = True
@@ -217,6 +246,8 @@ class ChatCompletionRequest(SamplingFields):
     def _top_logprobs_needs_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        if self.wanted_max_tokens() == 0 and self.prompt_logprobs is None:
+            raise ValueError("max_tokens must be at least 1 (0, the prompt alone, goes with prompt_logprobs)")
         if self.functions is not None or self.function_call is not None:
             raise ValueError("functions and function_call are deprecated and not supported: use tools and tool_choice")
         if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
@@ -231,10 +262,16 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[Annotated[int, Field(ge=1)]] = 16  # OpenAI's default for completions
+    max_tokens: Optional[Annotated[int, Field(ge=0)]] = 16  # OpenAI's default for completions
     logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
     echo: bool = False
     suffix: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _nothing_to_return(self):
+        if self.max_tokens == 0 and not self.echo and self.prompt_logprobs is None:
+            raise ValueError("max_tokens must be at least 1 (0, the prompt alone, goes with echo or prompt_logprobs)")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -338,24 +375,6 @@ def _is_union_tag(part) -> bool:
         return False
     return part in ("str", "int", "float", "bool", "none") or part.startswith(
         ("list[", "dict[", "tuple[", "function-", "constrained-", "tagged-union")
-    )
-
-
-def fit_context(ids: list[int], max_tokens: Optional[int], limit: int, truncate: bool) -> list[int]:
-    """The context rule. NOTE: --truncate-sequence (as mistral.rs): an over-long prompt loses tokens
-    from the left so that max_tokens (or 10 tokens when absent) still fit; without it, an error."""
-    room = max_tokens or 0
-    if len(ids) + room <= limit and len(ids) < limit:
-        return ids
-    keep = limit - (max_tokens or 10)
-    if truncate and keep > 0:
-        return ids[-keep:]
-    raise ContextTooLong(
-        f"This model's maximum context length is {limit} tokens. However, you requested {len(ids) + room} tokens "
-        f"({len(ids)} in the prompt, {room} in the completion). Reduce the prompt or max_tokens, "
-        "or turn on --truncate-sequence (truncate_sequence=True in Python).",
-        len(ids),
-        limit,
     )
 
 

@@ -8,6 +8,7 @@ Python API, async in the server): that part is the only one they write.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Optional
 from .. import __version__
 from ..engine.request import Delta, Done, Event, TokenLogprob
 from ..pipeline.tokenizer import Tokenizer
+from .logprob_formats import chat_logprobs, completion_logprobs, prompt_completion_logprobs, vllm_prompt_logprobs
 from .tool_calls import CallStart, Content, ToolCallParser
 
 FINGERPRINT = f"mistralrs-py-{__version__}"
@@ -34,6 +36,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        # NOTE: no prompt cache yet: every prompt token is computed
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
 
 
@@ -60,31 +64,6 @@ class Choice:
             self.stop_reason = ev.stop_reason
             self.completion_tokens = ev.completion_tokens
             self.extra = ev.extra
-
-
-# ---- logprobs in OpenAI's two shapes ------------------------------------------------------------
-def chat_logprobs(tok: Tokenizer, lps: list[TokenLogprob]) -> dict:
-    def entry(tid: int, lp: float) -> dict:
-        b = tok.token_bytes(tid)
-        return {"token": b.decode("utf-8", "replace"), "logprob": lp, "bytes": list(b)}
-
-    return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]} for t in lps]}
-
-
-def completion_logprobs(tok: Tokenizer, lps: list[TokenLogprob], text_start: int) -> dict:
-    tokens, token_lps, tops, offsets = [], [], [], []
-    pos = text_start
-    for t in lps:
-        s = tok.token_bytes(t.token_id).decode("utf-8", "replace")
-        tokens.append(s)
-        token_lps.append(t.logprob)
-        top: dict[str, float] = {}
-        for i, v in t.top:  # NOTE: two tokens can share a text (byte fragments); keep the likelier
-            top.setdefault(tok.token_bytes(i).decode("utf-8", "replace"), v)
-        tops.append(top)
-        offsets.append(pos)
-        pos += len(s)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 # ---- assemblers ---------------------------------------------------------------------------------
@@ -136,6 +115,7 @@ class Assembler:
                 "object": self.object_name,
                 "created": self.created,
                 "model": self.model,
+                "system_fingerprint": FINGERPRINT,
                 "choices": [],
                 "usage": self.usage(),
             }
@@ -173,9 +153,16 @@ class ChatAssembler(Assembler):
 
     object_name = "chat.completion.chunk"
 
-    def __init__(self, *args, parsers: Optional[list[Optional[ToolCallParser]]] = None, **kw):
+    def __init__(
+        self,
+        *args,
+        parsers: Optional[list[Optional[ToolCallParser]]] = None,
+        prompt_ids: Optional[list[int]] = None,
+        **kw,
+    ):
         super().__init__(*args, **kw)
         self.parsers = parsers if parsers and any(parsers) else None
+        self.prompt_ids, self.plps = prompt_ids, None  # vLLM's prompt_logprobs, when asked for
         self.content = ["" for _ in self.choices]  # content, tool-call text taken out
         self.calls: list[list[dict]] = [[] for _ in self.choices]
         self.held_logprobs: list[list[TokenLogprob]] = [[] for _ in self.choices]
@@ -184,6 +171,12 @@ class ChatAssembler(Assembler):
         return [self.chunk(c.index, {"role": "assistant", "content": ""}) for c in self.choices]
 
     def feed(self, ev: Event) -> list[dict]:
+        if isinstance(ev, Delta) and ev.prompt_logprobs is not None and self.prompt_ids is not None:
+            self.plps = vllm_prompt_logprobs(self.tok, self.prompt_ids, ev.prompt_logprobs)
+            # NOTE: streamed, they go out at once in a chunk of their own (vLLM's top-level field)
+            chunk = self.chunk(ev.index, {})
+            chunk["prompt_logprobs"] = self.plps
+            return [chunk, *self.feed(dataclasses.replace(ev, prompt_logprobs=None))]
         if self.parsers is None or self.parsers[ev.index] is None:
             return super().feed(ev)
         choice = self.choices[ev.index]
@@ -227,13 +220,13 @@ class ChatAssembler(Assembler):
 
     def message(self, c: Choice) -> dict:
         if self.parsers is None or self.parsers[c.index] is None:
-            return {"role": "assistant", "content": c.text}
+            return {"role": "assistant", "content": c.text, "refusal": None}
         # NOTE: a call cut short by max_tokens was streamed in part, but a whole response carries
         # only finished calls (their arguments parse)
         finished = {call["id"] for call in self.parsers[c.index].calls}
         calls = [call for call in self.calls[c.index] if call["id"] in finished]
         content = self.content[c.index]
-        msg: dict = {"role": "assistant", "content": content if content or not calls else None}
+        msg: dict = {"role": "assistant", "content": content if content or not calls else None, "refusal": None}
         if calls:
             msg["tool_calls"] = calls
         return msg
@@ -244,6 +237,7 @@ class ChatAssembler(Assembler):
             "object": self.object_name,
             "created": self.created,
             "model": self.model,
+            "system_fingerprint": FINGERPRINT,
             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
 
@@ -272,23 +266,75 @@ class ChatAssembler(Assembler):
                 for c in self.choices
             ],
             "usage": self.usage(),
+            **({"prompt_logprobs": self.plps} if self.prompt_ids is not None else {}),
         }
 
 
 class CompletionAssembler(Assembler):
     """Text completions: choice k * n + i is prompt k's choice i; `echo[k]` (the prompt's text, with
-    echo) comes first in its choices' text and shifts their logprobs' text offsets."""
+    echo) comes first in its choices' text and shifts their logprobs' text offsets. With
+    `echo_logprobs` the prompt's own logprobs come first in `logprobs` (computed in the prefill,
+    they arrive with choice k * n's first event: the other choices' events wait for them);
+    `prompt_logprobs` (vLLM's field) reports them separately."""
 
     object_name = "text_completion"
 
-    def __init__(self, *args, n: int = 1, echo: Optional[list[str]] = None, **kw):
+    def __init__(
+        self,
+        *args,
+        n: int = 1,
+        echo: Optional[list[str]] = None,
+        prompts: Optional[list[list[int]]] = None,
+        echo_logprobs: bool = False,
+        prompt_logprobs: Optional[int] = None,
+        **kw,
+    ):
         super().__init__(*args, **kw)
         self.n = n
         self.echo = echo or [""] * (len(self.choices) // n)
         self.offsets = [len(self.echo[c.index // n]) for c in self.choices]
+        self.prompts, self.echo_logprobs, self.want_plps = prompts or [], echo_logprobs, prompt_logprobs is not None
+        self.plps: dict[int, list] = {}  # prompt k -> its logprobs, once computed
+        self.started = [False] * len(self.choices)  # a choice's first chunk went out
+        self.held: list[list[Event]] = [[] for _ in self.choices]
 
     def head(self) -> list[dict]:
+        if self.echo_logprobs or self.want_plps:
+            return []  # NOTE: the echo goes out with the prompt's logprobs, once they are computed
         return [self.chunk(c.index, self.echo[c.index // self.n]) for c in self.choices if self.echo[c.index // self.n]]
+
+    def feed(self, ev: Event) -> list[dict]:
+        if not (self.echo_logprobs or self.want_plps):
+            return super().feed(ev)
+        k = ev.index // self.n
+        if isinstance(ev, Delta) and ev.prompt_logprobs is not None:
+            self.plps[k] = ev.prompt_logprobs
+        if k not in self.plps:
+            self.held[ev.index].append(ev)
+            return []
+        out = []
+        for c in range(k * self.n, (k + 1) * self.n):  # NOTE: this choice and the ones that waited
+            if c != ev.index and self.held[c]:
+                out += self._release(c, [])
+        return out + self._release(ev.index, [ev])
+
+    def _release(self, c: int, events: list) -> list[dict]:
+        events, self.held[c] = self.held[c] + events, []
+        out = []
+        if not self.started[c]:
+            self.started[c] = True
+            out.append(self._first_chunk(c))
+        for ev in events:
+            out += super().feed(ev)
+        return out
+
+    def _first_chunk(self, c: int) -> dict:
+        k = c // self.n
+        lp = prompt_completion_logprobs(self.tok, self.prompts[k], self.plps[k]) if self.echo_logprobs else None
+        chunk = self.chunk(c, self.echo[k], None, lp)
+        if self.want_plps:
+            chunk["choices"][0]["prompt_logprobs"] = vllm_prompt_logprobs(self.tok, self.prompts[k], self.plps[k])
+        return chunk
 
     def chunk(self, index: int, text: str, finish_reason=None, logprobs=None) -> dict:
         return {
@@ -296,6 +342,7 @@ class CompletionAssembler(Assembler):
             "object": self.object_name,
             "created": self.created,
             "model": self.model,
+            "system_fingerprint": FINGERPRINT,
             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
 
@@ -310,24 +357,36 @@ class CompletionAssembler(Assembler):
     def texts(self) -> list[dict]:
         return [{"index": c.index, "text": self.echo[c.index // self.n] + c.text} for c in self.choices]
 
+    def choice_logprobs(self, c: Choice) -> Optional[dict]:
+        k = c.index // self.n
+        if not self.logprobs:
+            return None
+        generated = completion_logprobs(self.tok, c.logprobs, len(self.echo[k]))
+        if not self.echo_logprobs:
+            return generated
+        prompt = prompt_completion_logprobs(self.tok, self.prompts[k], self.plps.get(k) or [])
+        return {key: prompt[key] + generated[key] for key in generated}
+
     def response(self) -> dict:
+        choices = []
+        for c in self.choices:
+            k = c.index // self.n
+            choice = {
+                "index": c.index,
+                "text": self.echo[k] + c.text,
+                "logprobs": self.choice_logprobs(c),
+                "finish_reason": c.finish_reason,
+                **self.extras(c),
+            }
+            if self.want_plps:
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(self.tok, self.prompts[k], self.plps.get(k) or [])
+            choices.append(choice)
         return {
             "id": self.rid,
             "object": "text_completion",
             "created": self.created,
             "model": self.model,
             "system_fingerprint": FINGERPRINT,
-            "choices": [
-                {
-                    "index": c.index,
-                    "text": self.echo[c.index // self.n] + c.text,
-                    "logprobs": completion_logprobs(self.tok, c.logprobs, len(self.echo[c.index // self.n]))
-                    if self.logprobs
-                    else None,
-                    "finish_reason": c.finish_reason,
-                    **self.extras(c),
-                }
-                for c in self.choices
-            ],
+            "choices": choices,
             "usage": self.usage(),
         }

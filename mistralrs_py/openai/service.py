@@ -5,6 +5,7 @@
     gen.response()                          # a chat.completion dict (sync)
     for chunk in gen.chunks(): ...          # chat.completion.chunk dicts (sync)
     await gen.aresponse(); gen.achunks()    # the same in asyncio
+    service.responses({"input": ...})       # Responses API: a Response dict; its typed events as chunks
 
 Every request is refused here or nowhere: the same bad field gives the same InvalidRequest (a
 ValueError) whichever front end it came through.
@@ -23,7 +24,9 @@ from ..engine.grammar import GrammarError
 from ..engine.request import SamplingParams
 from ..pipeline.chat_template import ChatTemplateError
 from . import protocol as P
+from . import responses_protocol as RP
 from .responses import Assembler, ChatAssembler, CompletionAssembler, new_id, now
+from .responses_api import ResponsesAssembler
 from .structured import TOOL_PARSERS, OutputPlan, plan_output
 
 NO_TEMPLATE = (
@@ -140,18 +143,26 @@ class OpenAIService:
             include_usage=include_usage,
             xlora_scalings=req.return_xlora_scalings,
             parsers=[plan.parser() for _ in range(params.n)],
+            prompt_ids=ids if req.prompt_logprobs is not None else None,
         )
         return Generation(self.client, req, [ids], params, asm)
+
+    def responses(self, body: dict) -> Generation:
+        """OpenAI's Responses API, stateless: the request becomes a chat request (one choice), its
+        events a Response object or Responses' typed stream events."""
+        req = RP.parse_request(body)
+        try:
+            gen = self.chat(RP.chat_body(req))
+        except P.InvalidRequest as e:
+            raise RP.renamed(e) from None
+        gen.assembler = ResponsesAssembler(gen.assembler, req, self.model_name)
+        return gen
 
     def completion(self, body: dict) -> Generation:
         req = P.parse(P.CompletionRequest, body)
         self.check_model(req.model)
         if req.suffix:
             raise P.InvalidRequest("suffix is not supported", "suffix")
-        if req.echo and req.logprobs is not None:
-            # NOTE: OpenAI would also return the prompt tokens' logprobs; rather than a silently
-            # partial answer, say so (prefill keeps only the last row's logits today).
-            raise P.InvalidRequest("echo together with logprobs is not supported yet; use one or the other", "echo")
         texts = req.prompts()
         self.check_fan_out(len(texts), req.n)  # NOTE: before tokenizing what may be thousands of prompts
         prompts = []
@@ -171,7 +182,12 @@ class OpenAIService:
                     )
                 ids = [self.tok.bos_id]
             prompts.append(self.fit(ids, req.max_tokens))
-        params = self.sampling(req, req.logprobs is not None, req.logprobs or 0, plan_output(req, self.tok))
+        # NOTE: echo with logprobs returns the prompt's logprobs too (what evaluation harnesses read)
+        echo_logprobs = req.echo and req.logprobs is not None
+        wanted = [k for k in (req.logprobs if echo_logprobs else None, req.prompt_logprobs) if k is not None]
+        params = self.sampling(
+            req, req.logprobs is not None, req.logprobs or 0, plan_output(req, self.tok), max(wanted, default=None)
+        )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         echo = [self.tok.decode(ids) if req.echo else "" for ids in prompts]
         asm = CompletionAssembler(
@@ -185,6 +201,9 @@ class OpenAIService:
             xlora_scalings=req.return_xlora_scalings,
             n=params.n,
             echo=echo,
+            prompts=prompts,
+            echo_logprobs=echo_logprobs,
+            prompt_logprobs=req.prompt_logprobs,
         )
         return Generation(self.client, req, prompts, params, asm)
 
@@ -205,17 +224,32 @@ class OpenAIService:
         return {"prompt": self.tok.decode(req.tokens, skip_special_tokens=False)}
 
     def models(self) -> dict:
+        return {"object": "list", "data": [self.model()]}
+
+    def model(self, name: str | None = None) -> dict:
+        """GET /v1/models/{id}: the served model (404 for any other id)."""
+        if name is not None:
+            self.check_model(name)
         return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.model_name,
-                    "object": "model",
-                    "created": now(),
-                    "owned_by": "mistralrs-py",
-                    "max_model_len": self.client.max_len,
-                }
-            ],
+            "id": self.model_name,
+            "object": "model",
+            "created": now(),
+            "owned_by": "mistralrs-py",
+            "max_model_len": self.client.max_len,
+        }
+
+    def tokenizer_info(self) -> dict:
+        """GET /tokenizer_info (vLLM's): what a client needs to tokenize as the server does
+        (lm-evaluation-harness's remote tokenizer reads it)."""
+        tok = self.tok
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token,
+            "pad_token": None,
+            "chat_template": tok.chat_template,
+            "model_max_length": self.client.max_len,
+            "vocab_size": tok.vocab_size,
         }
 
     # ---- the steps ---------------------------------------------------------------------------------
@@ -265,9 +299,11 @@ class OpenAIService:
             raise P.InvalidRequest(str(e), "messages") from None
 
     def fit(self, ids: list[int], max_tokens: int | None) -> list[int]:
-        return P.fit_context(ids, max_tokens, self.client.max_len, self.truncate_sequence)
+        return fit_context(ids, max_tokens, self.client.max_len, self.truncate_sequence)
 
-    def sampling(self, req: P.SamplingFields, logprobs: bool, top: int, plan: OutputPlan) -> SamplingParams:
+    def sampling(
+        self, req: P.SamplingFields, logprobs: bool, top: int, plan: OutputPlan, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         grammar = None
         if plan.grammar is not None:
             try:
@@ -282,7 +318,26 @@ class OpenAIService:
             grammar=grammar,
             # NOTE: a tool-call marker that is a special token must reach the parser as text
             skip_special_tokens=False if plan.keep_special_tokens else None,
+            prompt_logprobs=prompt_logprobs if prompt_logprobs is not None else req.prompt_logprobs,
         )
+
+
+def fit_context(ids: list[int], max_tokens: int | None, limit: int, truncate: bool) -> list[int]:
+    """The context rule. NOTE: --truncate-sequence (as mistral.rs): an over-long prompt loses tokens
+    from the left so that max_tokens (or 10 tokens when absent) still fit; without it, an error."""
+    room = max_tokens or 0
+    if len(ids) + room <= limit and len(ids) < limit:
+        return ids
+    keep = limit - (max_tokens or 10)
+    if truncate and keep > 0:
+        return ids[-keep:]
+    raise P.ContextTooLong(
+        f"This model's maximum context length is {limit} tokens. However, you requested {len(ids) + room} tokens "
+        f"({len(ids)} in the prompt, {room} in the completion). Reduce the prompt or max_tokens, "
+        "or turn on --truncate-sequence (truncate_sequence=True in Python).",
+        len(ids),
+        limit,
+    )
 
 
 def template_message(m: P.ChatMessage) -> dict:

@@ -107,7 +107,10 @@ def create_app(service: OpenAIService, cfg: ServerConfig) -> Starlette:
     routes = [
         Route("/v1/chat/completions", completions.chat, methods=["POST"]),
         Route("/v1/completions", completions.completions, methods=["POST"]),
+        Route("/v1/responses", completions.responses, methods=["POST"]),
         Route("/v1/models", info.models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", info.model, methods=["GET"]),
+        Route("/tokenizer_info", info.tokenizer_info, methods=["GET"]),
         Route("/health", info.health, methods=["GET"]),
         Route("/version", info.version, methods=["GET"]),
         Route("/tokenize", info.tokenize, methods=["POST"]),

@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions and /v1/completions: a JSON answer, or Server-Sent Events."""
+"""POST /v1/chat/completions, /v1/completions and /v1/responses: a JSON answer, or Server-Sent Events."""
 
 from __future__ import annotations
 
@@ -25,11 +25,16 @@ async def completions(request: Request):
     return await _generate(request, "completions")
 
 
+async def responses(request: Request):
+    return await _generate(request, "responses")
+
+
 async def _generate(request: Request, endpoint: str):
     state = request.app.state.server
     body = await read_json(request)
     service = state.service
-    gen = await state.offload(service.chat if endpoint == "chat/completions" else service.completion, body)
+    prepare = {"chat/completions": service.chat, "completions": service.completion, "responses": service.responses}
+    gen = await state.offload(prepare[endpoint], body)
     state.check_open()
     if gen.stream:
         return _sse(state, gen, gen.achunks(), body, endpoint)
@@ -58,14 +63,22 @@ async def _unless_disconnected(request: Request, work: Awaitable[dict]) -> dict:
 
 
 def _sse(state, gen: Generation, chunks: AsyncIterator[dict], body: dict, endpoint: str) -> EventSourceResponse:
+    # NOTE: the Responses API streams typed events (`event:` is the data's type) and ends without [DONE]
+    typed = endpoint == "responses"
+
     async def frames():
         status = "completed"
         try:
             async for chunk in chunks:
-                yield {"data": json.dumps(chunk, ensure_ascii=False)}
+                frame = {"data": json.dumps(chunk, ensure_ascii=False)}
+                yield {"event": chunk["type"], **frame} if typed else frame
         except GenerationFailed as e:
             status = "error"
-            yield {"data": json.dumps(error_body(e.message, "server_error", None, e.code))}
+            if typed:
+                err = gen.assembler.error(e.message, e.code)
+                yield {"event": err["type"], "data": json.dumps(err)}
+            else:
+                yield {"data": json.dumps(error_body(e.message, "server_error", None, e.code))}
         except (asyncio.CancelledError, GeneratorExit):
             status = "aborted"
             raise
@@ -80,7 +93,8 @@ def _sse(state, gen: Generation, chunks: AsyncIterator[dict], body: dict, endpoi
                     "response": {"choices": gen.assembler.texts()},
                 }
             )
-        yield {"data": "[DONE]"}
+        if not typed:
+            yield {"data": "[DONE]"}
 
     # NOTE: on shutdown, streams keep going for the grace period: by then the engine has ended
     # them with an error event (see launch.GracefulServer), so clients see a clean end.

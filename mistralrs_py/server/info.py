@@ -7,11 +7,20 @@ from starlette.responses import JSONResponse
 
 from .. import __version__
 from ..openai import protocol as P
+from ..openai.responses_protocol import ResponsesRequest
 from .body import read_json
 
 
 async def models(request: Request):
     return JSONResponse(request.app.state.server.service.models())
+
+
+async def model(request: Request):
+    return JSONResponse(request.app.state.server.service.model(request.path_params["model_id"]))
+
+
+async def tokenizer_info(request: Request):
+    return JSONResponse(request.app.state.server.service.tokenizer_info())
 
 
 async def health(request: Request):
@@ -44,7 +53,7 @@ async def openapi(request: Request):
 def openapi_document() -> dict:
     from pydantic.json_schema import models_json_schema
 
-    models = [P.ChatCompletionRequest, P.CompletionRequest, P.TokenizeRequest, P.DetokenizeRequest]
+    models = [P.ChatCompletionRequest, P.CompletionRequest, ResponsesRequest, P.TokenizeRequest, P.DetokenizeRequest]
     _, schemas = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
 
     def op(name: str, summary: str) -> dict:
@@ -68,9 +77,23 @@ def openapi_document() -> dict:
         "paths": {
             "/v1/chat/completions": op("ChatCompletionRequest", "Chat completion (OpenAI)"),
             "/v1/completions": op("CompletionRequest", "Text completion (OpenAI)"),
+            "/v1/responses": op("ResponsesRequest", "Responses API (OpenAI), stateless"),
             "/tokenize": op("TokenizeRequest", "Tokenize a prompt or messages"),
             "/detokenize": op("DetokenizeRequest", "Detokenize token ids"),
             "/v1/models": {"get": {"summary": "Served models", "responses": {"200": {"description": "OK"}}}},
+            "/v1/models/{model_id}": {
+                "get": {
+                    "summary": "One served model",
+                    "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "OK"}, "404": {"description": "No such model"}},
+                }
+            },
+            "/tokenizer_info": {
+                "get": {
+                    "summary": "The tokenizer's special tokens and template",
+                    "responses": {"200": {"description": "OK"}},
+                }
+            },
             "/health": {
                 "get": {
                     "summary": "Engine health",

@@ -15,8 +15,9 @@ from schemathesis import GenerationMode
 from .conftest import running_server
 
 EXAMPLES = 150  # per route and generation mode (valid, invalid): a few hundred cases per POST route
-ROUTES = ["POST /v1/chat/completions", "POST /v1/completions", "POST /tokenize", "POST /detokenize",
-          "GET /v1/models", "GET /health", "GET /version"]  # fmt: skip
+ROUTES = ["POST /v1/chat/completions", "POST /v1/completions", "POST /v1/responses", "POST /tokenize", "POST /detokenize",
+          "GET /v1/models", "GET /v1/models/{model_id}", "GET /tokenizer_info", "GET /health",
+          "GET /version"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_the_document_lists_every_route(api_schema):
     assert sorted(r.ok().label for r in api_schema.get_all_operations()) == sorted(ROUTES)
 
 
-# NOTE: the GET routes take no parameters: there is nothing invalid to send them
+# NOTE: the GET routes take no body: any model id is valid (unknown ones are a 404)
 CASES = [(r, m) for r in ROUTES for m in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
          if r.startswith("POST") or m == GenerationMode.POSITIVE]  # fmt: skip
 

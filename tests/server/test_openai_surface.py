@@ -78,7 +78,8 @@ def test_completions_prompt_forms_echo_and_n(tiny_server):
     )
     assert e.choices[0].text == "Hello world" + a.choices[0].text
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "echo": True, "logprobs": 1, "max_tokens": 2})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+    lp = r.json()["choices"][0]["logprobs"]  # the prompt's logprobs, then the generated tokens'
+    assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(lp["tokens"]) > 2
     m = c.completions.create(
         model="default", prompt=["Hello world", "The fox"], n=2, temperature=0, max_tokens=4, extra_body=EXTRA
     )
