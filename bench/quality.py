@@ -76,6 +76,13 @@ def quality(gguf: Path, threads: int) -> dict:
         "kld_default": ours.kld,
         "top1_default": ours.top1,
     }
+    if default.dtype != torch.bfloat16:
+        # NOTE: where the default is float32 (CPUs without AVX-512), the bf16 path is measured too:
+        # it is the default on the CPUs that have our int8-activation kernels
+        bf16 = load_pipeline(ModelSpec(ModelKind.GGUF, device="cpu", dtype="bfloat16"))
+        b = measure(bf16, ids, CTX, reference=exact)
+        R.update(bf16_kernels=bf16.summary.get("format"), ppl_bf16=b.ppl, kld_bf16=b.kld, top1_bf16=b.top1)
+        del bf16
     chunk_list = list(chunks(ids, CTX, chunk_bos(default.tokenizer)))
     theirs = llama_cpp_logprobs(gguf, threads, chunk_list)
     if theirs is not None:
@@ -95,8 +102,15 @@ def report_lines(Q: dict) -> list[str]:
         f"float32 {Q['ppl_float32']:.4f}; default vs float32: mean KLD {Q['kld_default']:.6f}, "
         f"same top token {100 * Q['top1_default']:.2f}%"
     ]
+    if "kld_bf16" in Q:
+        out.append(
+            f"  --dtype bfloat16: PPL {Q['ppl_bf16']:.4f}, mean KLD {Q['kld_bf16']:.6f}, "
+            f"same top token {100 * Q['top1_bf16']:.2f}%"
+        )
     if "kld_llama_cpp" in Q:
         ok = "met" if Q["kld_default"] <= Q["kld_llama_cpp"] else "NOT met"
+        if "kld_bf16" in Q:
+            ok += f"; bf16 path: {'met' if Q['kld_bf16'] <= Q['kld_llama_cpp'] else 'NOT met'}"
         out.append(
             f"  llama.cpp on the same file: PPL {Q['ppl_llama_cpp']:.4f}, mean KLD {Q['kld_llama_cpp']:.6f}, "
             f"same top token {100 * Q['top1_llama_cpp']:.2f}% (target: our KLD <= llama.cpp's: {ok})"

@@ -246,8 +246,6 @@ class ChatCompletionRequest(SamplingFields):
     def _top_logprobs_needs_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.wanted_max_tokens() == 0 and self.prompt_logprobs is None:
-            raise ValueError("max_tokens must be at least 1 (0, the prompt alone, goes with prompt_logprobs)")
         if self.functions is not None or self.function_call is not None:
             raise ValueError("functions and function_call are deprecated and not supported: use tools and tool_choice")
         if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
@@ -266,12 +264,6 @@ class CompletionRequest(SamplingFields):
     logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
     echo: bool = False
     suffix: Optional[str] = None
-
-    @model_validator(mode="after")
-    def _nothing_to_return(self):
-        if self.max_tokens == 0 and not self.echo and self.prompt_logprobs is None:
-            raise ValueError("max_tokens must be at least 1 (0, the prompt alone, goes with echo or prompt_logprobs)")
-        return self
 
     @field_validator("prompt")
     @classmethod

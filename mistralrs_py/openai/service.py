@@ -126,6 +126,10 @@ class OpenAIService:
         req = P.parse(P.ChatCompletionRequest, body)
         self.check_model(req.model)
         self.check_fan_out(1, req.n)
+        if req.wanted_max_tokens() == 0 and req.prompt_logprobs is None:
+            raise P.InvalidRequest(
+                "max_tokens must be at least 1 (0, the prompt alone, goes with prompt_logprobs)", "max_tokens"
+            )
         plan = plan_output(req, self.tok, self.tool_call_parser)
         ids = self.encode_chat(req.messages, req.add_generation_prompt, req.chat_template_kwargs, plan.tools)
         if not ids:
@@ -163,6 +167,10 @@ class OpenAIService:
         self.check_model(req.model)
         if req.suffix:
             raise P.InvalidRequest("suffix is not supported", "suffix")
+        if req.max_tokens == 0 and not req.echo and req.prompt_logprobs is None:
+            raise P.InvalidRequest(
+                "max_tokens must be at least 1 (0, the prompt alone, goes with echo or prompt_logprobs)", "max_tokens"
+            )
         texts = req.prompts()
         self.check_fan_out(len(texts), req.n)  # NOTE: before tokenizing what may be thousands of prompts
         prompts = []
