@@ -36,22 +36,14 @@ def completion_logprobs(tok: Tokenizer, lps: list[TokenLogprob], text_start: int
 def prompt_completion_logprobs(tok: Tokenizer, ids: list[int], lps: list[Optional[TokenLogprob]]) -> dict:
     """The prompt's part of a text completion's logprobs (echo): the first token has no logprob
     (null, as OpenAI gives it), offsets count from the start of the prompt's text."""
-    tokens, token_lps, tops, offsets = [], [], [], []
-    pos = 0
-    for i, tid in enumerate(ids):
-        s = tok.token_bytes(tid).decode("utf-8", "replace")
-        lp = lps[i] if i < len(lps) else None
-        tokens.append(s)
-        token_lps.append(lp.logprob if lp is not None else None)
-        top: Optional[dict[str, float]] = None
-        if lp is not None:
-            top = {}
-            for t, v in lp.top:
-                top.setdefault(tok.token_bytes(t).decode("utf-8", "replace"), v)
-        tops.append(top)
-        offsets.append(pos)
-        pos += len(s)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+    first = tok.token_bytes(ids[0]).decode("utf-8", "replace")
+    rest = completion_logprobs(tok, [lp for lp in lps[1:] if lp is not None], len(first))
+    return {
+        "tokens": [first, *rest["tokens"]],
+        "token_logprobs": [None, *rest["token_logprobs"]],
+        "top_logprobs": [None, *rest["top_logprobs"]],
+        "text_offset": [0, *rest["text_offset"]],
+    }
 
 
 def vllm_prompt_logprobs(tok: Tokenizer, ids: list[int], lps: list[Optional[TokenLogprob]]) -> list:
