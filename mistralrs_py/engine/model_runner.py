@@ -163,11 +163,8 @@ class ModelRunner:
     def _sample(
         self, rows: list[Sequence], logits: torch.Tensor, masks: tuple[list[int], torch.Tensor] | None
     ) -> list[Sample | Exception]:
-        bitmask = None
-        if masks is not None:
-            # NOTE: a full-width mask per row, for the row-by-row fallback (unconstrained rows: all ones)
-            bitmask = torch.full((len(rows), masks[1].shape[1]), -1, dtype=torch.int32)
-            bitmask[masks[0]] = masks[1]
+        # NOTE: each constrained row's mask, for the row-by-row fallback
+        row_masks = dict(zip(masks[0], masks[1])) if masks is not None else {}
         try:
             batch = self._sample_batch(rows, logits, masks)
         except Exception:  # noqa: BLE001 - one bad row must not fail the others: retry row by row
@@ -178,11 +175,7 @@ class ModelRunner:
             # NOTE: a row the batch could not sample (None) is sampled alone, where a bad setup
             # raises and fails this sequence only.
             try:
-                out.append(
-                    batch[r]
-                    if batch[r] is not None
-                    else self._sample_row(seq, logits[r], None if bitmask is None else bitmask[r])
-                )
+                out.append(batch[r] if batch[r] is not None else self._sample_row(seq, logits[r], row_masks.get(r)))
             except Exception as e:  # noqa: BLE001 - reported to this sequence alone
                 log.exception("sampling failed")
                 out.append(e)

@@ -44,6 +44,7 @@ class Sequence:
         # (n > 1 choices copy its cache), and not again when a preempted sequence is recomputed
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.wants_prompt_logprobs = request.params.prompt_logprobs is not None and index == 0
+        self._prompt_sent = False
         strings = request.params.stop_strings
         self.stops = strings.matcher() if strings is not None else None
         self.share_from: Sequence | None = None  # choice 0 of the same request: copy its prompt cache
@@ -118,7 +119,7 @@ class Sequence:
     def take_prompt_logprobs(self) -> list[TokenLogprob | None] | None:
         """The prompt's logprobs once, when complete (for the first delta that goes out)."""
         lps = self.prompt_logprobs
-        if lps is None or self.wants_prompt_logprobs or getattr(self, "_prompt_sent", False):
+        if lps is None or self.wants_prompt_logprobs or self._prompt_sent:
             return None
         self._prompt_sent = True
         return lps
