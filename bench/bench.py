@@ -172,6 +172,18 @@ def json_schema_decode(eng: Engine, pipe, repeats: int, n_tokens=64) -> dict:
     return {str(streams): alternate(runs, pipe.tokenizer, repeats, n_tokens, streams) for streams in (1, 16)}
 
 
+def paged_vs_slots(repeats: int) -> dict:
+    """Decode through block tables (blocks of 16 positions) against one block per sequence, which is
+    the slot layout the paged cache replaced (every sequence's keys contiguous), on the same GGUF
+    pipeline, alternated, at 1 and 16 streams."""
+    pipe = load_pipeline(ModelSpec(ModelKind.GGUF, device="cpu"))
+    runs = {
+        "paged": Run(Engine(pipe, max_seqs=16)),
+        "slots": Run(Engine(pipe, max_seqs=16, block_size=pipe.max_model_len)),
+    }
+    return {str(streams): alternate(runs, pipe.tokenizer, repeats, 128, streams) for streams in (1, 16)}
+
+
 class HF:
     """transformers on the same weights: bf16 `generate` and a 512-token forward."""
 
@@ -404,6 +416,8 @@ def main() -> None:
     # NOTE: a ratio near 1 against a 0.9x target: 5 repeats, as for X-LoRA below
     R["json_schema"] = json_schema_decode(eng, pipe, reps if a.quick else max(reps, 5))
     print("  json schema vs free:", R["json_schema"], flush=True)
+    R["paged"] = paged_vs_slots(reps if a.quick else max(reps, 5))  # NOTE: a ratio near 1: 5 repeats
+    print("  paged vs slot layout:", R["paged"], flush=True)
     eng, pipe = engine_for(ModelSpec(ModelKind.GGUF, device="cpu"), max_seqs=16, compile=True)
     R["gguf_decode_compiled"] = decode_speed(Run(eng), pipe.tokenizer, reps)
     R["llama_cpp_decode"] = llama_cpp_speed(gguf, reps, a.threads)
@@ -458,33 +472,29 @@ def main() -> None:
         proc.terminate()
         proc.wait()
     R["llama_server"] = llama_server_load(gguf, a.threads)
+
+    # prefix caching: multi-turn chat and a shared system prompt, with and without the cache
+    from bench.prefix_cache import prefix_cache
+
+    R["prefix_cache"] = prefix_cache(gguf, a.threads, a.quick)
     report(R)
 
 
-def llama_server_load(gguf: Path, threads: int) -> dict | None:
+def start_llama_server(gguf: Path, port: int, threads: int, ctx: int) -> subprocess.Popen | None:
+    """llama-server on `gguf` with 16 slots sharing `ctx` tokens, continuous batching; None when
+    `make bench-peers` did not build it. The caller waits for it to be healthy."""
     exe = CACHE / "llama.cpp" / "build" / "bin" / "llama-server"
     if not exe.exists():
         return None
+    cmd = [str(exe), "-m", str(gguf), "--port", str(port), "-t", str(threads), "-np", "16", "-cb", "-c", str(ctx)]
+    return subprocess.Popen([*cmd, "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def llama_server_load(gguf: Path, threads: int) -> dict | None:
     port = 19000 + os.getpid() % 1000
-    proc = subprocess.Popen(
-        [
-            str(exe),
-            "-m",
-            str(gguf),
-            "--port",
-            str(port),
-            "-t",
-            str(threads),
-            "-np",
-            "16",
-            "-cb",
-            "-c",
-            str(16 * 512),
-            "--no-webui",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_llama_server(gguf, port, threads, 16 * 512)
+    if proc is None:
+        return None
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, base, 120)
@@ -503,6 +513,11 @@ def llama_server_load(gguf: Path, threads: int) -> dict | None:
 def report(R: dict) -> None:
     def ratio(a, b):
         return f"{a / b:.2f}x" if a and b else "n/a"
+
+    def num(v):
+        # NOTE: None where a configuration failed (a peer, a prefix-cache server); small values are
+        # the prefix-cache rows' ratios, shown to a hundredth beside their targets
+        return f"{'n/a':>10}" if not v else f"{v:10.2f}" if v < 10 else f"{v:10.1f}"
 
     rows = [
         (
@@ -565,13 +580,28 @@ def report(R: dict) -> None:
                 ">= 0.9x",
             )
         )
+    for streams in ("1", "16"):
+        if R.get("paged"):
+            p = R["paged"][streams]
+            rows.append(
+                (
+                    f"decode through block tables, {streams} stream(s) (tok/s)",
+                    p["paged"],
+                    p["slots"],
+                    "one block a sequence (slots)",
+                    ">= 0.95x",
+                )
+            )
     if R.get("xlora_decode"):
         rows.append(("x-lora decode (tok/s)", R["xlora_decode"], R["xlora_base_decode"], "same base", ">= 0.45x"))
+    if R.get("prefix_cache"):
+        from bench.prefix_cache import report_rows
+
+        rows += report_rows(R["prefix_cache"])
     print()
     print(f"{'measure':52} {'ours':>10} {'baseline':>10} {'ratio':>7}  baseline / target")
     for name, ours, base, bname, target in rows:
-        b = f"{base:10.1f}" if base else f"{'n/a':>10}"
-        print(f"{name:52} {ours:10.1f} {b} {ratio(ours, base):>7}  {bname} / {target}")
+        print(f"{name:52} {num(ours)} {num(base)} {ratio(ours, base):>7}  {bname} / {target}")
     for key, label in (("server", "server"), ("server_compiled", "server --compile")):
         s16 = R[key][16]
         peer = (R.get("llama_server") or {}).get(16)
@@ -589,6 +619,10 @@ def report(R: dict) -> None:
             f"server RSS after 100 / 1000 requests: {R['server_rss_after_100_mb']:.0f} / {R['server_rss_after_1000_mb']:.0f} MB "
             f"(growth {d:+.0f} MB; target within 50 MB)"
         )
+    if R.get("prefix_cache"):
+        from bench.prefix_cache import report_lines as prefix_lines
+
+        print("\n".join(prefix_lines(R["prefix_cache"])))
     if R.get("quality"):
         from bench.quality import report_lines
 

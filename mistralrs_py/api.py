@@ -29,7 +29,7 @@ class Runner:
     `Runner(spec)` takes the ModelSpec the CLI builds; `Runner(model_id=..., kind="gguf-mistral",
     quantized_filename=..., ...)` builds one from ModelSpec's fields. Engine options mirror the
     CLI's global options (`--max-seqs`, `--scheduler`, `--prefill-chunk`, `--truncate-sequence`,
-    `--kv-cache-mb`, `--compile`)."""
+    `--kv-cache-mb`, `--compile`, `--no-prefix-cache` as prefix_caching=False)."""
 
     def __init__(
         self,
@@ -44,6 +44,7 @@ class Runner:
         progress: bool = False,
         kv_cache_mb: Optional[float] = None,
         compile: bool = False,
+        prefix_caching: bool = True,
         **spec_fields: Any,
     ):
         from .openai.structured import TOOL_PARSERS
@@ -62,6 +63,7 @@ class Runner:
             prefill_chunk=prefill_chunk,
             kv_cache_mb=kv_cache_mb,
             compile=compile,
+            prefix_caching=prefix_caching,
             threads=threads,
         )
         if progress:

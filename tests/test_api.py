@@ -70,9 +70,9 @@ def test_leaving_a_stream_early_aborts_it(runner):
     while runner.client.snapshot()["aborted"] == aborted and time.monotonic() < deadline:
         time.sleep(0.01)
     assert runner.client.snapshot()["aborted"] == aborted + 1
-    while runner.client.snapshot()["kv_slots_in_use"] and time.monotonic() < deadline:
+    while runner.client.snapshot()["kv_blocks_in_use"] and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert runner.client.snapshot()["kv_slots_in_use"] == 0
+    assert runner.client.snapshot()["kv_blocks_in_use"] == 0
 
 
 def test_sampling_options_n_seed_and_complete(runner):

@@ -38,9 +38,7 @@ def main_options(
         "--truncate-sequence",
         help="Cut an over-long prompt from the left so that max_tokens (or 10 tokens) fit; without it such a prompt is a 400 error.",
     ),
-    max_seqs: int = typer.Option(
-        16, "--max-seqs", min=1, help="Most sequences running at once (each holds a KV cache slot)."
-    ),
+    max_seqs: int = typer.Option(16, "--max-seqs", min=1, help="Most sequences running at once."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option(
         "auto", "--dtype", help="auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs and bf16-capable CPUs)."
@@ -63,8 +61,17 @@ def main_options(
         None,
         "--kv-cache-mb",
         min=0.001,
-        help="KV cache budget in MiB shared by all running sequences (default: half the free RAM on the CPU, 90% of free "
-        "GPU memory on a GPU). When full, new requests wait and the newest running ones are preempted and recomputed.",
+        help="KV cache budget in MiB shared by all running sequences and the prefix cache (default: half the free RAM "
+        "on the CPU, of which at most a quarter keeps cached prefixes; 90% of free GPU memory on a GPU). When full, "
+        "new requests wait and the newest running ones are preempted and recomputed.",
+    ),
+    no_prefix_cache: bool = typer.Option(
+        False,
+        "--no-prefix-cache",
+        help="Compute every prompt in full instead of reusing the cache of earlier prompts that start the same way.",
+    ),
+    block_size: int = typer.Option(
+        16, "--block-size", min=1, max=1024, help="Positions per KV cache block (the prefix cache reuses whole blocks)."
     ),
     compile: bool = typer.Option(
         False,
@@ -187,6 +194,8 @@ def main_options(
         kv_cache_mb=kv_cache_mb,
         cuda_graphs=not no_cuda_graphs,
         compile=compile,
+        prefix_caching=not no_prefix_cache,
+        block_size=block_size,
     )
 
 

@@ -38,6 +38,8 @@ class GlobalOptions:
     kv_cache_mb: Optional[float] = None
     cuda_graphs: bool = True
     compile: bool = False
+    prefix_caching: bool = True
+    block_size: int = 16
 
     def engine_options(self, **overrides):
         """The engine's part of these options (imported here: `--help` must not import torch)."""
@@ -50,6 +52,8 @@ class GlobalOptions:
             kv_cache_mb=self.kv_cache_mb,
             compile=self.compile,
             cuda_graphs=self.cuda_graphs,
+            prefix_caching=self.prefix_caching,
+            block_size=self.block_size,
             threads=self.threads,
             max_waiting=self.max_waiting,
         )

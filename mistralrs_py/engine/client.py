@@ -39,6 +39,8 @@ class EngineOptions:
     kv_cache_mb: Optional[float] = None
     compile: bool = False
     cuda_graphs: bool = True
+    prefix_caching: bool = True
+    block_size: int = 16
     threads: Optional[int] = None
     # sequences that may wait for a slot beyond --max-seqs before submissions are refused (None: no limit)
     max_waiting: Optional[int] = None
@@ -130,6 +132,8 @@ class EngineClient:
                     kv_cache_mb=options.kv_cache_mb,
                     cuda_graphs=options.cuda_graphs,
                     compile=options.compile,
+                    prefix_caching=options.prefix_caching,
+                    block_size=options.block_size,
                     worker=worker,
                 )
         except RuntimeError as e:

@@ -15,7 +15,7 @@ import torch
 from ..pipeline.base import Pipeline
 from ..pipeline.tokenizer import IncrementalDetokenizer
 from .graphs import DecodeGraphs
-from .kv_cache import CacheShape, KVCachePool, plan_pool
+from .kv_cache import DEFAULT_BLOCK_SIZE, CacheShape, KVCachePool, plan_pool
 from .model_runner import ModelRunner, StepResult
 from .request import Delta, Done, Error, Request
 from .scheduler import Scheduler, SchedulerOutput
@@ -50,6 +50,8 @@ class Engine:
         kv_cache_mb: float | None = None,
         cuda_graphs: bool = True,
         compile: bool = False,
+        prefix_caching: bool = True,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         worker: TorchThread | None = None,
     ):
         self.pipe = pipeline
@@ -64,14 +66,15 @@ class Engine:
             pipeline.max_model_len,
             pipeline.cache_streams,
             kv_cache_mb,
+            block_size,
         )
         # NOTE: the served context never exceeds what the cache can hold, so one sequence alone
         # always fits and preemption can always make progress.
-        self.max_len = min(pipeline.max_model_len, plan.slot_len, plan.capacity_tokens)
+        self.max_len = min(pipeline.max_model_len, plan.capacity_tokens)
         if self.max_len < pipeline.max_model_len:
             log.warning(
                 "the KV cache holds %d tokens, so contexts are served up to %d tokens (the model's: %d); "
-                "raise --kv-cache-mb or lower --max-seqs for more",
+                "raise --kv-cache-mb for more",
                 plan.capacity_tokens,
                 self.max_len,
                 pipeline.max_model_len,
@@ -83,20 +86,34 @@ class Engine:
         static = pipeline.graphable and ((cuda_graphs and cuda) or compile)
         self.pool = KVCachePool(
             shape,
-            plan.slots,
-            plan.slot_len,
+            plan.num_blocks,
+            plan.block_size,
             pipeline.dtype,
             pipeline.device,
             streams=pipeline.cache_streams,
-            capacity_tokens=plan.capacity_tokens,
-            scratch_slot=static,
+            num_slots=max_seqs,
         )
         graphs = (
-            DecodeGraphs(pipeline.forward, self.pool, plan.slots, c.sliding_window, capture=cuda and cuda_graphs)
+            DecodeGraphs(
+                pipeline.forward, self.pool, max_seqs, self.max_len, c.sliding_window, capture=cuda and cuda_graphs
+            )
             if static
             else None
         )
-        self.scheduler = Scheduler(plan.slots, policy, prefill_chunk, capacity_tokens=plan.capacity_tokens)
+        # NOTE: freed blocks stay cached for later prompts. On a GPU the pool is allocated anyway;
+        # on the CPU each cached block is resident memory, so without --kv-cache-mb (whose budget
+        # the user chose) at most a quarter of the default budget stays cached once freed.
+        retain = plan.num_blocks if kv_cache_mb is not None or cuda else plan.num_blocks // 4
+        self.scheduler = Scheduler(
+            max_seqs,
+            policy,
+            prefill_chunk,
+            num_blocks=plan.num_blocks,
+            block_size=plan.block_size,
+            prefix_caching=prefix_caching,
+            retain_blocks=retain,
+            cache_decoded=pipeline.caches_decoded_blocks,
+        )
         self.runner = ModelRunner(pipeline, self.pool, graphs)
         if compile and graphs is not None:
             self._compile_decode()
@@ -116,10 +133,11 @@ class Engine:
         graphs = self.runner.graphs
         try:
             self.pipe.compile_decode()
-            scratch = self.pool.scratch_slot
+            scratch = self.pool.scratch_block
             for b in graphs.buckets:
-                graphs.run([0] * b, [(scratch, 0)] * b)  # NOTE: every row writes the scratch slot
+                graphs.run([0] * b, [(0, 0)] * b, [[scratch]] * b)  # NOTE: every row writes the scratch block
         except Exception as e:  # noqa: BLE001 - no compiler, unsupported op...: serve eagerly
+            log.debug("--compile failed", exc_info=True)
             log.warning(
                 "--compile failed (%s: %s); decoding eagerly",
                 type(e).__name__,
@@ -163,14 +181,23 @@ class Engine:
     def snapshot(self) -> dict:
         """Counts for /health and tests (read without locks: approximate while running)."""
         cache = self.scheduler.cache
+        used, cached = cache.num_used, cache.num_cached_free
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
-            "kv_slots_in_use": cache.num_used,
-            "kv_slots_total": cache.num_slots,
-            "kv_cache_bytes_in_use": self.pool.bytes_in_use(cache.cached_tokens()),
-            "kv_cache_capacity_tokens": self.pool.capacity_tokens,
-            "kv_cache_capacity_bytes": self.pool.bytes_in_use(self.pool.capacity_tokens),
+            "max_seqs": self.scheduler.max_seqs,
+            "kv_block_size": cache.block_size,
+            "kv_blocks_total": cache.num_blocks,
+            "kv_blocks_in_use": used,  # NOTE: held by running sequences (a shared block once)
+            "kv_blocks_cached": cached,  # free, but holding a cached prefix
+            "kv_blocks_free": cache.num_free - cached,
+            "kv_cache_bytes_in_use": self.pool.bytes_in_use(used),
+            "kv_cache_bytes_cached": self.pool.bytes_in_use(cached),
+            "kv_cache_capacity_tokens": cache.num_blocks * cache.block_size,
+            "kv_cache_capacity_bytes": self.pool.bytes_in_use(cache.num_blocks),
+            "prefix_cache": cache.prefix_caching,
+            "prefix_cache_queries": cache.stats.queries,
+            "prefix_cache_hits": cache.stats.hits,
             "preempted": self.scheduler.num_preemptions,
             **self.stats.__dict__,
         }
@@ -244,14 +271,15 @@ class Engine:
             gen.manual_seed((seed + i) % 2**64 if seed is not None else random.getrandbits(63))
             detok = IncrementalDetokenizer(self.pipe.tokenizer, req.prompt_ids, req.params.skip_special_tokens)
             seq = Sequence(req, i, detok, gen)
-            if seqs and self.pipe.shares_prefixes:
-                seq.share_from = seqs[0]  # NOTE: the prompt is processed once for all n choices
+            if seqs:
+                seq.share_from = seqs[0]  # NOTE: the prompt's blocks are computed once for all n choices
             seqs.append(seq)
         return seqs
 
-    def _end(self, seq: Sequence, reason: str, message: str = "") -> dict | None:
+    def _end(self, seq: Sequence, reason: str, message: str = "", computed: bool = True) -> dict | None:
         """Ends a sequence that did not finish by itself (abort, error) or did (stop, length):
-        it leaves the scheduler, its slot is released; returns its pipeline report."""
+        it leaves the scheduler, its blocks are released (those computed stay in the prefix cache
+        unless its last step failed: `computed`); returns its pipeline report."""
         if reason == "error":
             self.stats.errors += 1
             seq.request.emit(Error(message, "server_error", seq.index))
@@ -259,12 +287,13 @@ class Engine:
             self.stats.aborted += 1
         if not seq.status.is_finished:
             seq.finish(reason)
-        slot = self.scheduler.drop(seq)
+        slot = self.scheduler.drop(seq, computed)
+        self.runner.release_blocks(self.scheduler.cache.take_released())
         return self.runner.release(slot) if slot is not None else None
 
     def _fail_all(self, message: str, drain: bool = False) -> None:
         for seq in [*self.scheduler.waiting, *self.scheduler.running]:
-            self._end(seq, "error", message)
+            self._end(seq, "error", message, computed=False)
         if drain:
             while True:
                 try:
@@ -285,7 +314,7 @@ class Engine:
         if result.error is not None:
             message = f"model forward failed: {type(result.error).__name__}"
             for seq in {id(s): s for s in (*out.decode, *(c.seq for c in out.prefill))}.values():
-                self._end(seq, "error", message)
+                self._end(seq, "error", message, computed=False)
             return
         if out.empty:
             return
@@ -328,5 +357,13 @@ class Engine:
             self.stats.finished += 1
             extra = self._end(seq, seq.finish_reason or "stop")
             seq.request.emit(
-                Done(seq.index, seq.finish_reason or "stop", seq.prompt_len, seq.num_output, seq.stop_reason, extra)
+                Done(
+                    seq.index,
+                    seq.finish_reason or "stop",
+                    seq.prompt_len,
+                    seq.num_output,
+                    seq.stop_reason,
+                    extra,
+                    seq.cached_prompt_tokens or 0,
+                )
             )

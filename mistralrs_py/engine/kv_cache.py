@@ -1,15 +1,18 @@
-"""The KV cache pool: one preallocated slot per running sequence, and the batch view of a step.
+"""The KV cache: a pool of fixed-size blocks, and the batch view of a step.
 
-Each sequence owns one slot (a row of every layer's [slots, Hk, P, hd] cache tensors) from
-admission until it finishes or is aborted; which one is decided by the scheduler's CacheManager
-(engine/cache_manager.py), this module only holds the tensors. A step reads and writes the slots
-in place through a `BatchView`; nothing is concatenated or split per token.
+A block holds `block_size` consecutive positions of one sequence, for every layer and stream; a
+sequence's keys are found through its block table. Which block belongs to whom is decided by the
+scheduler's BlockManager (engine/block_manager.py); this module holds the tensors: one buffer
+[blocks, streams, layers, 2, Hk, block_size, hd], so that a block is one contiguous run of memory
+(zeroed in one call when handed out, its pages handed back to the OS in one call when freed on the
+CPU), and per-layer views k[i], v[i]: [blocks, Hk, block_size, hd] of it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import mmap
 import os
 from dataclasses import dataclass
@@ -18,12 +21,12 @@ import torch
 
 from ..models.layers import BatchView, PrefillSegment, decode_mask, prefill_mask
 
-# NOTE: slots are zeroed lazily, this many positions at a time, the first time a step reads that far.
-# Masked-out keys still enter attention as 0 * value, so never-written memory must not hold NaNs;
-# zeroing on demand keeps the resident size proportional to what sequences actually used.
-_ZERO_CHUNK = 256
-
 log = logging.getLogger("mistralrs.engine")
+
+# NOTE: measured on the CPU (AVX2, 2 threads, the embedded model): 16 and 32 decode at the same
+# speed at 1 and 16 streams; 16 halves what a partial last block wastes and what a prefix hit
+# leaves to recompute.
+DEFAULT_BLOCK_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -38,12 +41,14 @@ class CacheShape:
 
 @dataclass(frozen=True)
 class PoolPlan:
-    """How big the pool is: `slots` slots of `slot_len` positions, of which at most `capacity_tokens`
-    hold keys at once (what the scheduler budgets; preemption keeps running sequences within it)."""
+    """`num_blocks` blocks of `block_size` positions (what the scheduler hands out)."""
 
-    slots: int
-    slot_len: int
-    capacity_tokens: int
+    num_blocks: int
+    block_size: int
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
 
 
 def plan_pool(
@@ -54,13 +59,13 @@ def plan_pool(
     max_len: int,
     streams: int = 1,
     kv_cache_mb: float | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> PoolPlan:
     """Sizes the pool from `--kv-cache-mb`, or by default from the memory the device has left.
 
-    NOTE: on the CPU the slots are virtual (pages are mapped on first write and handed back when a
-    sequence ends), so the budget is enforced by the scheduler and all `max_seqs` slots exist. On a
-    GPU the slots are allocated up front, so the budget decides how many full-length slots exist,
-    and when not even one fits, how long a slot (and so the served context) can be."""
+    NOTE: on the CPU the pool is virtual (pages are mapped on first write and handed back when a
+    block is freed), so by default it may hold every sequence's whole context; its resident size
+    follows the blocks in use. On a GPU it is allocated up front: the budget is its size."""
     per_token = shape.bytes_per_token(dtype) * streams
     if kv_cache_mb is not None:
         budget = round(kv_cache_mb * 2**20)
@@ -71,27 +76,16 @@ def plan_pool(
         budget = int(free * 0.9) - 512 * 2**20
     else:
         budget = _cpu_available_bytes() // 2
-    capacity = max(1, budget // per_token)
-    if capacity < 16:
+    blocks = max(0, budget // (per_token * block_size))
+    if blocks * block_size < 16:
         raise RuntimeError(
-            f"a KV cache of {budget / 2**20:.1f} MiB holds {capacity} tokens of this model "
+            f"a KV cache of {budget / 2**20:.1f} MiB holds {blocks * block_size} tokens of this model "
             f"({per_token / 1024:.0f} KiB each); raise --kv-cache-mb"
         )
-    slots, slot_len = max_seqs, max_len
-    if device.type == "cuda" and slots * slot_len > capacity:
-        slots = max(1, min(max_seqs, capacity // slot_len))
-        slot_len = min(slot_len, capacity // slots)
-        log.warning(
-            "the KV cache budget (%.0f MiB) holds %d tokens: %d slot(s) of %d positions instead of "
-            "%d x %d; set --kv-cache-mb, --max-seqs or --max-model-len to choose",
-            budget / 2**20,
-            capacity,
-            slots,
-            slot_len,
-            max_seqs,
-            max_len,
-        )
-    return PoolPlan(slots, slot_len, min(capacity, slots * slot_len))
+    if kv_cache_mb is None and device.type != "cuda":
+        # NOTE: no more than every sequence's whole context, and a prefix cache of as much again
+        blocks = min(blocks, 2 * max_seqs * -(-max_len // block_size))
+    return PoolPlan(blocks, block_size)
 
 
 def _cpu_available_bytes() -> int:
@@ -131,88 +125,111 @@ def release_pages(t: torch.Tensor) -> bool:
     return b > a and _MADVISE(a, b - a, mmap.MADV_DONTNEED) == 0
 
 
-class KVStream:
-    """Per-layer cache tensors k[i], v[i]: [slots, Hk, P, hd] (what the model reads and writes)."""
+def _page_aligned(dims: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor that starts on a page boundary, so that a block whose size is a
+    whole number of pages (the usual case) hands all of its pages back when released.
 
-    def __init__(self, shape: CacheShape, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device):
-        # NOTE: torch.empty maps pages without touching them on the CPU; see _ZERO_CHUNK.
-        self.k = [torch.empty(dims, dtype=dtype, device=device) for _ in range(shape.num_layers)]
-        self.v = [torch.empty(dims, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+    NOTE: set_ on the storage rather than a slice: the result is not a view, so torch.compile takes
+    it (and the per-layer views of it) as an input of its own shape."""
+    numel, size = math.prod(dims), torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(numel + mmap.PAGESIZE // size, dtype=dtype)
+    skip = (-raw.data_ptr() % mmap.PAGESIZE) // size
+    out = torch.empty(0, dtype=dtype)
+    return out.set_(raw.untyped_storage(), skip, dims)
+
+
+class KVStream:
+    """Per-layer cache views k[i], v[i]: [blocks, Hk, block_size, hd] (what the model reads and writes)."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
+        self.k, self.v = k, v
 
 
 class KVCachePool(KVStream):
     """Stream 0 is the pool itself (`pool.k`, `pool.v`); `pool.streams[i]` are further streams that
-    share the slot of each sequence (X-LoRA keeps its scaling pass's cache in stream 1)."""
+    share each block (X-LoRA keeps its scaling pass's cache in stream 1). The last block is a
+    scratch block that no sequence owns: padding rows of bucketed batches (CUDA graphs, --compile)
+    write there."""
 
     def __init__(
         self,
         shape: CacheShape,
-        num_slots: int,
-        max_len: int,
+        num_blocks: int,
+        block_size: int,
         dtype: torch.dtype,
         device: torch.device,
         streams: int = 1,
-        capacity_tokens: int | None = None,
-        scratch_slot: bool = False,
+        num_slots: int = 1,
     ):
-        self.shape, self.num_slots, self.max_len = shape, num_slots, max_len
-        self.capacity_tokens = min(capacity_tokens or num_slots * max_len, num_slots * max_len)
+        # NOTE: num_slots: how many sequences run at once (pipelines size per-sequence state by it)
+        self.shape, self.num_blocks, self.block_size, self.num_slots = shape, num_blocks, block_size, num_slots
         self.dtype, self.device = dtype, torch.device(device)
-        # NOTE: the scratch slot (CUDA graphs) takes the keys of padding rows; no sequence owns it.
-        self.scratch_slot = num_slots if scratch_slot else None
-        dims = (num_slots + scratch_slot, shape.num_kv_heads, max_len, shape.head_dim)
-        super().__init__(shape, dims, dtype, self.device)
-        self.streams: list[KVStream] = [self, *(KVStream(shape, dims, dtype, self.device) for _ in range(streams - 1))]
-        self._zeroed = [0] * (num_slots + scratch_slot)
-        self._dirty: set[int] = set()  # slots written since they were last released
+        self.scratch_block = num_blocks
+        dims = (num_blocks + 1, streams, shape.num_layers, 2, shape.num_kv_heads, block_size, shape.head_dim)
+        # NOTE: on the CPU torch.empty maps pages without touching them: resident memory follows the
+        # blocks written. Blocks are zeroed when handed out to a model that reads whole blocks
+        # (zero_blocks); on a GPU all at once here.
+        if self.device.type == "cuda":
+            self.buffer = torch.zeros(dims, dtype=dtype, device=self.device)
+        else:
+            self.buffer = _page_aligned(dims, dtype)
+        self.buffer[num_blocks].zero_()
+        layers = range(shape.num_layers)
+        self.streams: list[KVStream] = []
+        for s in range(streams):
+            k = [self.buffer[:, s, i, 0] for i in layers]
+            v = [self.buffer[:, s, i, 1] for i in layers]
+            self.streams.append(self if s == 0 else KVStream(k, v))
+            if s == 0:
+                super().__init__(k, v)
+        self._slot_blocks = None  # identity tables (for_pipeline)
+        self._unzeroed: set[int] = set()
 
     @classmethod
-    def for_pipeline(cls, pipe, slots: int, **kw) -> "KVCachePool":
-        """A pool shaped for `pipe`'s model: `slots` slots of its whole context, its cache streams."""
+    def for_pipeline(cls, pipe, slots: int, block_size: int = DEFAULT_BLOCK_SIZE, **kw) -> "KVCachePool":
+        """A pool shaped for `pipe`'s model with room for `slots` sequences of its whole context, slot s
+        owning blocks [s * M, (s + 1) * M): for callers that run sequences without a scheduler
+        (perplexity, tests), through build_view's slot tables."""
         c = pipe.config
         shape = CacheShape(c.num_layers, c.num_kv_heads, c.head_dim)
         kw.setdefault("streams", pipe.cache_streams)
-        return cls(shape, slots, pipe.max_model_len, pipe.dtype, pipe.device, **kw)
+        per_slot = -(-pipe.max_model_len // block_size)
+        pool = cls(shape, slots * per_slot, block_size, pipe.dtype, pipe.device, num_slots=slots, **kw)
+        pool._slot_blocks = per_slot
+        pool._unzeroed = set(range(slots * per_slot))  # NOTE: zeroed when a view first reaches them
+        return pool
 
-    # ---- slots ----------------------------------------------------------------------------
-    def release(self, slot: int) -> None:
-        """A slot's sequence ended (the scheduler freed the slot).
+    @property
+    def max_len(self) -> int:
+        return self.num_blocks * self.block_size
 
-        NOTE: on the CPU its pages go back to the OS, so the resident cache follows the tokens in
-        use (what --kv-cache-mb budgets), not every slot's longest sequence; they read as zero after."""
-        if self.device.type != "cpu" or slot not in self._dirty:
+    def slot_table(self, slot: int) -> list[int]:
+        if self._slot_blocks is None:
+            raise ValueError("this pool has no slot tables: pass the block tables (tables=)")
+        return list(range(slot * self._slot_blocks, (slot + 1) * self._slot_blocks))
+
+    # ---- blocks ------------------------------------------------------------------------------
+    def zero_blocks(self, blocks) -> None:
+        """Blocks handed to a sequence: attention reads whole blocks (masking the positions not yet
+        written), and masked keys still enter as 0 * value, so stale memory must be finite."""
+        blocks = list(blocks)
+        if blocks:
+            idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+            self.buffer.index_fill_(0, idx, 0)
+
+    def release_blocks(self, blocks) -> None:
+        """Freed blocks that leave the cache: on the CPU their pages go back to the OS, so resident
+        memory follows the blocks in use and cached (what --kv-cache-mb budgets)."""
+        if self.device.type != "cpu":
             return
-        self._dirty.discard(slot)
-        for stream in self.streams:
-            for t in (*stream.k, *stream.v):
-                release_pages(t[slot])
-        self._zeroed[slot] = 0
+        for b in blocks:
+            release_pages(self.buffer[b])
 
-    def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        """Copies the first n cached positions of slot `src` into slot `dst` (every stream, layer)."""
-        self._dirty.add(dst)
-        for stream in self.streams:
-            for t in (*stream.k, *stream.v):
-                t[dst, :, :n].copy_(t[src, :, :n])
+    def bytes_per_block(self) -> int:
+        return self.buffer[0].numel() * self.buffer.element_size()
 
-    def bytes_in_use(self, tokens_in_use: int) -> int:
-        return tokens_in_use * self.shape.bytes_per_token(self.dtype) * len(self.streams)
-
-    def _ensure_zeroed(self, slots: list[int], written: list[int], upto: int) -> None:
-        """Makes positions [0, upto) of each slot finite; the first `written` ones hold this sequence's keys."""
-        upto = min(self.max_len, -(-upto // _ZERO_CHUNK) * _ZERO_CHUNK)
-        for s, w in zip(slots, written):
-            start = max(self._zeroed[s], w)
-            if self._zeroed[s] < upto:
-                for stream in self.streams:
-                    for t in (*stream.k, *stream.v):
-                        t[s, :, start:upto].zero_()
-                self._zeroed[s] = upto
-
-    def prepare_decode(self, slots: list[int], positions: list[int], upto: int) -> None:
-        """For a step that reads `upto` positions of each slot (CUDA graphs' length buckets)."""
-        self._dirty.update(slots)
-        self._ensure_zeroed(slots, positions, upto)
+    def bytes_in_use(self, blocks: int) -> int:
+        return blocks * self.bytes_per_block()
 
     # ---- batch views ------------------------------------------------------------------------
     def build_view(
@@ -221,27 +238,29 @@ class KVCachePool(KVStream):
         prefill: list[tuple[int, int, int]],
         window: int | None,
         want_prefill_logits: list[bool | str],
+        tables: dict[int, list[int]] | None = None,
     ) -> BatchView:
-        """decode: (slot, position) per decoding sequence; prefill: (slot, start_pos, n) per chunk.
+        """decode: (slot, position) per decoding sequence; prefill: (slot, start_pos, n) per chunk;
+        tables: each slot's block table (default: the pool's slot tables, see for_pipeline).
 
         Logits are wanted for every decode row and for the last row of each prefill chunk whose
         flag in `want_prefill_logits` is set (the chunk that ends the prompt), or for every row of
         a chunk whose flag is "all" (a prompt whose logprobs are asked for)."""
-        dev = self.device
+        dev, bs = self.device, self.block_size
+        table = tables.__getitem__ if tables is not None else self.slot_table
         positions: list[int] = [p for _, p in decode]
         row_slots: list[int] = [s for s, _ in decode]
+        write_blocks: list[int] = [table(s)[p // bs] for s, p in decode]
         logit_rows: list[int] = list(range(len(decode)))
         segments: list[PrefillSegment] = []
         row = len(decode)
-        self._dirty.update(row_slots)
         for (slot, start, n), want in zip(prefill, want_prefill_logits):
-            self._dirty.add(slot)
+            t = table(slot)
             positions.extend(range(start, start + n))
             row_slots.extend([slot] * n)
-            seg = PrefillSegment(row, row + n, slot, start, prefill_mask(start, n, window, dev))
-            if seg.mask is not None:
-                self._ensure_zeroed([slot], [start], start + n)
-            segments.append(seg)
+            write_blocks.extend(t[p // bs] for p in range(start, start + n))
+            blocks = torch.tensor(t[: -(-(start + n) // bs)], dtype=torch.long, device=dev)
+            segments.append(PrefillSegment(row, row + n, slot, start, prefill_mask(start, n, window, dev), blocks))
             row += n
             if want == "all":
                 logit_rows.extend(range(row - n, row))
@@ -249,34 +268,40 @@ class KVCachePool(KVStream):
                 logit_rows.append(row - 1)
         fields: dict = {}
         if decode:
-            slots = [s for s, _ in decode]
             lengths = [p + 1 for _, p in decode]
             L = max(lengths)
-            lo, hi = min(slots), max(slots) + 1
-            contiguous = hi - lo == len(slots) and slots == sorted(slots)
-            self._ensure_zeroed(slots, [p for _, p in decode], L)
+            T = -(-L // bs)
+            # NOTE: rows shorter than the longest read the scratch block past their own blocks
+            # (masked); the fused CPU op reads only a row's own
+            rows = [(table(s)[: -(-(p + 1) // bs)] + [self.scratch_block] * T)[:T] for s, p in decode]
             fields.update(
                 num_decode=len(decode),
                 decode_len=L,
-                decode_slot_range=(lo, hi) if contiguous else None,
-                decode_slots=torch.tensor(slots, dtype=torch.long, device=dev),
+                decode_slots=torch.tensor(row_slots[: len(decode)], dtype=torch.long, device=dev),
+                decode_tables=torch.tensor(rows, dtype=torch.long, device=dev),
             )
-            if len(decode) == 1 and contiguous:
+            if len(decode) == 1:
                 # NOTE: one sequence needs no mask: it reads exactly its own keys (the last W of
                 # them under a sliding window), which also lets attention take its unmasked path.
                 fields["decode_start"] = max(0, L - window) if window else 0
             else:
-                fields["decode_mask"] = decode_mask(torch.tensor(lengths, device=dev), L, window)
-        if len(decode) + len(prefill) == 1:
-            fields["write_run"] = (decode[0][0], decode[0][1]) if decode else (prefill[0][0], prefill[0][1])
-        # NOTE: decode rows here have distinct slots and real positions (no padding rows), what
-        # the fused CPU op requires (--compile's padded views pass their scratch slot to skip).
-        view = BatchView(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+                fields["decode_mask"] = decode_mask(torch.tensor(lengths, device=dev), T * bs, window)
+        if tables is None and self._unzeroed:
+            reached = {
+                b for s, p in [*decode, *((s, a + n - 1) for s, a, n in prefill)] for b in table(s)[: p // bs + 1]
+            }
+            self.zero_blocks(reached & self._unzeroed)
+            self._unzeroed -= reached
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        return BatchView(
+            positions=pos,
             row_slots=torch.tensor(row_slots, dtype=torch.long, device=dev),
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
+            write_blocks=torch.tensor(write_blocks, dtype=torch.long, device=dev),
+            write_offsets=pos % bs,
+            block_size=bs,
             prefills=segments,
             window=window,
+            scratch_block=self.scratch_block,
             **fields,
         )
-        return view

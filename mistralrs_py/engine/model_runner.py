@@ -41,18 +41,22 @@ class ModelRunner:
 
     def release(self, slot: int) -> dict | None:
         """The sequence in `slot` ended: its pipeline state is closed (its report returned: X-LoRA's
-        mean scalings) and its cache pages handed back."""
-        report = self.pipe.end_slot(slot)
-        self.pool.release(slot)
-        return report
+        mean scalings)."""
+        return self.pipe.end_slot(slot)
+
+    def release_blocks(self, blocks: list[int]) -> None:
+        """Blocks that left the cache: their pages are handed back (on the CPU)."""
+        self.pool.release_blocks(blocks)
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         for slot in out.freed:
             self.release(slot)
+        self.release_blocks(out.released_blocks)
+        if self.pipe.reads_whole_blocks:
+            self.pool.zero_blocks(out.fresh_blocks)
+        self.pipe.reset_blocks(out.fresh_blocks)
         for seq in out.admitted:
-            self.pipe.begin_slot(seq.slot)
-        for src, dst, n in out.copies:
-            self.pool.copy_prefix(src, dst, n)
+            self.pipe.begin_slot(seq.slot, seq.tokens, seq.block_table[: seq.num_cached // self.pool.block_size])
         if out.empty:
             return StepResult()
         masks = self._start_masks(out.sampled)
@@ -99,11 +103,13 @@ class ModelRunner:
         are wanted, every row of its chunk; and those chunks as (sequence, start, n, first row)."""
         ids: list[int] = [s.tokens[-1] for s in out.decode]
         decode = [(s.slot, len(s.tokens) - 1) for s in out.decode]
+        tables = {s.slot: s.block_table for s in out.decode}
         prefill, want, parts = [], [], []
         row = len(decode)
         for seq, start, n in out.prefill:
             ids.extend(seq.tokens[start : start + n])
             prefill.append((seq.slot, start, n))
+            tables[seq.slot] = seq.block_table
             ends = start + n == len(seq.tokens)
             if seq.wants_prompt_logprobs and start < seq.prompt_len:
                 want.append("all")
@@ -113,8 +119,9 @@ class ModelRunner:
                 want.append(ends)
                 row += int(ends)
         if self.graphs is not None and not prefill and self.graphs.fits(len(decode), max(p for _, p in decode) + 1):
-            return self.graphs.run(ids, decode), []  # NOTE: a decode-only step: static buffers, a graph
-        view = self.pool.build_view(decode, prefill, self.window, want)
+            # NOTE: a decode-only step: static buffers, a graph
+            return self.graphs.run(ids, decode, [s.block_table for s in out.decode]), []
+        view = self.pool.build_view(decode, prefill, self.window, want, tables)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.pipe.device)
         return self.pipe.forward(input_ids, view, self.pool), parts
 

@@ -68,8 +68,7 @@ def chunk_logprobs(pipe: Pipeline, chunk: list[int], pool: KVCachePool) -> torch
         logits = pipe.forward(torch.tensor(chunk, dtype=torch.long, device=pipe.device), view, pool)
         return torch.log_softmax(logits.float(), -1).cpu()
     finally:
-        pipe.end_slot(0)
-        pool.release(0)
+        pipe.end_slot(0)  # NOTE: the next chunk overwrites slot 0's blocks from position 0
 
 
 def measure(pipe: Pipeline, ids: list[int], ctx: int, reference: Optional[Pipeline] = None) -> QualityReport:

@@ -73,6 +73,7 @@ class Done:
     completion_tokens: int
     stop_reason: Union[str, int, None] = None  # the stop string or token id that ended it
     extra: Optional[dict] = None  # pipeline-specific report (X-LoRA scalings)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed again)
 
 
 @dataclass

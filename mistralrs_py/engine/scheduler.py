@@ -1,4 +1,4 @@
-"""Which sequences run in the next step, and who holds which cache slot. Never touches tensors.
+"""Which sequences run in the next step, and who holds which cache blocks. Never touches tensors.
 
 Policies:
 - "continuous": every running sequence decodes every step, whatever its length, and prompt chunks
@@ -7,13 +7,13 @@ Policies:
   only the shortest running sequences decode, and longer ones wait until the shortest catch up, so
   every decode batch holds sequences of one length.
 
-The scheduler owns the cache allocator (`CacheManager`): admission, slot allocation, preemption and
-release happen here and nowhere else, and `Sequence.num_cached` changes only here. The budget
-(`capacity_tokens`, from --kv-cache-mb) is counted in tokens: a waiting sequence is admitted only
-when its whole prompt fits beside what running sequences hold and have been promised, and when the
-running sequences' next tokens do not fit, the newest are preempted: their cache is dropped and
-they wait at the head of the queue to be recomputed (prompt and output so far, as one prompt), as
-vLLM's recompute preemption.
+The scheduler owns the cache's block manager (engine/block_manager.py): admission, allocation,
+sharing, preemption and release happen here and nowhere else, and `Sequence.num_cached` changes
+only here. A waiting sequence is admitted when its whole prompt fits in the free blocks (after the
+prefix cache gave it what it holds already); a running sequence gets a new block when its last one
+is full, and when those do not fit, the newest running sequences are preempted: their blocks go
+back (those in the prefix cache stay cached) and they wait at the head of the queue to be
+recomputed (prompt and output so far, as one prompt), as vLLM's recompute preemption.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .cache_manager import CacheManager
+from .block_manager import BlockManager
 from .sequence import SeqStatus, Sequence
 
 POLICIES = ("continuous", "catch-up")
@@ -44,9 +44,10 @@ class SchedulerOutput:
     decode: list[Sequence] = field(default_factory=list)  # one token each, at position len(tokens) - 1
     prefill: list[PrefillChunk] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)  # took a slot this step: a new sequence owns it
-    copies: list[tuple[int, int, int]] = field(default_factory=list)  # (from slot, to slot, positions) first
     preempted: list[Sequence] = field(default_factory=list)  # lost their cache; wait to be recomputed
     freed: list[int] = field(default_factory=list)  # the slots the preempted sequences held
+    fresh_blocks: list[int] = field(default_factory=list)  # handed out since the last step: zero them
+    released_blocks: list[int] = field(default_factory=list)  # left the cache: their pages may go back
 
     @property
     def empty(self) -> bool:
@@ -61,12 +62,24 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, max_seqs: int, policy: str = "continuous", prefill_chunk: int = 512, capacity_tokens: int | None = None
+        self,
+        max_seqs: int,
+        policy: str = "continuous",
+        prefill_chunk: int = 512,
+        *,
+        num_blocks: int,
+        block_size: int = 16,
+        prefix_caching: bool = True,
+        retain_blocks: int | None = None,
+        salt: bytes = b"",
+        cache_decoded: bool = True,
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduler policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.max_seqs, self.policy, self.prefill_chunk = max_seqs, policy, max(1, prefill_chunk)
-        self.cache = CacheManager(max_seqs, capacity_tokens)
+        self.cache = BlockManager(
+            num_blocks, block_size, max_seqs, prefix_caching, retain_blocks, salt=salt, cache_decoded=cache_decoded
+        )
         self.num_preemptions = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -82,57 +95,54 @@ class Scheduler:
     def sequences_of(self, request_id: str) -> list[Sequence]:
         return [s for s in (*self.waiting, *self.running) if s.request.id == request_id]
 
-    def drop(self, seq: Sequence) -> int | None:
-        """A sequence ended (finished, aborted or failed): it leaves the queues and gives its slot
-        back. Returns the freed slot (None if it held none)."""
+    def drop(self, seq: Sequence, computed: bool = True) -> int | None:
+        """A sequence ended (finished, aborted or failed): it leaves the queues and gives its blocks
+        back; with `computed` (its last step succeeded) its full blocks stay in the prefix cache.
+        Returns the freed slot (None if it held none)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if computed and seq.slot is not None:
+            self.cache.commit(seq)
         return self.cache.free(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        free_tokens = self.cache.capacity_tokens - self.cache.cached_tokens()
-        # 1. the running sequences' next tokens come first: preempt the newest until they fit.
-        # NOTE: the oldest sequence is never preempted: it alone always fits, because the served
+        cache = self.cache
+        # NOTE: the blocks the last step filled are computed now (a step that failed ended its
+        # sequences before this, uncommitted): later prompts may share them
+        for seq in self.running:
+            cache.commit(seq)
+        # 1. the running sequences' next tokens come first: preempt the newest until their new
+        # blocks fit. NOTE: the oldest is never preempted: it alone always fits, because the served
         # context (the engine's max_len) is capped at the cache's capacity.
-        growing = sum(1 for s in self.running if s.num_uncached == 1)
-        while growing > free_tokens and len(self.running) > 1:
-            victim = self.running.pop()
-            free_tokens += victim.num_cached
-            growing -= victim.num_uncached == 1
-            self._preempt(victim, out)
-        free_tokens -= growing
-        # 2. admission, first come first served; a prompt waits until it fits whole beside the
-        # prompts already admitted and not yet processed (no admission in a step that preempted).
-        promised = sum(s.num_uncached for s in self.running if s.num_uncached > 1)
-        while (
-            self.waiting
-            and not out.preempted
-            and len(self.running) < self.max_seqs
-            and self.cache.num_free
-            and self.waiting[0].num_uncached + promised <= free_tokens
-        ):
-            seq = self.waiting.popleft()
+        while len(self.running) > 1 and self._growth() > cache.num_free:
+            self._preempt(self.running.pop(), out)
+        for seq in self.running:
+            if seq.is_decoding and cache.can_grow(seq, len(seq.tokens)) <= cache.num_free:
+                cache.grow(seq, len(seq.tokens))
+        # 2. admission, first come first served: a sequence waits until its whole prompt fits (no
+        # admission in a step that preempted)
+        while self.waiting and not out.preempted and len(self.running) < self.max_seqs and cache.num_free_slots:
+            seq = self.waiting[0]
+            hit = self._shared_prefix(seq)
+            if hit is None or cache.admit_cost(seq, hit) > cache.num_free:
+                break
+            self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            self.cache.allocate(seq)
+            cache.admit(seq, hit)
+            cache.grow(seq, len(seq.tokens))
             out.admitted.append(seq)
-            promised += seq.num_uncached
-        # 3. prompt chunks, up to --prefill-chunk tokens a step and what the cache has left
-        budget = min(self.prefill_chunk, free_tokens)
+        # 3. prompt chunks, up to --prefill-chunk tokens a step
+        budget = self.prefill_chunk
         for seq in self.running:
-            if seq.share_from is not None and seq.num_cached == 0 and not self._share(seq, out):
-                continue  # waits for its sibling's prompt
-            if seq.num_uncached > 1 and budget > 0:
+            if seq.num_uncached and not seq.is_decoding and budget > 0:
                 n = min(seq.num_uncached, budget)
                 out.prefill.append(PrefillChunk(seq, seq.num_cached, n))
                 budget -= n
-        ready = [s for s in self.running if s.num_uncached == 1]
-        if not ready and not out.prefill and len(self.running) > 1 and not out.copies:
-            # NOTE: every running sequence waits for cache room that only a preemption can make.
-            self._preempt(self.running.pop(), out)
+        ready = [s for s in self.running if s.is_decoding and len(s.block_table) * cache.block_size >= len(s.tokens)]
         if self.policy == "catch-up" and out.prefill:
             ready = []  # prompts run in steps of their own
         elif self.policy == "catch-up" and ready:
@@ -140,34 +150,37 @@ class Scheduler:
             ready = [s for s in ready if len(s.tokens) == shortest]
         out.decode = sorted(ready, key=lambda s: s.slot)
         # NOTE: what the step will cache is counted now (vLLM v1 does the same): the step either
-        # runs, or fails and ends every sequence in it.
+        # runs, or fails and ends every sequence in it (uncommitted).
         for seq in out.decode:
             seq.num_cached += 1
         for chunk in out.prefill:
             chunk.seq.num_cached += chunk.n
+        out.released_blocks, out.fresh_blocks = cache.take_released(), cache.take_fresh()
         return out
 
+    def _growth(self) -> int:
+        """New blocks the decoding sequences need for their next token."""
+        return sum(self.cache.can_grow(s, len(s.tokens)) for s in self.running if s.is_decoding)
+
+    def _shared_prefix(self, seq: Sequence) -> list[int] | None:
+        """The blocks `seq` starts with when admitted: n > 1 choices take their sibling's prompt
+        blocks (None while the sibling is still computing them); otherwise the prefix cache's."""
+        src, cache = seq.share_from, self.cache
+        if src is not None and src.status is SeqStatus.RUNNING:
+            k = (seq.prompt_len - 1) // cache.block_size
+            if k > 0:
+                return list(src.block_table[:k]) if src.num_cached >= k * cache.block_size else None
+        seq.share_from = None  # nothing to share (finished, or preempted): the prefix cache's
+        return cache.match(seq)
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
-        """Drops a running sequence's cache; it goes back to the head of the queue with its tokens
-        (prompt and output so far), which are prefilled again when it is readmitted."""
+        """Drops a running sequence's blocks; it goes back to the head of the queue with its tokens
+        (prompt and output so far), which are prefilled again when it is readmitted (from its own
+        blocks still in the prefix cache, when they were not evicted)."""
+        self.cache.commit(seq)
         out.freed.append(self.cache.free(seq))
         seq.status = SeqStatus.WAITING
         seq.share_from = None
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
-
-    def _share(self, seq: Sequence, out: SchedulerOutput) -> bool:
-        """n > 1: choice i > 0 takes choice 0's cached prompt instead of prefilling it again.
-
-        NOTE: all but the last prompt token are copied; that token then runs as a decode row, which
-        gives this choice its own first-token logits. Returns False while the source is not ready."""
-        src, n = seq.share_from, seq.prompt_len - 1
-        if src is None or n < 1 or src.status is not SeqStatus.RUNNING:
-            seq.share_from = None  # nothing to share (finished, or preempted): prefill normally
-            return True
-        if src.num_cached < n:
-            return False
-        out.copies.append((src.slot, seq.slot, n))
-        seq.num_cached, seq.share_from = n, None
-        return True

@@ -1,6 +1,6 @@
-"""One generation in flight: its tokens, status, cache slot and the text it has produced.
+"""One generation in flight: its tokens, status, cache blocks and the text it has produced.
 
-The scheduler alone sets `status`, `slot` and `num_cached`; the engine's update step appends tokens."""
+The scheduler alone sets `status`, `slot`, `block_table` and `num_cached`; the engine's update step appends tokens."""
 
 from __future__ import annotations
 
@@ -30,7 +30,11 @@ class Sequence:
         self.tokens: list[int] = list(request.prompt_ids)
         self.prompt_len = len(self.tokens)
         self.num_cached = 0  # tokens whose keys/values are in the cache
-        self.slot: int | None = None
+        self.slot: int | None = None  # the pipeline's per-sequence state (X-LoRA), while running
+        self.block_table: list[int] = []  # the cache blocks holding its keys, in order
+        self.block_hashes: list[bytes] = []  # the prefix cache's hash of each full block so far
+        self.num_committed = 0  # blocks registered in the prefix cache
+        self.cached_prompt_tokens: int | None = None  # prompt tokens found cached when first admitted
         self.status = SeqStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
@@ -68,6 +72,12 @@ class Sequence:
     @property
     def num_uncached(self) -> int:
         return len(self.tokens) - self.num_cached
+
+    @property
+    def is_decoding(self) -> bool:
+        """One token left to compute, and it is not the prompt's: a decode row. (A prompt whose
+        cached prefix leaves one token runs it as a prompt chunk, as pipelines expect of prompts.)"""
+        return self.num_uncached == 1 and self.num_cached >= self.prompt_len
 
     def __repr__(self) -> str:
         return f"Sequence({self.request.id}#{self.index}, {self.status.value}, len={len(self.tokens)}, cached={self.num_cached})"

@@ -151,7 +151,7 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("mistralrs::decode_attention")
-    def _(q, k, v, cos, sin, k_cache, v_cache, slots, positions, window, scale, skip_slot=-1):
+    def _(q, k, v, cos, sin, k_cache, v_cache, tables, positions, window, scale, skip_block=-1):
         return q.new_empty(q.shape)
 
 

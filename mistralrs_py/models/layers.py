@@ -105,54 +105,89 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 @dataclass
 class PrefillSegment:
     """Several prompt tokens of one sequence: rows [start_row, end_row) of the step, at positions
-    [start_pos, start_pos + n) of that sequence, attending to the cache in `slot`."""
+    [start_pos, start_pos + n) of the sequence in state slot `slot`."""
 
     start_row: int
     end_row: int
     slot: int
     start_pos: int
     mask: Tensor | None = None  # [1, 1, n, start_pos + n] bool, None when plain causal suffices
+    blocks: Tensor | None = None  # [T] long: its block table up to start_pos + n
 
 
 @dataclass
 class BatchView:
     """What one forward step reads and writes in the cache. Built by the engine's cache pool.
 
-    Rows [0, num_decode) are single decode tokens of `decode_slots`; the prefill segments follow.
+    The cache is paged: per layer [blocks, Hk, block_size, hd]; row r's keys are written at block
+    `write_blocks[r]`, offset `write_offsets[r]`, and each sequence reads its keys through its block
+    table. Rows [0, num_decode) are single decode tokens; the prefill segments follow.
     """
 
     positions: Tensor  # [N] long: position of each token in its sequence
-    row_slots: Tensor  # [N] long: cache slot of each token
+    row_slots: Tensor  # [N] long: the state slot of each token's sequence (per-sequence pipeline state)
     logit_rows: Tensor  # [S] long: rows whose logits are wanted (last token of each sequence)
+    write_blocks: Tensor | None = None  # [N] long: the block each row's keys go to
+    write_offsets: Tensor | None = None  # [N] long: their position in it (positions % block_size)
+    block_size: int = 16
     num_decode: int = 0
-    decode_slots: Tensor | None = None  # [B] long
-    decode_slot_range: tuple[int, int] | None = None  # (first, last+1) when the slots are contiguous
+    decode_slots: Tensor | None = None  # [B] long: state slots of the decode rows
+    decode_tables: Tensor | None = None  # [B, T] long: each decode row's blocks (scratch past its own)
     decode_len: int = 0  # L: longest cache length among decoding sequences, this token included
-    decode_mask: Tensor | None = None  # [B, 1, 1, L] bool: True where a key may be attended
+    decode_mask: Tensor | None = None  # [B, 1, 1, T * block_size] bool: True where a key may be attended
     decode_start: int = 0  # one decoding sequence and no mask: it attends to positions [decode_start, L)
     prefills: list[PrefillSegment] = field(default_factory=list)
-    # NOTE: (slot, first position) when every row of the step is one sequence's consecutive
-    # positions (single-stream decode, one prompt chunk): the cache write is then a slice copy
-    # instead of an index scatter.
-    write_run: tuple[int, int] | None = None
     # NOTE: built by engine/graphs.py on static, bucketed buffers (the only views --compile runs)
     static: bool = False
     # NOTE: for attention modules that run our fused CPU op (decode_attention_cpu): the sliding
-    # window it applies (the masks above encode it for the torch path), and the slot of padding rows
-    # in bucketed batches (--compile), which it skips. Every other decode row is a distinct slot.
+    # window it applies (the masks above encode it for the torch path), and the scratch block of
+    # padding rows in bucketed batches (--compile), which it skips.
     window: int | None = None
-    scratch_slot: int = -1
+    scratch_block: int = -1
 
     @property
     def num_tokens(self) -> int:
         return int(self.positions.shape[0])
 
 
+def static_decode_view(
+    positions: Tensor,
+    slots: Tensor,
+    tables: Tensor,
+    mask: Tensor,
+    logit_rows: Tensor,
+    cache,
+    window: int | None,
+    static: bool = False,
+) -> BatchView:
+    """A decode-only view made of tensors alone (CUDA graphs' static buffers, --compile's inputs):
+    where each row writes is computed on the device from its table. tables: [B, T]; mask: [B, 1, 1, T * bs]."""
+    bs = cache.block_size
+    blocks = tables.gather(1, torch.div(positions, bs, rounding_mode="floor")[:, None])[:, 0]
+    return BatchView(
+        positions=positions,
+        row_slots=slots,
+        logit_rows=logit_rows,
+        write_blocks=blocks,
+        write_offsets=positions % bs,
+        block_size=bs,
+        num_decode=positions.shape[0],
+        decode_slots=slots,
+        decode_tables=tables,
+        decode_len=mask.shape[-1],
+        decode_mask=mask,
+        static=static,
+        window=window,
+        scratch_block=cache.scratch_block,
+    )
+
+
 def decode_attention_cpu(
     q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, view: BatchView
 ) -> Tensor:
     """The decode rows [0, B) of a step in one op (models/csrc/attention.cpp): rope on q and k, the
-    cache write, and each query attending to its own slot's keys (the last `view.window` of them).
+    cache write, and each query attending to its own keys through its block table (the last
+    `view.window` of them).
 
     q: [N, H, hd], k, v: [N, Hk, hd] before rope; cos, sin: [N, 1, hd] (float32: rope without
     rounding). Returns [B, H, hd]."""
@@ -167,12 +202,19 @@ def decode_attention_cpu(
         sin,
         k_cache,
         v_cache,
-        view.decode_slots,
+        view.decode_tables,
         positions,
         view.window or 0,
         q.shape[-1] ** -0.5,
-        view.scratch_slot,
+        view.scratch_block,
     )
+
+
+def gather_blocks(cache: Tensor, blocks: Tensor) -> Tensor:
+    """cache [blocks, Hk, bs, hd] read through tables `blocks` [..., T] -> [..., Hk, T * bs, hd]."""
+    g = cache[blocks]  # [..., T, Hk, bs, hd]
+    *lead, T, Hk, bs, hd = g.shape
+    return g.transpose(-4, -3).reshape(*lead, Hk, T * bs, hd)
 
 
 def attend(
@@ -180,32 +222,23 @@ def attend(
 ) -> Tensor:
     """Writes this step's k/v into the cache and attends every query to its own sequence's keys.
 
-    q: [N, H, hd]; k, v: [N, Hk, hd]; k_cache, v_cache: [slots, Hk, P, hd]. Returns [N, H, hd], or
+    q: [N, H, hd]; k, v: [N, Hk, hd]; k_cache, v_cache: [blocks, Hk, bs, hd]. Returns [N, H, hd], or
     only the prefill rows' [N - B, H, hd] with `skip_decode` (decode_attention_cpu took the others).
     """
+    # NOTE: one scatter for all rows; (block, :, offset) advanced indexing puts N first.
     if skip_decode:
         nd = view.num_decode
-        k_cache[view.row_slots[nd:], :, view.positions[nd:]] = k[nd:]
-        v_cache[view.row_slots[nd:], :, view.positions[nd:]] = v[nd:]
-    elif view.write_run is not None:
-        slot, start = view.write_run
-        end = start + k.shape[0]
-        k_cache[slot, :, start:end].copy_(k.transpose(0, 1))
-        v_cache[slot, :, start:end].copy_(v.transpose(0, 1))
+        k_cache[view.write_blocks[nd:], :, view.write_offsets[nd:]] = k[nd:]
+        v_cache[view.write_blocks[nd:], :, view.write_offsets[nd:]] = v[nd:]
     else:
-        # NOTE: one scatter for all rows; (slot, :, position) advanced indexing puts N first.
-        k_cache[view.row_slots, :, view.positions] = k
-        v_cache[view.row_slots, :, view.positions] = v
+        k_cache[view.write_blocks, :, view.write_offsets] = k
+        v_cache[view.write_blocks, :, view.write_offsets] = v
     gqa = q.shape[1] != k.shape[1]
     outs = []
     if view.num_decode and not skip_decode:
-        L = view.decode_len
-        if view.decode_slot_range is not None:
-            a, b = view.decode_slot_range
-            s0 = view.decode_start
-            kk, vv = k_cache[a:b, :, s0:L], v_cache[a:b, :, s0:L]  # views, no copy
-        else:
-            kk, vv = k_cache[view.decode_slots, :, :L], v_cache[view.decode_slots, :, :L]
+        kk, vv = gather_blocks(k_cache, view.decode_tables), gather_blocks(v_cache, view.decode_tables)
+        if view.decode_mask is None:
+            kk, vv = kk[:, :, view.decode_start : view.decode_len], vv[:, :, view.decode_start : view.decode_len]
         qd = q[: view.num_decode]  # [B, H, hd]
         outs.append(decode_attention(qd, kk, vv, view.decode_mask))
     for seg in view.prefills:
@@ -218,8 +251,8 @@ def attend(
             vs = v[seg.start_row : seg.end_row].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
         else:
-            ks = k_cache[seg.slot : seg.slot + 1, :, :end]
-            vs = v_cache[seg.slot : seg.slot + 1, :, :end]
+            ks = gather_blocks(k_cache, seg.blocks)[None, :, :end]
+            vs = gather_blocks(v_cache, seg.blocks)[None, :, :end]
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, enable_gqa=gqa)
         outs.append(o[0].transpose(0, 1))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

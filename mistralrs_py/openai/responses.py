@@ -31,13 +31,13 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        # NOTE: no prompt cache yet: every prompt token is computed
-        "prompt_tokens_details": {"cached_tokens": 0},
+        # NOTE: prompt tokens whose keys came from the prefix cache instead of being computed
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -52,6 +52,7 @@ class Choice:
     finish_reason: Optional[str] = None
     stop_reason: object = None
     completion_tokens: int = 0
+    cached_tokens: int = 0
     extra: Optional[dict] = None
 
     def add(self, ev: Event) -> None:
@@ -63,6 +64,7 @@ class Choice:
             self.finish_reason = "length" if ev.finish_reason == "length" else "stop"
             self.stop_reason = ev.stop_reason
             self.completion_tokens = ev.completion_tokens
+            self.cached_tokens = ev.cached_tokens
             self.extra = ev.extra
 
 
@@ -122,7 +124,8 @@ class Assembler:
         ]
 
     def usage(self) -> dict:
-        return usage(self.prompt_tokens, sum(c.completion_tokens for c in self.choices))
+        # NOTE: the prompt is computed once for all choices (the first's blocks are shared): its count
+        return usage(self.prompt_tokens, sum(c.completion_tokens for c in self.choices), self.choices[0].cached_tokens)
 
     def extras(self, choice: Choice) -> dict:
         """Extension fields of a finished choice that the request asked for."""

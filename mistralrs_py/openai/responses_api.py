@@ -176,7 +176,10 @@ class ResponsesAssembler:
         u = self.chat.usage()
         return {
             "input_tokens": u["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "input_tokens_details": {
+                "cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
+                "cache_write_tokens": 0,
+            },
             "output_tokens": u["completion_tokens"],
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": u["total_tokens"],

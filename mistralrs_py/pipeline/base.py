@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.config import ModelConfig
-from ..models.layers import BatchView
+from ..models.layers import BatchView, static_decode_view
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -66,9 +66,15 @@ class Pipeline:
     # NOTE: KV streams each sequence needs: 1, or 2 for X-LoRA (scaling pass + real pass). The
     # engine's pool allocates them together; forward() receives the pool and picks its streams.
     cache_streams: int = 1
-    # NOTE: whether the engine may fill a slot by copying another slot's cached prefix (n > 1
-    # choices share their prompt). Pipelines with per-slot state of their own (X-LoRA) say no.
-    shares_prefixes: bool = True
+    # NOTE: whether the keys a decode step computes for a token equal those a prompt computes for
+    # it, so that blocks of generated tokens may serve later prompts from the prefix cache (a
+    # multi-turn chat's previous answers). X-LoRA with --tgt-non-granular-index says no: its decode
+    # steps reuse frozen scalings.
+    caches_decoded_blocks: bool = True
+    # NOTE: whether attention reads whole cache blocks, the positions not yet written masked (the
+    # torch path: those must hold finite numbers, so blocks are zeroed when handed out), or only the
+    # positions written (our fused CPU decode op)
+    reads_whole_blocks: bool = True
     # NOTE: whether decode steps may run as captured CUDA graphs (static shapes, no host-side state
     # that changes per step). X-LoRA's two passes keep per-slot state: no.
     graphable: bool = True
@@ -81,25 +87,14 @@ class Pipeline:
         model, window = self.model, self.model.cfg.sliding_window
 
         def decode(
-            input_ids: Tensor, positions: Tensor, slots: Tensor, mask: Tensor, logit_rows: Tensor, cache
+            input_ids: Tensor, positions: Tensor, slots: Tensor, tables: Tensor, mask: Tensor, logit_rows: Tensor, cache
         ) -> Tensor:
             # NOTE: the cache length reaches the graph only as a tensor size: Python ints (a view's
-            # decode_len, slot numbers) would be baked in as constants and every new value would
-            # compile again. The window and the scratch slot are fixed per model and pool.
+            # decode_len, block numbers) would be baked in as constants and every new value would
+            # compile again. The window, block size and scratch block are fixed per model and pool.
             # On the CPU the graph calls our fused decode attention too (where the model's modules
-            # were set to, use_cpu_kernels); it skips padding rows (the scratch slot), so their
-            # duplicate slot is allowed.
-            view = BatchView(
-                positions=positions,
-                row_slots=slots,
-                logit_rows=logit_rows,
-                num_decode=input_ids.shape[0],
-                decode_slots=slots,
-                decode_len=mask.shape[-1],
-                decode_mask=mask,
-                window=window,
-                scratch_slot=-1 if cache.scratch_slot is None else cache.scratch_slot,
-            )
+            # were set to, use_cpu_kernels); it skips padding rows (the scratch block).
+            view = static_decode_view(positions, slots, tables, mask, logit_rows, cache, window)
             return model(input_ids, view, cache)
 
         self.compiled_decode = torch.compile(decode)
@@ -114,12 +109,20 @@ class Pipeline:
             mask = view.decode_mask
             if mask.shape[-1] > 1:
                 torch._dynamo.maybe_mark_dynamic(mask, 3)  # NOTE: one graph for every cache length
-            return self.compiled_decode(input_ids, view.positions, view.decode_slots, mask, view.logit_rows, cache)
+            return self.compiled_decode(
+                input_ids, view.positions, view.decode_slots, view.decode_tables, mask, view.logit_rows, cache
+            )
         return self.model(input_ids, view, cache)
 
-    def begin_slot(self, slot: int) -> None:
+    def begin_slot(self, slot: int, tokens: list[int] | None = None, cached_blocks: list[int] = ()) -> None:
         """Called by the engine when it gives `slot` to a sequence (admitted, or readmitted after a
-        preemption): per-slot state of a pipeline starts afresh there."""
+        preemption) whose tokens are `tokens`: per-slot state of a pipeline starts afresh there.
+        Its first positions may already be cached in `cached_blocks` (a prefix-cache hit, or the
+        prompt of another choice of the same request): they are not computed again."""
+
+    def reset_blocks(self, blocks: list[int]) -> None:
+        """Called by the engine before a step with the cache blocks handed out since the last one:
+        per-block state of a pipeline starts afresh there."""
 
     def end_slot(self, slot: int) -> dict | None:
         """Called by the engine when the sequence that owned `slot` ends or is preempted, before the
@@ -163,6 +166,7 @@ def load_pipeline(spec: ModelSpec, progress=None) -> Pipeline:
     # NOTE: the one choice of kernels, made when every module exists (fused projections, X-LoRA's
     # wrapped linears and classifier): the modules' forwards read only their own flag.
     use_cpu_kernels(pipeline.network(), ok)
+    pipeline.reads_whole_blocks = not ok
     return pipeline
 
 

@@ -130,12 +130,18 @@ def num_layers_of(model_id: str | None, revision: str | None = None) -> int:
 
 # ---- the pipeline ---------------------------------------------------------------------------------
 class _Scratch:
-    """K/V for one sequence's uncached scaling pass (--no-xlora-kv-cache): [1, Hk, P, hd] per layer."""
+    """K/V for one sequence's uncached scaling pass (--no-xlora-kv-cache), paged as the engine's
+    cache: [blocks, Hk, bs, hd] per layer, the sequence in blocks 0, 1, 2, ..."""
+
+    block_size = 16
 
     def __init__(self, layers: int, heads: int, head_dim: int, length: int, dtype, device):
-        self.k = [torch.zeros(1, heads, length, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        blocks = -(-length // self.block_size)
+        dims = (blocks, heads, self.block_size, head_dim)
+        self.k = [torch.zeros(dims, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
         self.length = length
+        self.table = torch.arange(blocks, device=device)
 
 
 @dataclass
@@ -147,7 +153,7 @@ class XLoraPipeline(Pipeline):
 
     def __post_init__(self) -> None:
         self.cache_streams = 1 if self.no_kv_cache else 2
-        self.shares_prefixes = False  # per-slot token records and scaling state
+        self.caches_decoded_blocks = self.tgt_non_granular_index is None
         self.graphable = False
         self.last_scalings: Tensor | None = None  # [N, rows, n] of the latest step (reports, tests)
         self._pool = lambda: None  # weak reference to the pool the per-slot state belongs to
@@ -162,6 +168,10 @@ class XLoraPipeline(Pipeline):
         slots, n, dev = pool.num_slots, len(self.adapter_names), self.device
         self._sums = torch.zeros(slots, n, dtype=torch.float32, device=dev)  # sum of per-token scalings
         self._counts = torch.zeros(slots, dtype=torch.float32, device=dev)
+        # NOTE: the same per cache block, so that a sequence that starts from cached blocks (prefix
+        # cache, n > 1) reports the scalings of the tokens it did not compute again
+        self._block_sums = torch.zeros(pool.num_blocks + 1, n, dtype=torch.float32, device=dev)
+        self._block_counts = torch.zeros(pool.num_blocks + 1, dtype=torch.float32, device=dev)
         if self.no_kv_cache:
             # NOTE: the token ids each slot has seen, written where the cache would write K/V, so the
             # scaling pass can rerun over the whole sequence without a cache of its own.
@@ -199,16 +209,33 @@ class XLoraPipeline(Pipeline):
             self._frozen[plan.freeze_slots] = s[plan.freeze_rows]
         logits = xl.real_logits(input_ids, view, cache, s)
         # NOTE: per-slot running sums on the device; read once, when the sequence ends.
-        self._sums.index_add_(0, view.row_slots, s.float().mean(1))
-        self._counts.index_add_(0, view.row_slots, torch.ones_like(view.row_slots, dtype=torch.float32))
+        means, ones = s.float().mean(1), torch.ones_like(view.row_slots, dtype=torch.float32)
+        self._sums.index_add_(0, view.row_slots, means)
+        self._counts.index_add_(0, view.row_slots, ones)
+        self._block_sums.index_add_(0, view.write_blocks, means)
+        self._block_counts.index_add_(0, view.write_blocks, ones)
         self.last_scalings = s
         return logits
 
     # ---- per-slot hooks (the engine's) -------------------------------------------------------
     @torch.inference_mode()  # NOTE: the per-slot state was made inside forward's inference mode
-    def begin_slot(self, slot: int) -> None:
+    def begin_slot(self, slot: int, tokens: list[int] | None = None, cached_blocks: list[int] = ()) -> None:
         if self._has_state(slot):
             self._reset(slot)
+            if cached_blocks:
+                idx = torch.tensor(cached_blocks, dtype=torch.long, device=self.device)
+                self._sums[slot] += self._block_sums[idx].sum(0)
+                self._counts[slot] += self._block_counts[idx].sum()
+            if self.no_kv_cache and tokens:
+                # NOTE: a prefix-cache hit is not recomputed: its tokens are recorded here
+                self._ids[slot, : len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def reset_blocks(self, blocks: list[int]) -> None:
+        if blocks and self._pool() is not None:
+            idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+            self._block_sums.index_fill_(0, idx, 0)
+            self._block_counts.index_fill_(0, idx, 0)
 
     @torch.inference_mode()
     def end_slot(self, slot: int) -> dict | None:
@@ -251,12 +278,16 @@ class XLoraPipeline(Pipeline):
         # NOTE: one sequence at a time, so the scratch cache holds one sequence (this mode exists to
         # save cache memory); each is a fresh prompt at position 0 in scratch slot 0.
         for slot, row, n, end in seqs:
-            pos = self._arange[:end]
+            pos, bs = self._arange[:end], self._scratch.block_size
+            mask = prefill_mask(0, end, c.sliding_window, self.device)
             v = BatchView(
                 positions=pos,
                 row_slots=torch.zeros_like(pos),
                 logit_rows=pos[:0],
-                prefills=[PrefillSegment(0, end, 0, 0, prefill_mask(0, end, c.sliding_window, self.device))],
+                write_blocks=pos // bs,
+                write_offsets=pos % bs,
+                block_size=bs,
+                prefills=[PrefillSegment(0, end, 0, 0, mask, self._scratch.table[: -(-end // bs)])],
             )
             h = self.xlora.scaling_hidden(self._ids[slot, :end], v, self._scratch)
             out[row : row + n] = h[end - n :]

@@ -170,18 +170,32 @@ class EngineCollector(Collector):
 
         yield gauge("mistralrs_engine_up", "1 while the engine thread is running", 1.0 if self.client.alive else 0.0)
         yield gauge("mistralrs_num_sequences_running", "Sequences decoding or prefilling now", snap["running"])
-        yield gauge("mistralrs_num_sequences_waiting", "Sequences queued for a KV cache slot", snap["waiting"])
-        yield gauge("mistralrs_kv_cache_slots_used", "KV cache slots held by sequences", snap["kv_slots_in_use"])
-        yield gauge("mistralrs_kv_cache_slots_total", "KV cache slots (--max-seqs)", snap["kv_slots_total"])
+        yield gauge("mistralrs_num_sequences_waiting", "Sequences queued for room in the KV cache", snap["waiting"])
+        yield gauge(
+            "mistralrs_kv_cache_blocks_used", "KV cache blocks held by running sequences", snap["kv_blocks_in_use"]
+        )
+        yield gauge(
+            "mistralrs_kv_cache_blocks_cached", "Free KV cache blocks holding a cached prefix", snap["kv_blocks_cached"]
+        )
+        yield gauge("mistralrs_kv_cache_blocks_total", "KV cache blocks (--kv-cache-mb)", snap["kv_blocks_total"])
         yield gauge(
             "mistralrs_kv_cache_bytes_used",
-            "Bytes of KV cache holding running sequences' tokens",
+            "Bytes of KV cache held by running sequences (a shared block once)",
             snap["kv_cache_bytes_in_use"],
         )
         yield gauge(
             "mistralrs_kv_cache_usage_ratio",
-            "KV cache use: cached tokens / capacity (--kv-cache-mb)",
+            "KV cache use: blocks held by running sequences / capacity (--kv-cache-mb)",
             snap["kv_cache_bytes_in_use"] / capacity if capacity else 0.0,
+        )
+        # NOTE: vLLM's prefix_cache_queries / prefix_cache_hits, in tokens
+        yield CounterMetricFamily(
+            "mistralrs_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            value=snap["prefix_cache_queries"],
+        )
+        yield CounterMetricFamily(
+            "mistralrs_prefix_cache_hits", "Prompt tokens found in the prefix cache", value=snap["prefix_cache_hits"]
         )
         yield gauge(
             "mistralrs_kv_cache_capacity_tokens",

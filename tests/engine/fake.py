@@ -1,10 +1,11 @@
 """A scripted pipeline for engine and scheduler tests: no weights, a step in microseconds.
 
-The "model" caches each token id in the KV pool (one layer, one head of one value) at its slot and
-position, and the logits of a row peak at a token that is a hash of everything cached in that row's
-slot up to its position. So the next token depends on the whole sequence *as the engine cached it*:
-a wrong slot, position, prefix copy or a lost recompute after preemption changes the output, while a
-correct engine gives every sequence the same tokens whether it runs alone or batched.
+The "model" caches each token id in the KV pool (one layer, one head of one value) at the block and
+offset the step writes, and the logits of a row peak at a token that is a hash of everything cached
+for that row's sequence up to its position, read through its block table. So the next token depends
+on the whole sequence *as the engine cached it*: a wrong block table, position, shared prefix or a
+lost recompute after preemption changes the output, while a correct engine gives every sequence the
+same tokens whether it runs alone or batched, from a cold cache or a cached prefix.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class FakePipeline(Pipeline):
         self.ended: list[int] = []
         self.steps = 0
 
-    def begin_slot(self, slot: int) -> None:
+    def begin_slot(self, slot: int, tokens=None, cached_blocks=()) -> None:
         self.begun.append(slot)
 
     def end_slot(self, slot: int) -> dict | None:
@@ -95,12 +96,15 @@ class FakePipeline(Pipeline):
         self.steps += 1
         if self.fail_on is not None and bool((input_ids == self.fail_on).any()):
             raise RuntimeError("injected forward fault")
-        k = cache.k[0]  # [slots, 1, P, 1]
-        k[view.row_slots, 0, view.positions, 0] = input_ids.float()
+        k, bs = cache.k[0], view.block_size  # [blocks, 1, bs, 1]
+        k[view.write_blocks, 0, view.write_offsets, 0] = input_ids.float()
+        tables = [view.decode_tables[r].tolist() for r in range(view.num_decode)]
+        for seg in view.prefills:
+            tables += [seg.blocks.tolist()] * (seg.end_row - seg.start_row)
         rows = []
         for r in view.logit_rows.tolist():
-            slot, pos = int(view.row_slots[r]), int(view.positions[r])
-            tokens = k[slot, 0, : pos + 1, 0].long().tolist()
+            pos, table = int(view.positions[r]), tables[r]
+            tokens = [int(k[table[j // bs], 0, j % bs, 0]) for j in range(pos + 1)]
             best = next_token(tokens)
             dist = (torch.arange(VOCAB) - best).abs().float()
             rows.append(self.peak - dist * 0.5)

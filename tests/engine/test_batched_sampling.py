@@ -82,7 +82,7 @@ def test_a_row_the_batch_cannot_sample_fails_alone(pipe):
     errors = [e for e in cols[3].events if isinstance(e, Error)]
     assert len(errors) == 1 and "sampling failed" in errors[0].message
     assert all(c.final().completion_tokens == 8 for c in cols[:3])
-    assert snap["errors"] == 1 and snap["kv_slots_in_use"] == 0
+    assert snap["errors"] == 1 and snap["kv_blocks_in_use"] == 0
 
 
 def test_a_failing_batch_falls_back_and_the_bad_row_fails_alone(pipe, monkeypatch):
@@ -105,4 +105,4 @@ def test_a_failing_batch_falls_back_and_the_bad_row_fails_alone(pipe, monkeypatc
     assert len(errors) == 1 and "injected sampling fault" in errors[0].message
     assert len(cols[3].tokens()) <= 2
     assert all(c.final().completion_tokens == 8 for c in cols[:3])
-    assert snap["errors"] == 1 and snap["kv_slots_in_use"] == 0
+    assert snap["errors"] == 1 and snap["kv_blocks_in_use"] == 0

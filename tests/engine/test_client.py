@@ -105,10 +105,10 @@ def test_closing_a_stream_early_aborts_the_request(client, mode):
 
         asyncio.run(go())
     deadline = time.monotonic() + 10
-    while c.snapshot()["kv_slots_in_use"] and time.monotonic() < deadline:
+    while c.snapshot()["kv_blocks_in_use"] and time.monotonic() < deadline:
         time.sleep(0.005)
     snap = c.snapshot()
-    assert snap["kv_slots_in_use"] == 0 and snap["aborted"] == 1 and snap["generated_tokens"] < 4000
+    assert snap["kv_blocks_in_use"] == 0 and snap["aborted"] == 1 and snap["generated_tokens"] < 4000
     assert snap["requests"]["aborted"] == 1 and snap["requests"]["outstanding"] == 0
     assert log[0].outcome == "aborted"
 

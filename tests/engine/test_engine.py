@@ -39,7 +39,7 @@ def test_every_sequence_gets_its_scripted_tokens_however_it_is_batched(engine, p
     assert [c.tokens() for c in cols] == [expected(p, 12) for p in PROMPTS * 2]
     assert all(c.final().finish_reason == "length" and c.final().completion_tokens == 12 for c in cols)
     snap = e.snapshot()
-    assert snap["running"] == snap["waiting"] == snap["kv_slots_in_use"] == snap["kv_cache_bytes_in_use"] == 0
+    assert snap["running"] == snap["waiting"] == snap["kv_blocks_in_use"] == snap["kv_cache_bytes_in_use"] == 0
     assert snap["errors"] == 0
 
 
@@ -55,13 +55,18 @@ def test_continuous_batching_decodes_mixed_lengths_together(engine):
     assert continuous < pipe2.steps
 
 
-def test_n_choices_share_one_prompt_prefill(engine):
-    e = engine(max_seqs=4, prefill_chunk=8)
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_n_choices_share_one_prompt_prefill(engine, block_size, prefix_caching):
+    e = engine(max_seqs=4, prefill_chunk=8, block_size=block_size, prefix_caching=prefix_caching)
     prompt = PROMPTS[1]  # 23 tokens: three prefill chunks
     (c,) = run(e, [prompt], [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, n=3)])
     assert c.tokens(0) == c.tokens(1) == c.tokens(2) == expected(prompt, 10)
-    assert e.snapshot()["prompt_tokens"] == len(prompt)  # the prompt was processed once
-    assert e.snapshot()["kv_slots_in_use"] == 0
+    # the prompt's full blocks (all but its last token's) were computed once; each other choice
+    # computes the rest of the prompt
+    shared = (len(prompt) - 1) // block_size * block_size
+    assert e.snapshot()["prompt_tokens"] == len(prompt) + 2 * (len(prompt) - shared)
+    assert e.snapshot()["kv_blocks_in_use"] == 0
 
 
 def test_seeded_sampling_repeats_and_choices_are_independent(engine):
@@ -82,7 +87,7 @@ def test_preempted_sequences_recompute_their_scripted_tokens(engine, caplog):
     cols = run(e, PROMPTS, [params] * 4)
     assert [c.tokens() for c in cols] == [expected(p, 20) for p in PROMPTS]
     snap = e.snapshot()
-    assert snap["preempted"] > 0 and snap["kv_slots_in_use"] == 0 and snap["errors"] == 0
+    assert snap["preempted"] > 0 and snap["kv_blocks_in_use"] == 0 and snap["errors"] == 0
 
 
 def test_every_slot_a_sequence_took_is_released_once_with_its_report(engine):
@@ -126,9 +131,9 @@ def test_abort_frees_the_slot_and_the_engine_goes_on(engine):
         time.sleep(0.001)
     e.abort("long")
     deadline = time.monotonic() + 10
-    while e.snapshot()["kv_slots_in_use"] and time.monotonic() < deadline:
+    while e.snapshot()["kv_blocks_in_use"] and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert e.snapshot()["kv_slots_in_use"] == 0 and e.snapshot()["aborted"] == 1
+    assert e.snapshot()["kv_blocks_in_use"] == 0 and e.snapshot()["aborted"] == 1
     assert len(c.tokens()) < 4000 and not c.done.is_set()  # an aborted request gets no more events
     assert pipe.ended == pipe.begun
     (d,) = run(e, [PROMPTS[2]], [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)])
@@ -147,7 +152,7 @@ def test_a_failed_forward_fails_its_step_only(engine):
     (good,) = run(e, [PROMPTS[0]], [GREEDY])
     assert good.tokens() == expected(PROMPTS[0], 12)
     snap = e.snapshot()
-    assert snap["errors"] == 1 and snap["kv_slots_in_use"] == 0 and e.alive
+    assert snap["errors"] == 1 and snap["kv_blocks_in_use"] == 0 and e.alive
 
 
 def test_a_dead_engine_fails_everything_and_refuses_new_work(engine, monkeypatch):

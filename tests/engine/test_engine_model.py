@@ -44,7 +44,7 @@ def test_batched_equals_alone(pipe, policy):
     batched = make_engine(pipe, max_seqs=4, policy=policy, prefill_chunk=8)
     try:
         got = [c.tokens() for c in run(batched, PROMPTS, [params] * len(PROMPTS))]
-        assert batched.snapshot()["kv_slots_in_use"] == 0
+        assert batched.snapshot()["kv_blocks_in_use"] == 0
     finally:
         batched.stop()
     assert all(len(t) == 12 for t in ref)
@@ -52,16 +52,17 @@ def test_batched_equals_alone(pipe, policy):
 
 
 def test_n_choices_share_one_prompt_prefill(pipe):
-    """n > 1: the prompt is processed once; the other choices copy its cache and match it exactly."""
-    e = make_engine(pipe, max_seqs=4, prefill_chunk=8)
+    """n > 1: the prompt's full blocks are computed once and shared; the other choices compute the
+    rest of the prompt and match it exactly."""
+    e = make_engine(pipe, max_seqs=4, prefill_chunk=8, block_size=4, prefix_caching=False)
     try:
-        prompt = PROMPTS[1]  # 23 tokens: three prefill chunks
+        prompt = PROMPTS[1]  # 23 tokens: three prefill chunks; 5 full blocks before its last token
         greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
         alone = run(e, [prompt], [greedy])[0].tokens()
         before = e.snapshot()["prompt_tokens"]
         c = run(e, [prompt], [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, n=3)])[0]
-        assert e.snapshot()["prompt_tokens"] - before == len(prompt)
+        assert e.snapshot()["prompt_tokens"] - before == len(prompt) + 2 * 3
         assert c.tokens(0) == c.tokens(1) == c.tokens(2) == alone
-        assert e.snapshot()["kv_slots_in_use"] == 0
+        assert e.snapshot()["kv_blocks_in_use"] == 0
     finally:
         e.stop()

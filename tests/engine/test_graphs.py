@@ -1,5 +1,6 @@
 """Decode graphs' static-buffer path (what CUDA graphs replay), run eagerly on the CPU: padding rows,
-the scratch slot, length buckets and masks must give the same logits as the plain step."""
+the scratch block, block tables padded to length buckets and masks must give the same logits as the
+plain step."""
 
 from __future__ import annotations
 
@@ -31,14 +32,11 @@ def pipe(request):
     return load_safetensors_dir(path, ModelSpec(model_id=str(path)), torch.device("cpu"), torch.float32)
 
 
-def pool_for(pipe, slots: int) -> KVCachePool:
-    return KVCachePool.for_pipeline(pipe, slots, scratch_slot=True)
-
-
 def test_padded_static_decode_equals_the_plain_step(pipe):
     torch.manual_seed(0)
-    pool = pool_for(pipe, 4)
-    assert pool.scratch_slot == 4
+    pool = KVCachePool.for_pipeline(pipe, 4, block_size=4)
+    scratch = pool.scratch_block
+    assert scratch == pool.num_blocks
     lengths = [5, 17, 11]
     slots = [0, 1, 2]
     prompts = [torch.randint(5, 300, (n,)).tolist() for n in lengths]
@@ -47,14 +45,15 @@ def test_padded_static_decode_equals_the_plain_step(pipe):
         pipe.forward(torch.tensor(ids), view, pool)
     nxt = [7, 8, 9]
     decode = [(s, n) for s, n in zip(slots, lengths)]
-    graphs = DecodeGraphs(pipe.forward, pool, max_batch=4, window=pipe.config.sliding_window, capture=False)
-    got = graphs.run(nxt, decode)  # 3 rows padded to a bucket of 4, cache length bucket 256
+    graphs = DecodeGraphs(pipe.forward, pool, 4, pipe.max_model_len, pipe.config.sliding_window, capture=False)
+    # 3 rows padded to a bucket of 4, tables padded to the cache length bucket 256
+    got = graphs.run(nxt, decode, [pool.slot_table(s) for s in slots])
     view = pool.build_view(decode, [], pipe.config.sliding_window, [])
     want = pipe.forward(torch.tensor(nxt), view, pool)
     assert got.shape == want.shape == (3, pipe.config.vocab_size)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    # the padding row wrote only the scratch slot; the free slot 3 was never touched
-    assert pool.k[0][4, :, 0].abs().sum() > 0 and pool._zeroed[3] == 0
+    # the padding row wrote only the scratch block; slot 3's blocks were never reached
+    assert pool.k[0][scratch, :, 0].abs().sum() > 0 and set(pool.slot_table(3)) <= pool._unzeroed
 
 
 @pytest.mark.parametrize("ops", ["torch-ops", "cpu-kernels"])
@@ -72,16 +71,18 @@ def test_engine_with_static_decode_gives_the_same_tokens(pipe, monkeypatch, ops)
     finally:
         plain.stop()
     # NOTE: the padded rows of a static batch reach our fused decode op too (it must skip the
-    # scratch slot and honour the sliding window)
+    # scratch block and honour the sliding window)
     use_cpu_kernels(pipe.network(), ops == "cpu-kernels")
     # NOTE: --compile's path with the compiler taken out: decode steps on the static, bucketed
     # buffers of engine/graphs.py, run eagerly (what CUDA graphs capture on a GPU)
     monkeypatch.setattr(pipe, "compile_decode", lambda: None)
     calls = []
     real_run = DecodeGraphs.run
-    monkeypatch.setattr(DecodeGraphs, "run", lambda self, ids, dec: calls.append(len(dec)) or real_run(self, ids, dec))
-    eng = Engine(pipe, max_seqs=4, compile=True)
-    assert eng.runner.graphs is not None and eng.pool.scratch_slot == 4
+    monkeypatch.setattr(
+        DecodeGraphs, "run", lambda self, ids, dec, tables: calls.append(len(dec)) or real_run(self, ids, dec, tables)
+    )
+    eng = Engine(pipe, max_seqs=4, compile=True, block_size=4)
+    assert eng.runner.graphs is not None
     calls.clear()  # the warm-up ran every bucket
     eng.start()
     try:

@@ -1,4 +1,4 @@
-"""--kv-cache-mb: admission by budget, recompute preemption, page release, and the GPU sizing plan."""
+"""--kv-cache-mb: admission by budget in blocks, recompute preemption, page release, and the pool plan."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from .test_engine_model import make_engine, tokens_alone
 
 
 def seq(rid: str, prompt_len: int) -> Sequence:
-    return Sequence(Request(rid, list(range(prompt_len)), SamplingParams(), lambda e: None), 0, None)
+    """A sequence of distinct tokens (others' prompts never share its blocks)."""
+    first = 1000 * (ord(rid[0]) - ord("a"))
+    return Sequence(Request(rid, list(range(first, first + prompt_len)), SamplingParams(), lambda e: None), 0, None)
 
 
 def prefill_all(sched: Scheduler):
@@ -34,60 +36,74 @@ def decode(out):
         s.tokens.append(0)
 
 
-# ---- the scheduler alone (token counts, no tensors) -----------------------------------------------
+# ---- the scheduler alone (block counts, no tensors; blocks of 4 positions) -------------------------
 def test_a_prompt_is_admitted_only_when_it_fits_whole():
-    sched = Scheduler(max_seqs=8, capacity_tokens=30)
+    sched = Scheduler(max_seqs=8, num_blocks=7, block_size=4)
     a, b, c = seq("a", 12), seq("b", 12), seq("c", 12)
     for s in (a, b, c):
         sched.add(s)
     out = prefill_all(sched)
-    assert out.admitted == [a, b]  # 24 of 30 tokens promised; c (12) would not fit
+    assert out.admitted == [a, b]  # 3 blocks each, 6 of 7; c (3 blocks) would not fit
     assert c.status is SeqStatus.WAITING and [ch.seq for ch in out.prefill] == [a, b]
+    assert len(a.block_table) == len(b.block_table) == 3 and not set(a.block_table) & set(b.block_table)
 
 
 def test_newest_running_sequences_are_preempted_and_requeued_first():
-    sched = Scheduler(max_seqs=8, capacity_tokens=26)
+    sched = Scheduler(max_seqs=8, num_blocks=7, block_size=4, prefix_caching=False)
     a, b, w = seq("a", 12), seq("b", 12), seq("w", 1)
     sched.add(a)
     sched.add(b)
-    prefill_all(sched)  # a, b hold 12 each; 2 tokens left
+    prefill_all(sched)  # a, b hold 3 full blocks each and 13 tokens: each needs a 4th; 1 is free
     sched.add(w)
-    out = sched.schedule()
-    assert out.decode == [a, b] and not out.preempted and not out.admitted  # 24 + 2 == 26 fits
-    decode(out)
-    out = sched.schedule()  # 26 held, both need one more: b (newest) goes
+    out = sched.schedule()  # 2 new blocks needed, 1 free: b (newest) goes
     assert out.preempted == [b] and out.decode == [a] and out.freed == [1]  # b's slot goes back
-    assert b.status is SeqStatus.WAITING and b.num_cached == 0 and b.slot is None
+    assert b.status is SeqStatus.WAITING and b.num_cached == 0 and b.slot is None and b.block_table == []
+    assert len(a.block_table) == 4 and sched.cache.num_free == 3  # b's 3 blocks are free again
     assert list(sched.waiting) == [b, w]  # the preempted sequence is first in line
     assert not out.admitted  # nothing is admitted in a step that preempted
     assert sched.num_preemptions == 1
 
 
 def test_the_oldest_sequence_is_never_preempted():
-    sched = Scheduler(max_seqs=8, capacity_tokens=20)
+    sched = Scheduler(max_seqs=8, num_blocks=5, block_size=4)
     a = seq("a", 19)
     sched.add(a)
     out = prefill_all(sched)
     assert out.admitted == [a]
-    out = sched.schedule()  # 19 held + 1 == 20: fits; the engine caps max_len at capacity
+    out = sched.schedule()  # 20 tokens in 5 blocks: fits; the engine caps max_len at capacity
     assert out.decode == [a] and not out.preempted
 
 
 def test_a_recomputed_sequence_prefills_its_output_too():
-    sched = Scheduler(max_seqs=8, capacity_tokens=26)
+    sched = Scheduler(max_seqs=8, num_blocks=7, block_size=4, prefix_caching=False)
     a, b = seq("a", 12), seq("b", 12)
     sched.add(a)
     sched.add(b)
     prefill_all(sched)
-    decode(sched.schedule())
     out = sched.schedule()
     assert out.preempted == [b]
     decode(out)
     a.finish("length")
     assert sched.drop(a) == 0  # a finishes: slot 0 is free again
     out = sched.schedule()
-    assert out.admitted == [b] and out.prefill == [PrefillChunk(b, 0, 14)]  # 12 prompt + 2 generated tokens
-    assert b.slot == 0 and sched.cache.num_used == 1
+    assert out.admitted == [b] and out.prefill == [PrefillChunk(b, 0, 13)]  # 12 prompt + 1 generated token
+    assert b.slot == 0 and sched.cache.num_used == 4
+
+
+def test_a_preempted_sequence_is_readmitted_from_its_own_cached_blocks():
+    sched = Scheduler(max_seqs=8, num_blocks=7, block_size=4)
+    a, b = seq("a", 12), seq("b", 12)
+    sched.add(a)
+    sched.add(b)
+    prefill_all(sched)
+    out = sched.schedule()
+    assert out.preempted == [b] and sched.cache.num_cached_free == 3  # b's computed blocks stay cached
+    decode(out)
+    a.finish("length")
+    sched.drop(a)
+    out = sched.schedule()
+    # its prompt's 3 blocks come back from the cache: only its generated token is left, a decode row
+    assert out.admitted == [b] and not out.prefill and out.decode == [b] and b.cached_prompt_tokens == 0
 
 
 # ---- the engine on a tiny model ---------------------------------------------------------------------
@@ -101,7 +117,7 @@ def test_preempted_sequences_recompute_to_the_same_greedy_output(tiny_mistral, c
     # 4 sequences of 40 tokens need 160; the cache holds 64 (and serves at most 64-token contexts)
     tight = make_engine(pipe, max_seqs=4, prefill_chunk=16, kv_cache_mb=64 * per_token / 2**20)
     try:
-        assert tight.scheduler.cache.capacity_tokens == 64 and tight.max_len == 64
+        assert tight.scheduler.cache.num_blocks * tight.scheduler.cache.block_size == 64 and tight.max_len == 64
         assert "contexts are served up to 64 tokens (the model's: 256)" in caplog.text
         got = [col.tokens() for col in run(tight, prompts, [params] * 4)]
         snap = tight.snapshot()
@@ -109,7 +125,7 @@ def test_preempted_sequences_recompute_to_the_same_greedy_output(tiny_mistral, c
         tight.stop()
     assert all(len(t) == 20 for t in ref)
     assert got == ref
-    assert snap["preempted"] > 0 and snap["kv_slots_in_use"] == 0 and snap["errors"] == 0
+    assert snap["preempted"] > 0 and snap["kv_blocks_in_use"] == 0 and snap["errors"] == 0
 
 
 def test_too_small_a_budget_is_a_clear_error(tiny_mistral):
@@ -137,31 +153,42 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-def test_a_freed_slot_gives_its_memory_back():
-    shape = CacheShape(num_layers=2, num_kv_heads=4, head_dim=64)
-    pool = KVCachePool(shape, num_slots=2, max_len=32768, dtype=torch.float32, device=torch.device("cpu"))
-    slot = 1
+def test_freed_blocks_give_their_memory_back():
+    shape = CacheShape(num_layers=2, num_kv_heads=4, head_dim=64)  # 4 KiB a position in float32
+    pool = KVCachePool(shape, num_blocks=32, block_size=1024, dtype=torch.float32, device=torch.device("cpu"))
+    assert pool.bytes_per_block() == 4 * 2**20 and pool.buffer[3].is_contiguous()
+    assert pool.buffer.data_ptr() % 4096 == 0  # blocks of whole pages: released whole
+    blocks = list(range(4, 20))
     before = rss_bytes()
-    pool.build_view([(slot, 0)], [], None, [])
-    for t in (*pool.k, *pool.v):
-        t[slot].fill_(1.0)  # as a sequence of 32k tokens would
+    pool.zero_blocks(blocks)
+    for b in blocks:
+        for t in (*pool.k, *pool.v):
+            t[b].fill_(1.0)  # as sequences of 16k tokens would
     used = rss_bytes() - before
-    assert used > 0.9 * 4 * 32768 * 4 * 64 * 4  # 4 tensors of 32 MiB each were touched
-    pool.release(slot)
+    assert used > 0.9 * 16 * 4 * 2**20  # 16 blocks of 4 MiB were touched
+    pool.release_blocks(blocks)
     assert rss_bytes() - before < 0.1 * used
-    # the next sequence in the slot reads zeros, never the old keys (the slot's edge pages keep theirs)
-    pool.build_view([(slot, 0)], [], None, [])
-    for t in (*pool.k, *pool.v):
-        assert t[slot, :, :256].abs().sum() == 0
+    assert pool.buffer[4:20].abs().sum() == 0  # released pages read as zero
 
 
-# ---- the GPU plan (arithmetic only: no device needed) ---------------------------------------------
-def test_gpu_plan_fits_the_budget_with_fewer_or_shorter_slots():
+def test_a_block_handed_out_again_is_zeroed():
+    shape = CacheShape(num_layers=1, num_kv_heads=1, head_dim=4)
+    pool = KVCachePool(shape, num_blocks=4, block_size=2, dtype=torch.float32, device=torch.device("cpu"))
+    pool.buffer.fill_(float("nan"))  # stale memory
+    pool.zero_blocks([2])
+    assert pool.buffer[2].eq(0).all() and pool.buffer[1].isnan().all()
+
+
+# ---- the pool plan (arithmetic only: no device needed) --------------------------------------------
+def test_the_plan_sizes_the_pool_from_the_budget():
     shape = CacheShape(num_layers=32, num_kv_heads=8, head_dim=128)  # 128 KiB a token in bf16 (Mistral 7B)
     cuda = torch.device("cuda")
     plan = plan_pool(shape, torch.bfloat16, cuda, max_seqs=16, max_len=32768, kv_cache_mb=8192)  # 65,536 tokens
-    assert (plan.slots, plan.slot_len, plan.capacity_tokens) == (2, 32768, 65536)
-    plan = plan_pool(shape, torch.bfloat16, cuda, max_seqs=16, max_len=32768, kv_cache_mb=1024)  # 8,192 tokens
-    assert (plan.slots, plan.slot_len, plan.capacity_tokens) == (1, 8192, 8192)
+    assert (plan.num_blocks, plan.block_size, plan.capacity_tokens) == (4096, 16, 65536)
+    plan = plan_pool(shape, torch.bfloat16, cuda, max_seqs=16, max_len=32768, kv_cache_mb=1024, block_size=32)
+    assert (plan.num_blocks, plan.capacity_tokens) == (256, 8192)
     cpu = plan_pool(shape, torch.bfloat16, torch.device("cpu"), max_seqs=16, max_len=32768, kv_cache_mb=1024)
-    assert (cpu.slots, cpu.slot_len, cpu.capacity_tokens) == (16, 32768, 8192)  # virtual slots, budgeted tokens
+    assert cpu.capacity_tokens == 8192  # the budget, as on a GPU (the pages are mapped as used)
+    # without a budget the CPU pool holds every sequence's context twice at most (it is virtual)
+    cpu = plan_pool(CacheShape(2, 1, 8), torch.float32, torch.device("cpu"), max_seqs=4, max_len=1000)
+    assert cpu.num_blocks == 2 * 4 * 63

@@ -96,47 +96,76 @@ def ref_decode(q, k, v, cos, sin, kc, vc, slots, pos, window):
     return torch.stack(outs), kc, vc
 
 
+def paged(kc, bs, g):
+    """A logical cache [S, Hk, P, hd] laid out in shuffled blocks of `bs` positions, every block
+    contiguous but blocks strided apart (as the engine's block-major buffer's per-layer views).
+    -> (paged cache [S * P / bs, Hk, bs, hd], tables [S, P / bs])."""
+    S, Hk, P, hd = kc.shape
+    M = P // bs
+    tables = torch.randperm(S * M, generator=g).view(S, M)
+    pc = torch.randn(S * M, 2, Hk, bs, hd, generator=g).to(kc.dtype)[:, 0]
+    for s in range(S):
+        for j in range(M):
+            pc[tables[s, j]] = kc[s, :, j * bs : (j + 1) * bs]
+    return pc, tables
+
+
+def unpaged(pc, tables):
+    g = pc[tables]  # [S, M, Hk, bs, hd]
+    S, M, Hk, bs, hd = g.shape
+    return g.transpose(1, 2).reshape(S, Hk, M * bs, hd)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hd,H,Hk,window", [(64, 9, 3, 0), (16, 4, 2, 5), (128, 4, 4, 0), (20, 6, 2, 0), (8, 2, 1, 30)])
-def test_decode_attention(dtype, hd, H, Hk, window):
+@pytest.mark.parametrize(
+    "hd,H,Hk,window,bs", [(64, 9, 3, 0, 16), (16, 4, 2, 5, 16), (128, 4, 4, 0, 8), (20, 6, 2, 0, 32), (8, 2, 1, 30, 5)]
+)
+def test_decode_attention(dtype, hd, H, Hk, window, bs):
     g = torch.Generator().manual_seed(hd * H + window)
-    S, P = 5, 70
+    S, P = 5, 160
     kc, vc = torch.randn(S, Hk, P, hd, generator=g).to(dtype), torch.randn(S, Hk, P, hd, generator=g).to(dtype)
-    kc0, vc0 = kc.clone(), vc.clone()
+    kp, tables = paged(kc, bs, g)
+    vp = torch.empty_like(kp)
+    for s in range(S):
+        for j in range(P // bs):
+            vp[tables[s, j]] = vc[s, :, j * bs : (j + 1) * bs]
+    assert not kp.is_contiguous() and torch.equal(unpaged(kp, tables), kc)
     qkv = torch.randn(3, (H + 2 * Hk) * hd, generator=g).to(dtype)  # q, k, v as strided views, as the model passes
     q = qkv[:, : H * hd].view(3, H, hd)
     k = qkv[:, H * hd : (H + Hk) * hd].view(3, Hk, hd)
     v = qkv[:, (H + Hk) * hd :].view(3, Hk, hd)
     ang = torch.rand(3, hd // 2, generator=g) * 6
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([-ang.sin(), ang.sin()], -1)
-    slots, pos = [3, 0, 4], [0, 17, 69]  # position 0, a middle one, the slot's last
+    slots, pos = [3, 0, 4], [0, 17, 159]  # position 0, a middle one, the sequence's last
     out = ops.decode_attention(
-        q, k, v, cos.to(dtype), sin.to(dtype), kc, vc, torch.tensor(slots), torch.tensor(pos), window, hd**-0.5
+        q, k, v, cos.to(dtype), sin.to(dtype), kp, vp, tables[slots], torch.tensor(pos), window, hd**-0.5
     )
     assert out.shape == (3, H, hd)
     # the tables as passed (rounded to dtype) are what rope used; the reference used them unrounded
     tol = 1e-5 if dtype == torch.float32 else ROUND[dtype] * 4
-    ref, rk, rv = ref_decode(q, k, v, cos.to(dtype).float(), sin.to(dtype).float(), kc0, vc0, slots, pos, window)
+    ref, rk, rv = ref_decode(q, k, v, cos.to(dtype).float(), sin.to(dtype).float(), kc, vc, slots, pos, window)
     assert (out.double() - ref).abs().max().item() <= tol * (1 + ref.abs().max().item())
-    assert (kc.double() - rk.double()).abs().max().item() <= ROUND[dtype] * 2 * rk.abs().max().item()
-    assert torch.equal(vc, rv)  # v is copied bit for bit
+    got_k, got_v = unpaged(kp, tables), unpaged(vp, tables)
+    assert (got_k.double() - rk.double()).abs().max().item() <= ROUND[dtype] * 2 * rk.abs().max().item()
+    assert torch.equal(got_v, rv)  # v is copied bit for bit
     written = torch.zeros(S, P, dtype=torch.bool)
     written[slots, pos] = True
-    assert torch.equal(kc.transpose(1, 2)[~written], kc0.transpose(1, 2)[~written])  # nothing else touched
+    assert torch.equal(got_k.transpose(1, 2)[~written], kc.transpose(1, 2)[~written])  # nothing else touched
 
 
 def test_decode_attention_matches_the_torch_path_on_a_window_batch():
-    """The op against the model's own torch path (layers.attend with a decode mask)."""
+    """The op against the model's own torch path (layers.attend with a decode mask), through the
+    engine's pool with scattered block tables of different lengths."""
     from mistralrs_py.engine.kv_cache import CacheShape, KVCachePool
     from mistralrs_py.models.layers import attend
 
     g = torch.Generator().manual_seed(7)
     H, Hk, hd, W = 4, 2, 32, 6
-    pool = KVCachePool(CacheShape(1, Hk, hd), 4, 40, torch.float32, torch.device("cpu"))
-    for t in (pool.k[0], pool.v[0]):
-        t.copy_(torch.randn(t.shape, generator=g))
-    view = pool.build_view([(2, 9), (0, 30), (3, 3)], [], W, [])
-    assert view.window == W
+    pool = KVCachePool(CacheShape(1, Hk, hd), 12, 8, torch.float32, torch.device("cpu"))
+    pool.buffer.copy_(torch.randn(pool.buffer.shape, generator=g))
+    tables = {2: [5, 1], 0: [7, 0, 9, 3], 3: [11]}
+    view = pool.build_view([(2, 9), (0, 30), (3, 3)], [], W, [], tables)
+    assert view.window == W and view.decode_tables.tolist()[2] == [11, 12, 12, 12]  # padded with the scratch block
     q, k, v = (
         torch.randn(3, H, hd, generator=g),
         torch.randn(3, Hk, hd, generator=g),
@@ -145,24 +174,31 @@ def test_decode_attention_matches_the_torch_path_on_a_window_batch():
     ang = torch.rand(3, hd // 2, generator=g)
     cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None], torch.cat([-ang.sin(), ang.sin()], -1)[:, None]
     kc, vc = pool.k[0].clone(), pool.v[0].clone()
+    before = pool.k[0].clone()
     ref = attend(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, kc, vc, view)
     out = ops.decode_attention(
-        q, k, v, cos[:, 0], sin[:, 0], pool.k[0], pool.v[0], view.decode_slots, view.positions, W, hd**-0.5
+        q, k, v, cos[:, 0], sin[:, 0], pool.k[0], pool.v[0], view.decode_tables, view.positions, W, hd**-0.5
     )
     assert (out - ref).abs().max().item() < 1e-5
     assert (pool.k[0] - kc).abs().max().item() < 1e-6 and torch.equal(pool.v[0], vc)
+    changed = (pool.k[0] != before).any(1).any(-1).nonzero().tolist()  # (block, offset) written
+    assert changed == [[1, 1], [3, 6], [11, 3]]  # positions 9, 30 and 3 through their tables
 
 
 def test_bad_arguments_raise_not_crash():
     kc = torch.zeros(2, 1, 8, 16)
     q, k = torch.zeros(1, 2, 16), torch.zeros(1, 1, 16)
     cs = torch.zeros(1, 16)
-    one, zero = torch.tensor([1]), torch.tensor([0])
-    with pytest.raises(RuntimeError, match="outside a cache"):
+    one, zero = torch.tensor([[1]]), torch.tensor([0])
+    with pytest.raises(RuntimeError, match="outside its table"):
         ops.decode_attention(q, k, k, cs, cs, kc, kc.clone(), one, torch.tensor([8]), 0, 0.25)
-    with pytest.raises(RuntimeError, match="outside a cache"):
-        ops.decode_attention(q, k, k, cs, cs, kc, kc.clone(), torch.tensor([2]), zero, 0, 0.25)
-    with pytest.raises(RuntimeError, match="twice"):
+    with pytest.raises(RuntimeError, match="reads block 2 of 2"):
+        ops.decode_attention(q, k, k, cs, cs, kc, kc.clone(), torch.tensor([[2]]), zero, 0, 0.25)
+    with pytest.raises(RuntimeError, match="reads block -1"):
+        ops.decode_attention(q, k, k, cs, cs, kc, kc.clone(), torch.tensor([[-1, 0]]), torch.tensor([9]), 0, 0.25)
+    with pytest.raises(RuntimeError, match="block must be contiguous"):
+        ops.decode_attention(q, k, k, cs, cs, kc.transpose(2, 3), kc.clone().transpose(2, 3), one, zero, 0, 0.25)
+    with pytest.raises(RuntimeError, match="same cache position"):
         ops.decode_attention(
             q.expand(2, 2, 16),
             k.expand(2, 1, 16),
@@ -171,8 +207,8 @@ def test_bad_arguments_raise_not_crash():
             cs.expand(2, 16),
             kc,
             kc.clone(),
-            torch.tensor([1, 1]),
-            torch.tensor([0, 1]),
+            torch.tensor([[1, 0], [0, 1]]),
+            torch.tensor([0, 8]),  # both at block 1, offset 0
             0,
             0.25,
         )
@@ -225,13 +261,18 @@ def test_switch_turns_every_kernel_off(monkeypatch):
     assert not qmatmul.available()
 
 
-def test_decode_attention_skips_padding_rows_of_the_scratch_slot():
-    """--compile pads a batch with rows in the scratch slot: they are skipped (zero output, no write),
-    so the slot may repeat, and the real rows are unaffected."""
+def test_decode_attention_skips_padding_rows_of_the_scratch_block():
+    """--compile pads a batch with rows in the scratch block: they are skipped (zero output, no write),
+    so the block may repeat, and the real rows are unaffected."""
     g = torch.Generator().manual_seed(11)
-    H, Hk, hd, S, P = 4, 2, 16, 4, 12
+    H, Hk, hd, S, P, bs = 4, 2, 16, 3, 12, 4
     kc, vc = torch.randn(S, Hk, P, hd, generator=g), torch.randn(S, Hk, P, hd, generator=g)
-    kc0, vc0 = kc.clone(), vc.clone()
+    kp, tables = paged(kc, bs, g)
+    vp = torch.empty_like(kp)
+    for s in range(S):
+        for j in range(P // bs):
+            vp[tables[s, j]] = vc[s, :, j * bs : (j + 1) * bs]
+    kp0, vp0 = kp.clone(), vp.clone()
     q, k, v = (
         torch.randn(4, H, hd, generator=g),
         torch.randn(4, Hk, hd, generator=g),
@@ -239,14 +280,16 @@ def test_decode_attention_skips_padding_rows_of_the_scratch_slot():
     )
     ang = torch.rand(4, hd // 2, generator=g)
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([-ang.sin(), ang.sin()], -1)
-    slots, pos = torch.tensor([1, 0, 3, 3]), torch.tensor([5, 2, 0, 0])  # rows 2 and 3: padding in slot 3
-    out = ops.decode_attention(q, k, v, cos, sin, kc, vc, slots, pos, 0, hd**-0.5, 3)
-    ref, _, _ = ref_decode(q[:2], k[:2], v[:2], cos[:2], sin[:2], kc0, vc0, [1, 0], [5, 2], 0)
+    scratch = int(tables[2, 0])
+    rows = torch.stack([tables[1], tables[0], torch.full((3,), scratch), torch.full((3,), scratch)])
+    pos = torch.tensor([5, 2, 0, 0])  # rows 2 and 3: padding in the scratch block
+    out = ops.decode_attention(q, k, v, cos, sin, kp, vp, rows, pos, 0, hd**-0.5, scratch)
+    ref, _, _ = ref_decode(q[:2], k[:2], v[:2], cos[:2], sin[:2], kc, vc, [1, 0], [5, 2], 0)
     assert (out[:2].double() - ref).abs().max().item() < 1e-5
     assert torch.equal(out[2:], torch.zeros_like(out[2:]))
-    assert torch.equal(kc[3], kc0[3]) and torch.equal(vc[3], vc0[3])
-    with pytest.raises(RuntimeError, match="twice"):  # without the skip, the repeated slot is refused
-        ops.decode_attention(q, k, v, cos, sin, kc, vc, slots, pos, 0, hd**-0.5)
+    assert torch.equal(kp[scratch], kp0[scratch]) and torch.equal(vp[scratch], vp0[scratch])
+    with pytest.raises(RuntimeError, match="same cache position"):  # without the skip, the repeat is refused
+        ops.decode_attention(q, k, v, cos, sin, kp, vp, rows, pos, 0, hd**-0.5)
 
 
 def parts_of(spans, rows):

@@ -71,7 +71,7 @@ def test_a_failing_sequence_fails_alone(live, monkeypatch):
     lines = [x for x in bad_stream.text.splitlines() if x.startswith("data: ")]
     assert lines[-1] == "data: [DONE]" and "error" in json.loads(lines[-2][6:])
     h = httpx.get(f"{url}/health").json()
-    assert h["kv_slots_in_use"] == 0 and h["errors"] == 2
+    assert h["kv_blocks_in_use"] == 0 and h["errors"] == 2
 
 
 def test_engine_death_is_reported_quickly(live):

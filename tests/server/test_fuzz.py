@@ -70,7 +70,7 @@ def test_the_engine_is_idle_and_healthy_after_the_fuzzing(fuzz_server):
     while True:
         r = httpx.get(f"{fuzz_server}/health")
         h = r.json()
-        idle = h.get("running") == h.get("waiting") == h.get("kv_slots_in_use") == h.get("kv_cache_bytes_in_use") == 0
+        idle = h.get("running") == h.get("waiting") == h.get("kv_blocks_in_use") == h.get("kv_cache_bytes_in_use") == 0
         if r.status_code == 200 and idle and h["requests"]["outstanding"] == 0:
             break
         assert time.monotonic() < deadline, h

@@ -55,7 +55,7 @@ def assert_idle_and_alive(url):
     while True:
         r = httpx.get(f"{url}/health")
         h = r.json()
-        if r.status_code == 200 and h["running"] == h["waiting"] == h["kv_slots_in_use"] == 0:
+        if r.status_code == 200 and h["running"] == h["waiting"] == h["kv_blocks_in_use"] == 0:
             if h["requests"]["outstanding"] == 0:
                 return h
         assert time.monotonic() < deadline, h

@@ -87,8 +87,11 @@ def test_counters_move_by_what_was_served(tiny_server):
     # engine gauges at rest, and the build info
     assert value(after, "mistralrs_engine_up") == 1
     assert value(after, "mistralrs_num_sequences_running") == 0 and value(after, "mistralrs_num_sequences_waiting") == 0
-    assert value(after, "mistralrs_kv_cache_slots_total") == 4 and value(after, "mistralrs_kv_cache_slots_used") == 0
+    assert value(after, "mistralrs_kv_cache_blocks_total") > 0 and value(after, "mistralrs_kv_cache_blocks_used") == 0
     assert value(after, "mistralrs_kv_cache_usage_ratio") == 0
+    assert value(after, "mistralrs_prefix_cache_queries_total") >= sum(u.prompt_tokens for u in usages)
+    hits = value(after, "mistralrs_prefix_cache_hits_total")
+    assert hits == sum(u.prompt_tokens_details.cached_tokens for u in usages)
     assert any(name == "mistralrs_build_info" and dict(labels).get("model") for name, labels in after)
 
 
@@ -106,15 +109,17 @@ def test_engine_gauges_show_a_running_sequence(tiny_llama):
 
     m = parse(generate_latest(metrics.registry).decode())
     assert value(m, "mistralrs_num_sequences_running") == 2
-    assert value(m, "mistralrs_num_sequences_waiting") == 1  # no third slot
-    assert value(m, "mistralrs_kv_cache_slots_used") == 2
-    cached = sum(s.num_cached for s in engine.scheduler.running)
-    assert cached > 0
-    per_token = value(m, "mistralrs_kv_cache_bytes_used") / cached
+    assert value(m, "mistralrs_num_sequences_waiting") == 1  # --max-seqs 2
+    # both 20-token prompts hold their 2 blocks of 16 positions from admission (the second one came
+    # in the same step: the first's blocks were not computed yet, so nothing was shared)
+    assert value(m, "mistralrs_kv_cache_blocks_used") == 4
+    per_block = value(m, "mistralrs_kv_cache_bytes_used") / 4
     assert (
-        per_token == pipe.config.num_layers * 2 * pipe.config.num_kv_heads * pipe.config.head_dim * 4
+        per_block == 16 * pipe.config.num_layers * 2 * pipe.config.num_kv_heads * pipe.config.head_dim * 4
     )  # K and V, fp32
-    assert value(m, "mistralrs_kv_cache_usage_ratio") == pytest.approx(cached / (2 * engine.max_len))
+    total = value(m, "mistralrs_kv_cache_blocks_total")
+    assert value(m, "mistralrs_kv_cache_usage_ratio") == pytest.approx(4 / total)
+    assert value(m, "mistralrs_prefix_cache_queries_total") == 40 and value(m, "mistralrs_prefix_cache_hits_total") == 0
     assert value(m, "mistralrs_engine_up") == 0  # stepped by hand: no engine thread
     assert value(m, "mistralrs_engine_steps_total") == 1
 
@@ -154,9 +159,12 @@ class _NoEngine:
         return {
             "running": 0,
             "waiting": 0,
-            "kv_slots_in_use": 0,
-            "kv_slots_total": 1,
+            "kv_blocks_in_use": 0,
+            "kv_blocks_cached": 0,
+            "kv_blocks_total": 1,
             "kv_cache_bytes_in_use": 0,
+            "prefix_cache_queries": 0,
+            "prefix_cache_hits": 0,
             "kv_cache_capacity_tokens": 8,
             "kv_cache_capacity_bytes": 80,
             "steps": 0,

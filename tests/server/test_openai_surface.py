@@ -216,4 +216,4 @@ def test_soak_mixed_requests(tiny_server):
     assert len(results) == 50
     assert all(fin == "length" and got == want for fin, got, want in results)
     health = httpx.get(f"{url}/health").json()
-    assert health["running"] == health["waiting"] == health["kv_slots_in_use"] == 0
+    assert health["running"] == health["waiting"] == health["kv_blocks_in_use"] == 0

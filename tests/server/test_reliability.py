@@ -56,7 +56,7 @@ def wait_idle(url, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         h = health(url)
-        if h["running"] == h["waiting"] == h["kv_slots_in_use"] == 0 and h["requests"]["outstanding"] == 0:
+        if h["running"] == h["waiting"] == h["kv_blocks_in_use"] == 0 and h["requests"]["outstanding"] == 0:
             return h
         time.sleep(0.05)
     raise AssertionError(f"server did not go idle: {health(url)}")

@@ -1,22 +1,25 @@
 // Decode attention for the CPU: rope, the KV cache write and single-query attention in one op.
 //
-//   decode_attention(q, k, v, cos, sin, k_cache, v_cache, slots, positions, window, scale) -> [B, H, hd]
+//   decode_attention(q, k, v, cos, sin, k_cache, v_cache, tables, positions, window, scale, skip_block) -> [B, H, hd]
 //
 //   q: [B, H, hd]; k, v: [B, Hk, hd]: this step's projections of B decoding sequences, before rope
 //      (any row strides, the last dim contiguous: views into the fused qkv projection work);
 //   cos, sin: [B, hd]: the rope tables at each row's position, sin signed as layers.Rotary stores
 //      it (rotate-half layout: x' = x * cos + roll(x, hd/2) * sin);
-//   k_cache, v_cache: [S, Hk, P, hd] contiguous; the rotated k and v of row b are written at
-//      [slots[b], :, positions[b]], then query b attends to keys [lo, positions[b]] of its slot,
-//      lo = positions[b] + 1 - window with a sliding window (window > 0), else 0;
-//   skip_slot: rows in this slot (padding rows of a bucketed batch, >= 0) are skipped: no cache
-//      write, zero output.
+//   k_cache, v_cache: [NB, Hk, BS, hd], paged: each block contiguous, any stride between blocks
+//      (per-layer views of the engine's block-major buffer);
+//   tables: [B, T] block tables: position j of row b is at block tables[b][j / BS], offset j % BS.
+//      The rotated k and v of row b are written at position positions[b], then query b attends to
+//      its keys [lo, positions[b]], lo = positions[b] + 1 - window with a sliding window (window > 0),
+//      else 0;
+//   skip_block: rows whose position lies in this block (padding rows of a bucketed batch, >= 0) are
+//      skipped: no cache write, zero output.
 //
 // Query heads are grouped under their kv head (GQA): one work item per (sequence, kv head) loads
 // each key and value once for the G = H / Hk queries that share it. Scores and softmax are float32,
-// and the output is rounded once. Torch needs ~15 ops for the same (rope, two cache writes, two
-// batched matmuls, a mask, a softmax and the casts), and its bf16 batched matmul for a single query
-// row costs more than the arithmetic.
+// and the output is rounded once. Torch needs ~15 ops for the same (rope, two cache writes, a
+// gather through the tables, two batched matmuls, a mask, a softmax and the casts), and its bf16
+// batched matmul for a single query row costs more than the arithmetic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -39,9 +42,19 @@ inline void rope(const T* x, const float* cos, const float* sin, int64_t hd, flo
   for (int64_t i = 0; i < hd; ++i) out[i] = to_float(x[i]) * cos[i] + to_float(x[i < h2 ? i + h2 : i - h2]) * sin[i];
 }
 
+// Keys of one (sequence, kv head) through its block table: key j is at base + table[j / bs] *
+// block_stride + j % bs * hd.
+template <typename T>
+struct Paged {
+  const T* base;
+  const int64_t* table;
+  int64_t block_stride, bs, hd;
+  const T* row(int64_t j) const { return base + table[j / bs] * block_stride + (j % bs) * hd; }
+};
+
 template <typename T>
 void attend_one(const T* q, int64_t q_head_stride, const T* k, const T* v, int64_t G, int64_t hd, const float* cos, const float* sin,
-                T* kc, T* vc, const T* keys, const T* vals, int64_t lo, int64_t n, float scale, T* out,
+                T* kc, T* vc, const Paged<T>& keys, const Paged<T>& vals, int64_t lo, int64_t n, float scale, T* out,
                 std::vector<float>& buf) {
   // buf: q [G, hd], the rotated key [hd], scores [G, n], output accumulators [G, hd]
   buf.resize(static_cast<size_t>(2 * G * hd + hd + G * n));
@@ -58,9 +71,14 @@ void attend_one(const T* q, int64_t q_head_stride, const T* k, const T* v, int64
     rope(q + g * q_head_stride, cos, sin, hd, qf + g * hd);
     for (int64_t i = 0; i < hd; ++i) qf[g * hd + i] *= scale;
   }
-  for (int64_t j = 0; j < n; ++j) {
-    const T* kr = keys + (lo + j) * hd;
-    for (int64_t g = 0; g < G; ++g) sc[g * n + j] = dot(qf + g * hd, kr, hd);
+  // NOTE: block by block: within a block the keys are consecutive rows
+  const int64_t bs = keys.bs;
+  for (int64_t j = 0; j < n;) {
+    const int64_t pos = lo + j, run = std::min(n - j, bs - pos % bs);
+    const T* kr = keys.row(pos);
+    for (int64_t r = 0; r < run; ++r, kr += hd)
+      for (int64_t g = 0; g < G; ++g) sc[g * n + j + r] = dot(qf + g * hd, kr, hd);
+    j += run;
   }
   for (int64_t g = 0; g < G; ++g) {
     float* s = sc + g * n;
@@ -69,9 +87,12 @@ void attend_one(const T* q, int64_t q_head_stride, const T* k, const T* v, int64
     for (int64_t j = 0; j < n; ++j) s[j] *= inv;
   }
   std::fill(acc, acc + G * hd, 0.f);
-  for (int64_t j = 0; j < n; ++j) {
-    const T* vr = vals + (lo + j) * hd;
-    for (int64_t g = 0; g < G; ++g) axpy(acc + g * hd, sc[g * n + j], vr, hd);
+  for (int64_t j = 0; j < n;) {
+    const int64_t pos = lo + j, run = std::min(n - j, bs - pos % bs);
+    const T* vr = vals.row(pos);
+    for (int64_t r = 0; r < run; ++r, vr += hd)
+      for (int64_t g = 0; g < G; ++g) axpy(acc + g * hd, sc[g * n + j + r], vr, hd);
+    j += run;
   }
   for (int64_t i = 0; i < G * hd; ++i) out[i] = static_cast<T>(acc[i]);
 }
@@ -83,15 +104,18 @@ void check_rows(const at::Tensor& t, const char* name, int64_t B, int64_t heads,
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos_in,
-                            const at::Tensor& sin_in, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots_in,
-                            const at::Tensor& positions_in, int64_t window, double scale, int64_t skip_slot) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &cos_in, &sin_in, &k_cache, &v_cache, &slots_in, &positions_in})
+                            const at::Tensor& sin_in, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& tables_in,
+                            const at::Tensor& positions_in, int64_t window, double scale, int64_t skip_block) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &cos_in, &sin_in, &k_cache, &v_cache, &tables_in, &positions_in})
     TORCH_CHECK(t->device().is_cpu(), "decode_attention: CPU tensors only");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  v_cache.sizes() == k_cache.sizes(),
-              "decode_attention: the caches must be contiguous [slots, Hk, P, hd], got ", k_cache.sizes(), " and ",
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "decode_attention: the caches must be [blocks, Hk, block_size, hd] alike, got ", k_cache.sizes(), " and ",
               v_cache.sizes());
-  const int64_t S = k_cache.size(0), Hk = k_cache.size(1), P = k_cache.size(2), hd = k_cache.size(3);
+  const int64_t NB = k_cache.size(0), Hk = k_cache.size(1), BS = k_cache.size(2), hd = k_cache.size(3);
+  for (const at::Tensor* c : {&k_cache, &v_cache})
+    TORCH_CHECK(c->stride(3) == 1 && c->stride(2) == hd && c->stride(1) == BS * hd,
+                "decode_attention: each cache block must be contiguous, got strides ", c->strides());
+  const int64_t k_stride = k_cache.stride(0), v_stride = v_cache.stride(0);
   const int64_t B = q.size(0), H = q.dim() == 3 ? q.size(1) : 0;
   TORCH_CHECK(Hk > 0 && H % Hk == 0 && hd % 2 == 0, "decode_attention: ", H, " query heads for ", Hk,
               " kv heads of dim ", hd);
@@ -105,20 +129,32 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const at::Tensor cos = cos_in.reshape({-1, hd}).to(at::kFloat).contiguous();
   const at::Tensor sin = sin_in.reshape({-1, hd}).to(at::kFloat).contiguous();
   TORCH_CHECK(cos.size(0) == B && sin.size(0) == B, "decode_attention: cos and sin must be [B, hd]");
-  const at::Tensor slots = slots_in.to(at::kLong).contiguous(), positions = positions_in.to(at::kLong).contiguous();
-  TORCH_CHECK(slots.numel() == B && positions.numel() == B, "decode_attention: slots and positions must be [B]");
-  const int64_t* sp = slots.data_ptr<int64_t>();
+  const at::Tensor tables = tables_in.to(at::kLong).contiguous(), positions = positions_in.to(at::kLong).contiguous();
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B && positions.numel() == B,
+              "decode_attention: tables must be [B, T] and positions [B]");
+  const int64_t T = tables.size(1);
+  const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* pp = positions.data_ptr<int64_t>();
   int64_t longest = 0;
-  std::vector<char> seen(S, 0);  // NOTE: a slot written by two rows at once would be a data race
+  std::vector<char> skip(B, 0);
+  std::vector<int64_t> written;  // NOTE: a position written by two rows at once would be a data race
   for (int64_t b = 0; b < B; ++b) {
-    if (sp[b] == skip_slot) continue;
-    TORCH_CHECK(sp[b] >= 0 && sp[b] < S && pp[b] >= 0 && pp[b] < P, "decode_attention: row ", b, " has slot ",
-                sp[b], " and position ", pp[b], " outside a cache of ", S, " slots x ", P, " positions");
-    TORCH_CHECK(!seen[sp[b]], "decode_attention: slot ", sp[b], " appears twice in one step");
-    seen[sp[b]] = 1;
-    longest = std::max(longest, pp[b] + 1);
+    const int64_t p = pp[b];
+    TORCH_CHECK(p >= 0 && p / BS < T, "decode_attention: row ", b, " has position ", p, " outside its table of ", T,
+                " blocks of ", BS);
+    const int64_t* row = tp + b * T;
+    if (row[p / BS] == skip_block) {
+      skip[b] = 1;
+      continue;
+    }
+    for (int64_t i = 0; i <= p / BS; ++i)
+      TORCH_CHECK(row[i] >= 0 && row[i] < NB, "decode_attention: row ", b, " reads block ", row[i], " of ", NB);
+    written.push_back(row[p / BS] * BS + p % BS);
+    longest = std::max(longest, p + 1);
   }
+  std::sort(written.begin(), written.end());
+  TORCH_CHECK(std::adjacent_find(written.begin(), written.end()) == written.end(),
+              "decode_attention: two rows write the same cache position in one step");
   const int64_t G = H / Hk;
   at::Tensor out = at::empty({B, H, hd}, q.options());
   if (B == 0) return out;
@@ -137,16 +173,18 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       std::vector<float> buf;
       for (int64_t item = a; item < e; ++item) {
         const int64_t b = item / Hk, h = item % Hk, p = pp[b];
-        if (sp[b] == skip_slot) {
+        if (skip[b]) {
           std::fill(op + (b * H + h * G) * hd, op + (b * H + (h + 1) * G) * hd, scalar_t(0));
           continue;
         }
         const int64_t lo = window > 0 ? std::max<int64_t>(0, p + 1 - window) : 0;
-        const int64_t head = (sp[b] * Hk + h) * P * hd;
+        const int64_t* row = tp + b * T;
+        const int64_t head = h * BS * hd, at = head + (p % BS) * hd;
+        const Paged<scalar_t> keys{kcp + head, row, k_stride, BS, hd}, vals{vcp + head, row, v_stride, BS, hd};
         attend_one(qp + b * q.stride(0) + h * G * q.stride(1), q.stride(1), kp + b * k.stride(0) + h * k.stride(1),
-                   vp + b * v.stride(0) + h * v.stride(1), G, hd, cp + b * hd, snp + b * hd, kcp + head + p * hd,
-                   vcp + head + p * hd, kcp + head, vcp + head, lo, p + 1 - lo, static_cast<float>(scale),
-                   op + (b * H + h * G) * hd, buf);
+                   vp + b * v.stride(0) + h * v.stride(1), G, hd, cp + b * hd, snp + b * hd,
+                   kcp + row[p / BS] * k_stride + at, vcp + row[p / BS] * v_stride + at, keys, vals, lo, p + 1 - lo,
+                   static_cast<float>(scale), op + (b * H + h * G) * hd, buf);
       }
     });
   });
@@ -158,7 +196,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 TORCH_LIBRARY_FRAGMENT(mistralrs, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
-      "Tensor(b!) v_cache, Tensor slots, Tensor positions, int window, float scale, int skip_slot=-1) -> Tensor");
+      "Tensor(b!) v_cache, Tensor tables, Tensor positions, int window, float scale, int skip_block=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mistralrs, CPU, m) {
