@@ -130,10 +130,11 @@ class DecodeGraphs:
         host[2, :n] = torch.tensor([s for s, _ in decode])
         host[3, :n] = host[1, :n] + 1
         ht = self._host_tables[:b, :T]
-        ht.fill_(self.pool.scratch_block)
-        for r, ((_, p), t) in enumerate(zip(decode, tables)):
-            used = -(-(p + 1) // self.bs)
-            ht[r, :used] = torch.tensor(t[:used])
+        scratch = self.pool.scratch_block
+        # NOTE: each row's own blocks, then the scratch block up to the bucket (and for padding rows)
+        rows = [(t[: -(-(p + 1) // self.bs)] + [scratch] * T)[:T] for (_, p), t in zip(decode, tables)]
+        ht[:n] = torch.tensor(rows)
+        ht[n:] = scratch
         if b > n:
             host[0, n:], host[1, n:], host[2, n:], host[3, n:] = 0, 0, 0, 1
         for dst, row in zip((self.ids, self.positions, self.slots, self.lengths), host):
