@@ -49,7 +49,7 @@ def make_tokenizer(path: Path) -> int:
 
 def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """Saves a random-weight transformers model (safetensors) plus a tokenizer into `path`."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    import transformers
 
     path.mkdir(parents=True, exist_ok=True)
     vocab = make_tokenizer(path)
@@ -70,14 +70,18 @@ def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides)
     torch.manual_seed(seed)
     if arch == "mistral":
         kw.setdefault("sliding_window", 8)
-        model = MistralForCausalLM(MistralConfig(**kw))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**kw))
+    # NOTE: the architecture's own transformers classes: LlamaForCausalLM, Qwen3ForCausalLM...
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    config = getattr(transformers, f"{name}Config")(**kw)
+    model = getattr(transformers, f"{name}ForCausalLM")(config)
     # NOTE: random init is small (std 0.02); scale up so logits are not all ~equal and greedy paths differ.
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.15)
+            elif arch in ("qwen2", "qwen3") and p.dim() == 1:
+                # NOTE: biases and norm weights away from their init (0 and 1), so a missing one shows
+                p.add_(torch.randn_like(p) * 0.2)
     model.save_pretrained(path, safe_serialization=True)
     return path
 

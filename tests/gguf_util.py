@@ -28,6 +28,11 @@ LAYER = {
     "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight",
     "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
@@ -48,7 +53,9 @@ def write_gguf(hf_dir: Path, out: Path, qtypes=(Q.Q4_0, Q.Q4_1, Q.Q8_0)) -> Path
     cfg = json.loads((hf_dir / "config.json").read_text())
     tok = json.loads((hf_dir / "tokenizer.json").read_text())
     tcfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
-    w = GGUFWriter(str(out), "llama")
+    # NOTE: llama.cpp writes Mistral as llama, and permutes q/k rows for llama only (not for Qwen)
+    arch = {"mistral": "llama"}.get(cfg["model_type"], cfg["model_type"])
+    w = GGUFWriter(str(out), arch)
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     w.add_name("tiny")
     w.add_block_count(cfg["num_hidden_layers"])
@@ -57,7 +64,11 @@ def write_gguf(hf_dir: Path, out: Path, qtypes=(Q.Q4_0, Q.Q4_1, Q.Q8_0)) -> Path
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
-    w.add_rope_dimension_count(cfg["hidden_size"] // heads)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != cfg["hidden_size"] // heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
     w.add_vocab_size(cfg["vocab_size"])
@@ -80,9 +91,9 @@ def write_gguf(hf_dir: Path, out: Path, qtypes=(Q.Q4_0, Q.Q4_1, Q.Q8_0)) -> Path
     tensors = load_file(str(next(hf_dir.glob("*.safetensors"))))
     for i, (name, arr) in enumerate(sorted(tensors.items())):
         arr = arr.astype(np.float32)
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):
             arr = permute(arr, heads)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             arr = permute(arr, kv)
         if arr.ndim == 2:
             qt = qtypes[i % len(qtypes)]

@@ -59,6 +59,9 @@ def test_options_map_to_spec(monkeypatch):
             "3",
             "--kv-cache-mb",
             "512",
+            "--no-prefix-cache",
+            "--block-size",
+            "32",
             "--dtype",
             "float32",
             "--device",
@@ -70,12 +73,23 @@ def test_options_map_to_spec(monkeypatch):
             "v2",
             "--repeat-last-n",
             "16",
+            "--isq",
+            "Q4_K",
         ],
     )
     assert r.exit_code == 0, r.output
     o, s = seen["opts"], seen["spec"]
     assert (o.port, o.truncate_sequence, o.max_seqs, o.kv_cache_mb) == (4321, True, 3, 512)
+    assert (o.prefix_caching, o.block_size) == (False, 32)
+    eo = o.engine_options()
+    assert (eo.prefix_caching, eo.block_size) == (False, 32)
     assert (s.model_id, s.revision, s.repeat_last_n, s.dtype, s.device) == ("some/model", "v2", 16, "float32", "cpu")
+    assert s.isq == "q4_k"
+
+
+def test_an_unknown_isq_type_is_a_usage_error():
+    r = runner.invoke(cli.app, ["mistral", "--isq", "q3_k"])
+    assert r.exit_code == 2 and "q4_0, q4_k, q8_0" in r.output
 
 
 @pytest.mark.parametrize(

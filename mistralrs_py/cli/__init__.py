@@ -200,6 +200,18 @@ def main_options(
 
 
 REPEAT_LAST_N = typer.Option(64, "--repeat-last-n", min=0, help="Tokens the repetition penalty looks back over.")
+ISQ = typer.Option(
+    None,
+    "--isq",
+    help="Quantize the safetensors weights as they load: q4_0 | q4_k | q8_0 (llama.cpp's types; the output head "
+    "gets q8_0), then run on the same kernels as GGUF files.",
+)
+
+
+def check_isq(isq: Optional[str]) -> Optional[str]:
+    if isq is not None and isq.lower() not in ("q4_0", "q4_k", "q8_0"):
+        raise typer.BadParameter(f"{isq!r} is not one of q4_0, q4_k, q8_0", param_hint="--isq")
+    return isq.lower() if isq else None
 
 
 @app.command("mistral")
@@ -216,6 +228,7 @@ def mistral(
         None, "--tokenizer-id", help="Directory or hub id of another tokenizer to use."
     ),
     repeat_last_n: int = REPEAT_LAST_N,
+    isq: Optional[str] = ISQ,
 ):
     """Serve a model from HF safetensors weights (config.json + *.safetensors + tokenizer.json)."""
     serve(
@@ -226,6 +239,7 @@ def mistral(
             revision=revision,
             tokenizer_id=tokenizer_id,
             repeat_last_n=repeat_last_n,
+            isq=check_isq(isq),
         ),
     )
 
@@ -307,6 +321,7 @@ def x_lora_mistral(
         help="After this many generated tokens, freeze each sequence's scalings and skip the scaling pass.",
     ),
     repeat_last_n: int = REPEAT_LAST_N,
+    isq: Optional[str] = ISQ,
 ):
     """Serve an X-LoRA mixture of LoRA experts on a base model (HF safetensors or a quantized GGUF)."""
     if model_id and (quantized_model_id or quantized_filename):
@@ -329,6 +344,7 @@ def x_lora_mistral(
             tgt_non_granular_index=tgt_non_granular_index,
             no_xlora_kv_cache=opts.no_xlora_kv_cache,
             repeat_last_n=repeat_last_n,
+            isq=check_isq(isq),
         ),
     )
 

@@ -1,11 +1,17 @@
-"""One config dataclass for the Mistral/Llama decoder family, read from HF config.json or GGUF metadata."""
+"""One config dataclass for the Mistral/Llama decoder family, read from HF config.json or GGUF metadata.
+
+The family's members differ in data, not code: Llama and Mistral (sliding window), Qwen2/2.5 (biases
+on q, k and v), Qwen3 (an RMSNorm per head on q and k before rope)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# NOTE: llama.cpp's converter permutes q/k rows into its interleaved rope layout for these archs only
+# (the Qwen converters keep the HF rotate-half layout)
+GGUF_PERMUTED_QK = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -29,7 +35,9 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     sliding_window: int | None = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o
+    qkv_bias: bool = False  # biases on q, k and v only (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before rope (Qwen3)
     mlp_bias: bool = False
     model_type: str = "llama"
     bos_token_id: int | None = None
@@ -48,6 +56,10 @@ class ModelConfig:
     def num_parameters(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         attn = h * self.num_heads * self.head_dim * 2 + h * self.kv_dim * 2
+        if self.attention_bias or self.qkv_bias:
+            attn += self.num_heads * self.head_dim + 2 * self.kv_dim + (h if self.attention_bias else 0)
+        if self.qk_norm:
+            attn += 2 * self.head_dim
         layer = attn + 3 * h * i + 2 * h
         return self.num_layers * layer + v * h * (1 if self.tie_word_embeddings else 2) + h
 
@@ -76,6 +88,11 @@ class ModelConfig:
         sliding = cfg.get("sliding_window") if model_type == "mistral" else None
         if cfg.get("use_sliding_window") is False:
             sliding = None
+        if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+            raise ConfigError(
+                f"use_sliding_window=true on a {model_type} model (a window on some layers only) is not supported; "
+                "set it to false in config.json to serve the model with full attention"
+            )
         return cls(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
@@ -90,7 +107,9 @@ class ModelConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             sliding_window=int(sliding) if sliding else None,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)) and model_type != "qwen2",
+            qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             model_type=model_type,
             bos_token_id=cfg.get("bos_token_id"),
@@ -98,8 +117,11 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_gguf(cls, fields: Mapping[str, Any], *, has_output_weight: bool) -> "ModelConfig":
-        """Reads llama.cpp's GGUF metadata keys (`{arch}.block_count`, ...)."""
+    def from_gguf(
+        cls, fields: Mapping[str, Any], *, has_output_weight: bool, tensor_names: frozenset[str] = frozenset()
+    ) -> "ModelConfig":
+        """Reads llama.cpp's GGUF metadata keys (`{arch}.block_count`, ...); which optional tensors
+        exist (q/k/v biases, q/k norms) comes from `tensor_names`."""
         arch = fields.get("general.architecture")
         if arch not in SUPPORTED_MODEL_TYPES:
             shown = repr(arch)[:40] + ("..." if len(repr(arch)) > 40 else "")
@@ -134,6 +156,9 @@ class ModelConfig:
             max_position_embeddings=int(get("context_length", 4096)),
             sliding_window=int(sliding) if sliding else None,
             tie_word_embeddings=not has_output_weight,
+            attention_bias="blk.0.attn_output.bias" in tensor_names,
+            qkv_bias="blk.0.attn_q.bias" in tensor_names and "blk.0.attn_output.bias" not in tensor_names,
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             model_type=arch,
             bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=(int(eos),) if eos is not None else (),

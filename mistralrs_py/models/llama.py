@@ -1,7 +1,8 @@
 """The Mistral/Llama decoder, written for the engine's cache: tokens of many sequences in one step.
 
-One implementation serves Llama-layout models (SmolLM2, TinyLlama, Llama 2/3) and Mistral
-(sliding-window attention). Linear layers are `layers.Linear` (an nn.Linear) by default; loaders may replace
+One implementation serves Llama-layout models (SmolLM2, TinyLlama, Llama 2/3), Mistral
+(sliding-window attention) and Qwen2/2.5/3 (q/k/v biases, per-head q/k norms): what differs is in
+the config (models/config.py), not in copies of the decoder. Linear layers are `layers.Linear` (an nn.Linear) by default; loaders may replace
 them with quantized or LoRA-wrapped modules that have the same call signature.
 
 Our fused CPU ops (models/csrc, built by kernels.py) are chosen once, when the model is loaded:
@@ -32,7 +33,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kw = dict(bias=cfg.attention_bias, device=device, dtype=dtype)
+        kw = dict(bias=cfg.attention_bias or cfg.qkv_bias, device=device, dtype=dtype)
         self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, **kw)
         self.k_proj = Linear(cfg.hidden_size, cfg.kv_dim, **kw)
         self.v_proj = Linear(cfg.hidden_size, cfg.kv_dim, **kw)
@@ -40,6 +41,11 @@ class Attention(nn.Module):
             cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype
         )
         self.qkv_proj: nn.Module | None = None  # set by fuse_projections(): q, k, v in one matmul
+        # NOTE: Qwen3: an RMSNorm over each head of q and of k, before rope (transformers' names)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, device=device, dtype=dtype)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, device=device, dtype=dtype)
 
     def forward(
         self,
@@ -64,6 +70,8 @@ class Attention(nn.Module):
             q, k = project(self.q_proj, x, lora).view(n, H, hd), project(self.k_proj, x, lora).view(n, Hk, hd)
             qk = torch.cat([q, k], dim=1)
             v = project(self.v_proj, x, lora).view(n, Hk, hd)
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :H].contiguous()), self.k_norm(qk[:, H:].contiguous())], dim=1)
         # qk: [N, H + Hk, hd] before rope; v: [N, Hk, hd]
         # NOTE: the fused op wants float32 rope tables (CausalLM.hidden_states makes them so)
         if self.cpu_ops and view.num_decode:

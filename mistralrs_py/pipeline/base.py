@@ -43,6 +43,7 @@ class ModelSpec:
     order: str | None = None
     tgt_non_granular_index: int | None = None
     no_xlora_kv_cache: bool = False  # X-LoRA: rerun the scaling pass over the whole sequence instead of caching it
+    isq: str | None = None  # in-situ quantization of a safetensors model's linears: q4_0 | q4_k | q8_0
     repeat_last_n: int = 64
     dtype: str = "auto"
     device: str = "auto"

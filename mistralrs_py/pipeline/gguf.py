@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.config import ConfigError, ModelConfig
+from ..models.config import GGUF_PERMUTED_QK, ConfigError, ModelConfig
 from . import hub
 from .base import LoadError, ModelSpec, Pipeline, resolve_device, resolve_dtype
 from .weights import build_empty, load_tensors, memory_bytes, release_memory, serving_length
@@ -27,6 +27,9 @@ _GGUF_NAMES = {
     "blk.{i}.attn_q.bias": "layers.{i}.self_attn.q_proj.bias",
     "blk.{i}.attn_k.bias": "layers.{i}.self_attn.k_proj.bias",
     "blk.{i}.attn_v.bias": "layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.bias": "layers.{i}.self_attn.o_proj.bias",
+    "blk.{i}.attn_q_norm.weight": "layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "layers.{i}.self_attn.k_norm.weight",
     "blk.{i}.ffn_norm.weight": "layers.{i}.post_attention_layernorm.weight",
     "blk.{i}.ffn_gate.weight": "layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "layers.{i}.mlp.up_proj.weight",
@@ -165,7 +168,9 @@ def open_gguf(path: Path):
 
 def config_from_gguf(fields: dict, tensor_names: set[str], path: Path) -> ModelConfig:
     try:
-        return ModelConfig.from_gguf(fields, has_output_weight="output.weight" in tensor_names)
+        return ModelConfig.from_gguf(
+            fields, has_output_weight="output.weight" in tensor_names, tensor_names=frozenset(tensor_names)
+        )
     except ConfigError as e:
         raise LoadError(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
@@ -293,7 +298,7 @@ def _raw_rows(t: GGUFTensor, ours: str, cfg: ModelConfig) -> np.ndarray:
     shape = t.shape
     raw = t.data
     heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}.get(ours.split(".")[-2])
-    if heads is not None:
+    if heads is not None and cfg.model_type in GGUF_PERMUTED_QK:
         rows = unpermute_rows(shape[0], heads)
         raw = raw.reshape(shape[0], -1)[rows] if len(shape) == 2 else raw.reshape(shape[0])[rows]
     return raw

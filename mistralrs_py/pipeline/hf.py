@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from ..models.config import ConfigError, ModelConfig
 from . import hub
 from .base import LoadError, ModelSpec, Pipeline, resolve_device, resolve_dtype
@@ -24,6 +26,11 @@ def hf_to_ours(name: str) -> str:
 def load_plain(spec: ModelSpec, progress=None) -> Pipeline:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
+    if spec.isq is not None and (spec.model_id is None or hub.resolve(spec.model_id, spec.revision).is_file()):
+        raise LoadError(
+            "--isq quantizes a safetensors checkpoint as it loads, and this model is a GGUF file (the embedded "
+            "default is one), quantized already: serve it without --isq, or give --model-id a safetensors model"
+        )
     if spec.model_id is None:
         from .gguf import load_gguf_file
 
@@ -83,7 +90,11 @@ def load_safetensors_dir(
             # NOTE: get_tensor reads the memory-mapped bytes once; load_tensors casts/moves once.
             yield hf_to_ours(k), (lambda h=h, k=k: h.get_tensor(k))
 
-    load_tensors(model, tensors(), dtype, device, on_tensor=lambda: progress and progress.advance(task))
+    kinds: dict[str, int] = {}
+    items = tensors() if spec.isq is None else quantized_items(tensors(), cfg, spec.isq, dtype, device, kinds)
+    load_tensors(model, items, dtype, device, on_tensor=lambda: progress and progress.advance(task))
+    if spec.isq is not None and cfg.tie_word_embeddings:
+        model.lm_head = _isq_linear(model.embed_tokens.weight, None, spec.isq, dtype, device, kinds, head=True)
     eos = list(cfg.eos_token_ids)
     gen = path / "generation_config.json"
     if gen.exists():
@@ -99,5 +110,50 @@ def load_safetensors_dir(
         dtype=dtype,
         device=device,
         max_model_len=max_len,
-        summary={"format": "safetensors", "params": cfg.num_parameters(), "weights_bytes": memory_bytes(model)},
+        summary={
+            "format": "safetensors"
+            + (f" in-situ quantized: {', '.join(f'{k} x{n}' for k, n in sorted(kinds.items()))}" if kinds else ""),
+            "params": cfg.num_parameters(),
+            "weights_bytes": memory_bytes(model),
+        },
     )
+
+
+def quantized_items(tensors, cfg, isq: str, dtype, device, kinds: dict):
+    """--isq: each linear's weight (and its bias) becomes a quantized module as it is read, so only
+    one dense weight is in memory at a time; norms and the embedding stay dense. The output head is
+    quantized to q8_0 whatever the type (as llama.cpp keeps it at 6 bits or more in its 4-bit files:
+    logits are the most sensitive)."""
+    pending = dict(tensors)  # NOTE: name -> a thunk; nothing is read yet
+    for name in list(pending):
+        if name not in pending or not (name.endswith("_proj.weight") or name == "lm_head.weight"):
+            continue
+        load = pending.pop(name)
+        bias = pending.pop(name.removesuffix("weight") + "bias", None)
+        head = name == "lm_head.weight"
+
+        def module(load=load, bias=bias, head=head):
+            return _isq_linear(load(), bias() if bias else None, isq, dtype, device, kinds, head=head)
+
+        yield name.removesuffix(".weight"), module
+    yield from pending.items()
+
+
+def _isq_linear(w, bias, isq: str, dtype, device, kinds: dict, head: bool = False):
+    from ..models.isq import isq_type, quantizable, quantize
+    from ..models.layers import Linear
+    from ..models.quant import QuantLinear
+
+    qtype = isq_type("q8_0" if head else isq)
+    if not quantizable(tuple(w.shape), qtype):
+        # NOTE: rows that do not split into whole blocks stay dense (the load line counts them)
+        kinds["dense"] = kinds.get("dense", 0) + 1
+        lin = Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+        lin.weight = torch.nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
+        if bias is not None:
+            lin.bias = torch.nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+        return lin
+    raw = quantize(w, qtype)
+    mod = QuantLinear.from_gguf(raw, qtype, tuple(w.shape), dtype, device, bias=bias, keep_raw=False)
+    kinds[mod.kind] = kinds.get(mod.kind, 0) + 1
+    return mod

@@ -99,6 +99,10 @@ def _load_base(spec: ModelSpec, progress) -> Pipeline:
             raise LoadError(
                 "give the base model either with --model-id or with --quantized-model-id/--quantized-filename, not both"
             )
+        if spec.isq:
+            raise LoadError(
+                "--isq quantizes a safetensors base as it loads; this base is a GGUF file, quantized already"
+            )
         from .gguf import load_quantized
 
         return load_quantized(replace(spec, kind=ModelKind.GGUF), progress)
