@@ -437,6 +437,12 @@ def main() -> None:
     except ImportError:
         R["xlora_decode"] = None
 
+    # --isq on the exported checkpoint: decode, RSS and quality against its bf16 load
+    from bench.isq import isq
+
+    R["isq"] = isq(a.threads, reps)
+    print("  isq:", R["isq"], flush=True)
+
     # answer quality: perplexity and KL divergence against float32 (and llama.cpp's, when installed)
     from bench.quality import quality
 
@@ -598,6 +604,10 @@ def report(R: dict) -> None:
         from bench.prefix_cache import report_rows
 
         rows += report_rows(R["prefix_cache"])
+    if R.get("isq"):
+        from bench.isq import report_rows as isq_rows
+
+        rows += isq_rows(R["isq"])
     print()
     print(f"{'measure':52} {'ours':>10} {'baseline':>10} {'ratio':>7}  baseline / target")
     for name, ours, base, bname, target in rows:
@@ -623,6 +633,10 @@ def report(R: dict) -> None:
         from bench.prefix_cache import report_lines as prefix_lines
 
         print("\n".join(prefix_lines(R["prefix_cache"])))
+    if R.get("isq"):
+        from bench.isq import report_lines as isq_lines
+
+        print("\n".join(isq_lines(R["isq"])))
     if R.get("quality"):
         from bench.quality import report_lines
 

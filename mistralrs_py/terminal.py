@@ -71,6 +71,13 @@ def model_label(spec) -> str:
     return name or "the embedded model"
 
 
+def family(cfg) -> str:
+    """The decoder family the load line names: model_type, and a mixture of experts' routing."""
+    if cfg.num_experts:
+        return f"{cfg.model_type} ({cfg.num_experts} experts, {cfg.num_experts_per_tok} per token)"
+    return cfg.model_type
+
+
 def ready_line(client, name: str, scheduler: str) -> str:
     """The ready line's model part: name | format | dtype | device | params | memory | context | cache."""
     pipeline, snap = client.pipeline, client.snapshot()
@@ -78,7 +85,7 @@ def ready_line(client, name: str, scheduler: str) -> str:
     mem = s.get("weights_bytes", 0) / 2**20
     kv = snap["kv_cache_capacity_bytes"] / 2**20
     return (
-        f"[bold green]ready[/] {escape(name)} | {s.get('format', '?')} | {str(pipeline.dtype).removeprefix('torch.')} | "
+        f"[bold green]ready[/] {escape(name)} | {family(pipeline.config)} | {s.get('format', '?')} | {str(pipeline.dtype).removeprefix('torch.')} | "
         f"{pipeline.device} | {s.get('params', 0) / 1e6:.0f}M params | {mem:.0f} MiB weights | "
         f"ctx {client.max_len} x {snap['max_seqs']} seqs | KV cache {snap['kv_cache_capacity_tokens']} tokens "
         f"({kv:.0f} MiB, blocks of {snap['kv_block_size']}{', prefix cache' if snap['prefix_cache'] else ''}) | {scheduler}"

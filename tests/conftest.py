@@ -71,15 +71,22 @@ def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides)
     if arch == "mistral":
         kw.setdefault("sliding_window", 8)
     # NOTE: the architecture's own transformers classes: LlamaForCausalLM, Qwen3ForCausalLM...
-    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    name = {
+        "llama": "Llama",
+        "mistral": "Mistral",
+        "qwen2": "Qwen2",
+        "qwen3": "Qwen3",
+        "mixtral": "Mixtral",
+        "qwen3_moe": "Qwen3Moe",
+    }[arch]
     config = getattr(transformers, f"{name}Config")(**kw)
     model = getattr(transformers, f"{name}ForCausalLM")(config)
     # NOTE: random init is small (std 0.02); scale up so logits are not all ~equal and greedy paths differ.
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # NOTE: transformers keeps a MoE layer's experts in 3-D tensors
                 p.normal_(0, 0.15)
-            elif arch in ("qwen2", "qwen3") and p.dim() == 1:
+            elif arch in ("qwen2", "qwen3", "qwen3_moe") and p.dim() == 1:
                 # NOTE: biases and norm weights away from their init (0 and 1), so a missing one shows
                 p.add_(torch.randn_like(p) * 0.2)
     model.save_pretrained(path, safe_serialization=True)

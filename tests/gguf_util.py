@@ -5,6 +5,7 @@ gguf.quants."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,32 @@ LAYER = {
 }
 
 
+LAYER.update({"mlp.gate.weight": "ffn_gate_inp.weight", "block_sparse_moe.gate.weight": "ffn_gate_inp.weight"})
+# an expert's projection (Qwen3-MoE's names, Mixtral's) -> the [experts, out, in] tensor it goes into
+EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
+EXPS = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps"}
+EXPS.update({"down_proj": "ffn_down_exps", "w2": "ffn_down_exps"})
+
+
 def gguf_name(hf: str) -> str:
     if hf in NAMES:
         return NAMES[hf]
     _, _, i, rest = hf.split(".", 3)
     return f"blk.{i}.{LAYER[rest]}"
+
+
+def stack_experts(tensors: dict) -> dict:
+    """HF tensors with each layer's experts stacked as llama.cpp stores them: name -> array, GGUF names."""
+    out, experts = {}, {}
+    for name, arr in tensors.items():
+        m = EXPERT.match(name)
+        if m:
+            experts.setdefault(f"blk.{m[1]}.{EXPS[m[3]]}.weight", {})[int(m[2])] = arr
+        else:
+            out[gguf_name(name)] = arr
+    for name, parts in experts.items():
+        out[name] = np.stack([parts[j] for j in sorted(parts)])
+    return out
 
 
 def write_gguf(hf_dir: Path, out: Path, qtypes=(Q.Q4_0, Q.Q4_1, Q.Q8_0)) -> Path:
@@ -53,8 +75,8 @@ def write_gguf(hf_dir: Path, out: Path, qtypes=(Q.Q4_0, Q.Q4_1, Q.Q8_0)) -> Path
     cfg = json.loads((hf_dir / "config.json").read_text())
     tok = json.loads((hf_dir / "tokenizer.json").read_text())
     tcfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
-    # NOTE: llama.cpp writes Mistral as llama, and permutes q/k rows for llama only (not for Qwen)
-    arch = {"mistral": "llama"}.get(cfg["model_type"], cfg["model_type"])
+    # NOTE: llama.cpp writes Mistral and Mixtral as llama, and permutes q/k rows for llama only
+    arch = {"mistral": "llama", "mixtral": "llama", "qwen3_moe": "qwen3moe"}.get(cfg["model_type"], cfg["model_type"])
     w = GGUFWriter(str(out), arch)
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     w.add_name("tiny")
@@ -72,6 +94,12 @@ def write_gguf(hf_dir: Path, out: Path, qtypes=(Q.Q4_0, Q.Q4_1, Q.Q8_0)) -> Path
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
     w.add_vocab_size(cfg["vocab_size"])
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        if cfg.get("moe_intermediate_size"):
+            w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
     # tokenizer: byte-level BPE with merges, special tokens as control tokens
     vocab = dict(tok["model"]["vocab"])
     for a in tok["added_tokens"]:
@@ -89,17 +117,19 @@ def write_gguf(hf_dir: Path, out: Path, qtypes=(Q.Q4_0, Q.Q4_1, Q.Q8_0)) -> Path
     w.add_add_bos_token(False)
     w.add_chat_template(tcfg["chat_template"])
     tensors = load_file(str(next(hf_dir.glob("*.safetensors"))))
-    for i, (name, arr) in enumerate(sorted(tensors.items())):
-        arr = arr.astype(np.float32)
+    for name in tensors:
+        arr = tensors[name].astype(np.float32)
         if arch == "llama" and name.endswith("q_proj.weight"):
             arr = permute(arr, heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):
             arr = permute(arr, kv)
-        if arr.ndim == 2:
+        tensors[name] = arr
+    for i, (name, arr) in enumerate(sorted(stack_experts(tensors).items())):
+        if arr.ndim >= 2 and not name.endswith("ffn_gate_inp.weight"):
             qt = qtypes[i % len(qtypes)]
-            w.add_tensor(gguf_name(name), quants.quantize(arr, qt), raw_dtype=qt)
-        else:
-            w.add_tensor(gguf_name(name), arr)
+            w.add_tensor(name, quants.quantize(arr, qt), raw_dtype=qt)
+        else:  # NOTE: norms and the router stay float32, as llama.cpp's converter keeps them
+            w.add_tensor(name, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,17 +1,21 @@
 """One config dataclass for the Mistral/Llama decoder family, read from HF config.json or GGUF metadata.
 
 The family's members differ in data, not code: Llama and Mistral (sliding window), Qwen2/2.5 (biases
-on q, k and v), Qwen3 (an RMSNorm per head on q and k before rope)."""
+on q, k and v), Qwen3 (an RMSNorm per head on q and k before rope), and the mixtures of experts
+Mixtral and Qwen3-MoE (each layer's MLP is `num_experts` MLPs and a router that picks
+`num_experts_per_tok` of them per token)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 # NOTE: llama.cpp's converter permutes q/k rows into its interleaved rope layout for these archs only
 # (the Qwen converters keep the HF rotate-half layout)
-GGUF_PERMUTED_QK = ("llama", "mistral")
+GGUF_PERMUTED_QK = ("llama", "mistral", "mixtral")
+# llama.cpp's architecture names -> ours (Mixtral is `llama` with expert tensors)
+GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -39,6 +43,13 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on q, k and v only (Qwen2)
     qk_norm: bool = False  # RMSNorm over each head of q and k before rope (Qwen3)
     mlp_bias: bool = False
+    # NOTE: mixture of experts (0: a dense MLP): every layer routes each token to the top
+    # num_experts_per_tok of num_experts MLPs of moe_intermediate_size, weighted by the router's
+    # softmax (renormalised over the chosen ones with norm_topk_prob, as Mixtral always does)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
@@ -60,7 +71,8 @@ class ModelConfig:
             attn += self.num_heads * self.head_dim + 2 * self.kv_dim + (h if self.attention_bias else 0)
         if self.qk_norm:
             attn += 2 * self.head_dim
-        layer = attn + 3 * h * i + 2 * h
+        mlp = 3 * h * i if not self.num_experts else self.num_experts * (3 * h * self.moe_intermediate_size + h)
+        layer = attn + mlp + 2 * h
         return self.num_layers * layer + v * h * (1 if self.tie_word_embeddings else 2) + h
 
     # ---- readers -------------------------------------------------------------------------
@@ -85,10 +97,28 @@ class ModelConfig:
         scaling = _normalise_rope_scaling(scaling)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        sliding = cfg.get("sliding_window") if model_type == "mistral" else None
+        sliding = cfg.get("sliding_window") if model_type in ("mistral", "mixtral") else None
         if cfg.get("use_sliding_window") is False:
             sliding = None
-        if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        moe = {}
+        if model_type == "mixtral":
+            experts = int(cfg["num_local_experts"])
+            moe = dict(num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)), norm_topk_prob=True)
+            moe.update(num_experts=experts, moe_intermediate_size=int(cfg["intermediate_size"]))
+        elif model_type == "qwen3_moe":
+            if int(cfg.get("decoder_sparse_step", 1)) != 1 or cfg.get("mlp_only_layers"):
+                raise ConfigError(
+                    "a qwen3_moe model with dense layers among the expert ones (decoder_sparse_step != 1 or "
+                    "mlp_only_layers) is not supported"
+                )
+            # NOTE: `num_experts` on the hub; transformers 5 writes `num_local_experts`
+            experts = cfg.get("num_experts") or cfg["num_local_experts"]
+            moe = dict(num_experts=int(experts), num_experts_per_tok=int(cfg["num_experts_per_tok"]))
+            moe.update(
+                moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+            )
+        if model_type in ("qwen2", "qwen3", "qwen3_moe") and cfg.get("use_sliding_window"):
             raise ConfigError(
                 f"use_sliding_window=true on a {model_type} model (a window on some layers only) is not supported; "
                 "set it to false in config.json to serve the model with full attention"
@@ -109,8 +139,9 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)) and model_type != "qwen2",
             qkv_bias=model_type == "qwen2",
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
+            **moe,
             model_type=model_type,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
@@ -123,11 +154,9 @@ class ModelConfig:
         """Reads llama.cpp's GGUF metadata keys (`{arch}.block_count`, ...); which optional tensors
         exist (q/k/v biases, q/k norms) comes from `tensor_names`."""
         arch = fields.get("general.architecture")
-        if arch not in SUPPORTED_MODEL_TYPES:
+        if arch not in GGUF_ARCHS:
             shown = repr(arch)[:40] + ("..." if len(repr(arch)) > 40 else "")
-            raise ConfigError(
-                f"unsupported GGUF architecture {shown}; this server runs {', '.join(SUPPORTED_MODEL_TYPES)} models"
-            )
+            raise ConfigError(f"unsupported GGUF architecture {shown}; this server runs {', '.join(GGUF_ARCHS)} models")
 
         def get(key: str, default: Any = None) -> Any:
             return fields.get(f"{arch}.{key}", default)
@@ -142,10 +171,18 @@ class ModelConfig:
             scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
         eos = fields.get("tokenizer.ggml.eos_token_id")
         sliding = get("attention.sliding_window")
+        model_type, moe = GGUF_ARCHS[arch], {}
+        experts = int(get("expert_count", 0) or 0)
+        if experts:
+            # NOTE: llama.cpp renormalises the chosen experts' weights for both (Mixtral, Qwen3-MoE)
+            moe_ff = int(get("expert_feed_forward_length") or get("feed_forward_length"))
+            moe = dict(num_experts=experts, num_experts_per_tok=int(get("expert_used_count")))
+            moe.update(moe_intermediate_size=moe_ff, norm_topk_prob=True)
+            model_type = "mixtral" if arch == "llama" else model_type
         return cls(
             vocab_size=int(vocab),
             hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")),
+            intermediate_size=int(get("feed_forward_length") or moe.get("moe_intermediate_size", 0)),
             num_layers=int(get("block_count")),
             num_heads=heads,
             num_kv_heads=int(kv_heads),
@@ -159,7 +196,8 @@ class ModelConfig:
             attention_bias="blk.0.attn_output.bias" in tensor_names,
             qkv_bias="blk.0.attn_q.bias" in tensor_names and "blk.0.attn_output.bias" not in tensor_names,
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
-            model_type=arch,
+            model_type=model_type,
+            **moe,
             bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=(int(eos),) if eos is not None else (),
         )

@@ -90,12 +90,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     cpu_ops: bool = False  # our fused silu(gate) * up
 
-    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None, intermediate: int | None = None):
         super().__init__()
         kw = dict(bias=cfg.mlp_bias, device=device, dtype=dtype)
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+        inter = intermediate or cfg.intermediate_size
+        self.gate_proj = Linear(cfg.hidden_size, inter, **kw)
+        self.up_proj = Linear(cfg.hidden_size, inter, **kw)
+        self.down_proj = Linear(inter, cfg.hidden_size, **kw)
 
         self.gate_up_proj: nn.Module | None = None  # set by fuse_projections()
 
@@ -116,13 +117,51 @@ class MLP(nn.Module):
         return self.down_proj(h) if lora is None else project(self.down_proj, h, lora)
 
 
+class MoE(nn.Module):
+    """A mixture of experts (Mixtral, Qwen3-MoE): the router (`gate`) scores the experts per token,
+    each token goes to its top `num_experts_per_tok` MLPs, and their outputs are summed weighted by
+    the router's softmax (renormalised over the chosen ones with `norm_topk_prob`).
+
+    NOTE: batched per expert, not per token: the step's (token, choice) pairs are sorted by expert
+    and every expert runs once on all of its tokens (one host read of the counts per layer); an
+    expert is an MLP, so quantized (GGUF) and fused (gate/up) experts take the same kernels as
+    dense layers."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False, device=device, dtype=dtype)
+        self.experts = nn.ModuleList(
+            MLP(cfg, device=device, dtype=dtype, intermediate=cfg.moe_intermediate_size) for _ in range(cfg.num_experts)
+        )
+
+    def forward(self, x: Tensor, lora: Scalings | None = None) -> Tensor:
+        # x: [N, D] -> [N, D]
+        probs = torch.softmax(self.gate(x).float(), dim=-1)  # [N, E], float32 as transformers'
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # [N, k]
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype).flatten()
+        order = chosen.flatten().argsort(stable=True)  # the (token, choice) pairs by expert
+        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, n in zip(self.experts, counts):
+            if n:
+                pairs = order[start : start + n]
+                tokens = pairs // self.top_k
+                out.index_add_(0, tokens, expert(x[tokens]) * weights[pairs, None])
+                start += n
+        return out
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
         self.self_attn = Attention(cfg, device=device, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
-        self.mlp = MLP(cfg, device=device, dtype=dtype)
+        self.mlp = MoE(cfg, device, dtype) if cfg.num_experts else MLP(cfg, device=device, dtype=dtype)
 
     def forward(
         self,
@@ -197,15 +236,16 @@ def fuse_projections(model: CausalLM, fuse) -> int:
     small models is bound by per-op overhead as much as by bytes. Returns how many were fused."""
     n = 0
     for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         fused = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
         if fused is not None:
             attn.qkv_proj, n = fused, n + 1
             del attn.q_proj, attn.k_proj, attn.v_proj
-        fused = fuse([mlp.gate_proj, mlp.up_proj])
-        if fused is not None:
-            mlp.gate_up_proj, n = fused, n + 1
-            del mlp.gate_proj, mlp.up_proj
+        for mlp in layer.mlp.experts if isinstance(layer.mlp, MoE) else [layer.mlp]:
+            fused = fuse([mlp.gate_proj, mlp.up_proj])
+            if fused is not None:
+                mlp.gate_up_proj, n = fused, n + 1
+                del mlp.gate_proj, mlp.up_proj
     return n
 
 

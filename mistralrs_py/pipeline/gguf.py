@@ -34,6 +34,11 @@ _GGUF_NAMES = {
     "blk.{i}.ffn_gate.weight": "layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "layers.{i}.mlp.down_proj.weight",
+    # mixtures of experts: the router, and every expert's projection in one [experts, out, in] tensor
+    "blk.{i}.ffn_gate_inp.weight": "layers.{i}.mlp.gate.weight",
+    "blk.{i}.ffn_gate_exps.weight": "layers.{i}.mlp.experts.*.gate_proj.weight",
+    "blk.{i}.ffn_up_exps.weight": "layers.{i}.mlp.experts.*.up_proj.weight",
+    "blk.{i}.ffn_down_exps.weight": "layers.{i}.mlp.experts.*.down_proj.weight",
 }
 _PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v) for k, v in _GGUF_NAMES.items()]
 _IGNORED = {"rope_freqs.weight"}
@@ -191,6 +196,7 @@ def load_gguf_file(
     unknown = [t.name for t, ours in todo if ours is None]
     if unknown:
         raise LoadError(f"{path}: unexpected tensor {unknown[0]} for a {cfg.model_type} model")
+    todo = [part for t, ours in todo for part in _per_expert(t, ours, path)]
     unsupported = sorted({_type_name(t.qtype) for t, _ in todo if t.qtype not in _supported()})
     if unsupported:
         raise LoadError(
@@ -264,6 +270,22 @@ def load_gguf_file(
             "file_bytes": path.stat().st_size,
         },
     )
+
+
+def _per_expert(t: GGUFTensor, ours: str, path: Path) -> list[tuple[GGUFTensor, str]]:
+    """An experts tensor [E, out, in] as E weights [out, in] (their bytes are consecutive)."""
+    if ".experts.*." not in ours:
+        return [(t, ours)]
+    if len(t.shape) != 3:
+        raise LoadError(f"{path}: {t.name} should be [experts, out, in], it is {list(t.shape)}")
+    E, per = t.shape[0], t.data.shape[0] // t.shape[0]
+    return [
+        (
+            GGUFTensor(f"{t.name}[{j}]", t.qtype, t.shape[1:], t.data[j * per : (j + 1) * per], t.offset + j * per),
+            ours.replace("*", str(j)),
+        )
+        for j in range(E)
+    ]
 
 
 def _remap_embedding(model, path: Path, t: GGUFTensor) -> None:

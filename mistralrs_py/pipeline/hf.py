@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -19,8 +20,17 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+# NOTE: Mixtral's checkpoints name its experts' projections w1 (gate), w3 (up), w2 (down) under
+# block_sparse_moe; ours (and Qwen3-MoE's) are mlp.experts.N.{gate,up,down}_proj and mlp.gate
+_MIXTRAL = re.compile(r"\.block_sparse_moe\.(?:(gate)|experts\.(\d+)\.(w[123]))\.")
+_W = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
 def hf_to_ours(name: str) -> str:
-    return name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
+    name = name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
+    if ".block_sparse_moe." in name:
+        name = _MIXTRAL.sub(lambda m: ".mlp.gate." if m[1] else f".mlp.experts.{m[2]}.{_W[m[3]]}.", name)
+    return name
 
 
 def load_plain(spec: ModelSpec, progress=None) -> Pipeline:

@@ -31,6 +31,11 @@ def load_xlora(spec: ModelSpec, progress=None) -> "XLoraPipeline":
     # second instead of after the base model's load.
     cfg, ordering, adapters, clf_path = read_checkpoint(spec)
     base = _load_base(spec, progress)
+    if base.config.num_experts:
+        raise LoadError(
+            f"X-LoRA on a mixture-of-experts base ({base.config.model_type}) is not supported: its experts' "
+            "projections have no place in the ordering; use a dense base model"
+        )
     mc, order = base.config, [ad.name for ad in adapters]
     wrapped, index = wrapped_modules(cfg, ordering, adapters, mc, spec.order or "ordering")
     stacks = _stacks(base, adapters, wrapped, index)

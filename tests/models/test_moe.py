@@ -1,0 +1,116 @@
+"""Mixtures of experts: Mixtral and Qwen3-MoE against transformers' MixtralForCausalLM and
+Qwen3MoeForCausalLM on random tiny checkpoints (float32): prefill in chunks, decode after it, and a
+batch of unequal lengths whose tokens route to different experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import make_tiny_model
+
+from .test_llama import load_ours, load_ref, make_pool, ref_logits, rel_err, step
+
+MOE = [
+    ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    ("mixtral", {"num_local_experts": 3, "num_experts_per_tok": 1, "sliding_window": 8}),
+    ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True}),
+    ("qwen3_moe", {"num_experts": 5, "num_experts_per_tok": 3, "moe_intermediate_size": 48, "norm_topk_prob": False}),
+]
+
+
+@pytest.fixture(params=["cpu-kernels", "torch-ops"])
+def ops(request) -> bool:
+    from mistralrs_py.models import kernels
+
+    if request.param == "cpu-kernels" and not kernels.available():
+        pytest.skip(f"CPU kernels off: {kernels.why_unavailable()}")
+    return request.param == "cpu-kernels"
+
+
+@pytest.mark.parametrize("arch,overrides", MOE)
+@pytest.mark.parametrize("fused", [False, True])
+def test_prefill_and_decode_match_transformers(tmp_path, arch, overrides, fused, ops):
+    path = make_tiny_model(tmp_path / "m", arch, seed=len(overrides) + 7, **overrides)
+    ours = load_ours(path, ops)
+    if fused:
+        from mistralrs_py.models.fusion import fuse_linears
+        from mistralrs_py.models.llama import fuse_projections, use_cpu_kernels
+
+        experts = ours.config.num_experts
+        assert fuse_projections(ours.model, fuse_linears) == ours.config.num_layers * (1 + experts)
+        use_cpu_kernels(ours.model, ops)
+    ref = load_ref(path)
+    c = ours.config
+    assert c.num_experts == overrides.get("num_local_experts", overrides.get("num_experts"))
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, c.vocab_size, (21,), generator=g).tolist()
+    full = ref_logits(ref, prompt)
+    pool = make_pool(ours)
+    out = step(ours, pool, prefill=[(0, 0, prompt[:9])])
+    assert rel_err(out[0], full[8]) < 1e-4
+    out = step(ours, pool, prefill=[(0, 9, prompt[9:17])])
+    assert rel_err(out[0], full[16]) < 1e-4
+    for pos in range(17, 21):
+        out = step(ours, pool, decode=[(0, pos, prompt[pos])])
+        assert rel_err(out[0], full[pos]) < 1e-4, pos
+
+
+@pytest.mark.parametrize("arch,overrides", [MOE[0], MOE[3]])
+def test_a_mixed_batch_matches_transformers(tmp_path, arch, overrides, ops):
+    path = make_tiny_model(tmp_path / "m", arch, seed=9, **overrides)
+    ours, ref = load_ours(path, ops), load_ref(path)
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, ours.config.vocab_size, (n,), generator=g).tolist() for n in (5, 13, 9)]
+    pool = make_pool(ours, slots=4)
+    slots = [3, 0, 2]
+    for s, toks in zip(slots, seqs[:2]):
+        step(ours, pool, prefill=[(s, 0, toks[:-1])])
+    out = step(
+        ours,
+        pool,
+        decode=[(slots[0], len(seqs[0]) - 1, seqs[0][-1]), (slots[1], len(seqs[1]) - 1, seqs[1][-1])],
+        prefill=[(slots[2], 0, seqs[2])],
+    )
+    for row, toks in enumerate(seqs):
+        assert rel_err(out[row], ref_logits(ref, toks)[-1]) < 1e-4, row
+
+
+@pytest.mark.parametrize("arch,overrides", [MOE[0], MOE[2]])
+def test_a_gguf_of_the_experts_matches(tmp_path, arch, overrides):
+    """llama.cpp's layout ([experts, out, in] tensors, the router as ffn_gate_inp; Mixtral as `llama`
+    with q/k permuted): float32 equals the safetensors model; a quantized file's experts are the
+    gguf package's dequantization of each whole [experts, out, in] tensor, and its quantized
+    kernels give the logits of those dense weights."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFReader, quants
+
+    from mistralrs_py.pipeline.base import ModelSpec
+    from mistralrs_py.pipeline.gguf import load_gguf_file
+    from tests.gguf_util import write_gguf
+
+    path = make_tiny_model(tmp_path / "m", arch, seed=12, **overrides)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "q").mkdir()
+    cpu = torch.device("cpu")
+    exact = load_gguf_file(
+        write_gguf(path, tmp_path / "f" / "t.gguf", qtypes=(Q.F32,)), ModelSpec(), cpu, torch.float32, quantized=False
+    )
+    assert exact.config.model_type == arch and exact.config.num_experts > 1
+    prompt = list(range(3, 30))
+    want = ref_logits(load_ref(path), prompt)[-1]
+    assert rel_err(step(exact, make_pool(exact, 1), prefill=[(0, 0, prompt)])[0], want) < 1e-4
+
+    qfile = write_gguf(path, tmp_path / "q" / "t.gguf", qtypes=(Q.Q8_0, Q.Q4_0))
+    dense = load_gguf_file(qfile, ModelSpec(), cpu, torch.float32, quantized=False)
+    quant = load_gguf_file(qfile, ModelSpec(), cpu, torch.float32, quantized=True)
+    for t in GGUFReader(str(qfile)).tensors:
+        if t.name.endswith("_exps.weight"):
+            full = torch.from_numpy(quants.dequantize(t.data, t.tensor_type)).reshape(*reversed(t.shape.tolist()))
+            i, proj = t.name.split(".")[1], {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+            kind = proj[t.name.split(".")[2].removeprefix("ffn_").removesuffix("_exps")]
+            for j, expert in enumerate(dense.model.layers[int(i)].mlp.experts):
+                assert torch.equal(getattr(expert, kind).weight, full[j])
+    a = step(dense, make_pool(dense, 1), prefill=[(0, 0, prompt)])[0]
+    b = step(quant, make_pool(quant, 1), prefill=[(0, 0, prompt)])[0]
+    assert rel_err(b, a) < 1e-4
