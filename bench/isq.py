@@ -1,6 +1,6 @@
 """`make bench`'s in-situ quantization rows: the embedded model exported as a bf16 safetensors
 checkpoint, served by `mistral` as it is and with `--isq q8_0` / `--isq q4_0`: decode speed (run
-alternately), resident memory after loading (a fresh process each), and perplexity and KL divergence
+alternately), resident memory after loading and one short prompt (a fresh process each), and perplexity and KL divergence
 against the bf16 load on bench/quality_text.txt (the quality row's measure).
 
 Run alone: `python bench/isq.py [--threads 2]`."""
@@ -32,8 +32,12 @@ torch.set_num_threads(int(sys.argv[3]))
 from mistralrs_py.pipeline.base import ModelKind, ModelSpec, load_pipeline
 def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+from mistralrs_py.engine.kv_cache import KVCachePool
 before = rss()
-load_pipeline(ModelSpec(ModelKind.PLAIN, model_id=sys.argv[1], dtype="bfloat16", device="cpu", isq=sys.argv[2] or None))
+pipe = load_pipeline(ModelSpec(ModelKind.PLAIN, model_id=sys.argv[1], dtype="bfloat16", device="cpu", isq=sys.argv[2] or None))
+# NOTE: one short prompt, so that weights read from the memory-mapped file count as they do when serving
+pool = KVCachePool.for_pipeline(pipe, 1)
+pipe.forward(torch.arange(8), pool.build_view([], [(0, 0, 8)], None, [True]), pool)
 print(rss() - before)
 """
 
@@ -77,7 +81,7 @@ def report_lines(R: dict) -> list[str]:
         q = R["quality"][str(t)]
         out.append(
             f"--isq {t}: PPL {q['ppl']:.4f} (bf16 {q['ppl_bf16']:.4f}), mean KLD vs bf16 {q['kld']:.6f}, same top "
-            f"token {100 * q['top1']:.2f}%; RSS after load +{rss[str(t)] or float('nan'):.0f} MB (bf16 "
+            f"token {100 * q['top1']:.2f}%; RSS after load and a prompt +{rss[str(t)] or float('nan'):.0f} MB (bf16 "
             f"+{rss['None'] or float('nan'):.0f} MB); kernels: {R['kernels'][str(t)]}"
         )
     return out

@@ -146,7 +146,10 @@ def quantized_items(tensors, cfg, isq: str, dtype, device, kinds: dict):
             return _isq_linear(load(), bias() if bias else None, isq, dtype, device, kinds, head=head)
 
         yield name.removesuffix(".weight"), module
-    yield from pending.items()
+    # NOTE: copies, so that nothing refers to the memory-mapped file once loading ends (its pages,
+    # all read by the quantization, would otherwise stay resident with the mapping)
+    for name, load in pending.items():
+        yield name, (lambda load=load: load().clone())
 
 
 def _isq_linear(w, bias, isq: str, dtype, device, kinds: dict, head: bool = False):

@@ -122,3 +122,19 @@ def test_the_decoder_without_scalings_is_the_base_model(tiny_llama, tmp_path):
     with torch.no_grad():
         want = load_base(pretrained_model_name_or_path=str(tiny_llama))(torch.tensor([ids])).logits[0]
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+def test_every_dense_family_takes_x_lora_like_peft(tmp_path, arch):
+    """X-LoRA over the other dense families (q/k/v biases, q/k norms, a sliding window)."""
+    from tests.conftest import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "base", arch, seed=13)
+    case = build_xlora(base, tmp_path / "x", seed=3)
+    pipe = load_pipeline(case.spec())
+    assert pipe.config.model_type == arch
+    ids = torch.randint(0, pipe.config.vocab_size, (13,), generator=torch.Generator().manual_seed(3)).tolist()
+    want, want_s = ref(case, ids)
+    got = step(pipe, make_pool(pipe), prefill=[(1, 0, ids)], all_rows=True)
+    assert rel_err(got, want) < 1e-4
+    assert (full_scalings(pipe) - want_s).abs().max().item() < 1e-5
