@@ -31,12 +31,18 @@ def quantizable(shape: tuple[int, ...], qtype: int) -> bool:
     return len(shape) == 2 and shape[1] % BLOCK[Q(qtype)] == 0
 
 
+# NOTE: rows quantized at a time: the quantizers' float temporaries stay a few MB whatever the weight
+# (an output head of 49k x 576 would otherwise take ~0.5 GB of them at once)
+_ROWS = 1024
+
+
 def quantize(w: torch.Tensor, qtype: int) -> np.ndarray:
     """w: [N, K] -> the GGUF bytes of the weight, [N, K / block * block bytes] uint8."""
-    x = w.detach().to(torch.float32).cpu().numpy()
-    if Q(qtype) == Q.Q4_K:
-        return quantize_q4_k(x)
-    return quants.quantize(x, Q(qtype))
+    parts = []
+    for start in range(0, w.shape[0], _ROWS):
+        x = w[start : start + _ROWS].detach().to(torch.float32).cpu().numpy()
+        parts.append(quantize_q4_k(x) if Q(qtype) == Q.Q4_K else quants.quantize(x, Q(qtype)))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _f16_at_least(x: np.ndarray) -> np.ndarray:

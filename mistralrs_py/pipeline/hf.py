@@ -103,8 +103,6 @@ def load_safetensors_dir(
     kinds: dict[str, int] = {}
     items = tensors() if spec.isq is None else quantized_items(tensors(), cfg, spec.isq, dtype, device, kinds)
     load_tensors(model, items, dtype, device, on_tensor=lambda: progress and progress.advance(task))
-    if spec.isq is not None and cfg.tie_word_embeddings:
-        model.lm_head = _isq_linear(model.embed_tokens.weight, None, spec.isq, dtype, device, kinds, head=True)
     eos = list(cfg.eos_token_ids)
     gen = path / "generation_config.json"
     if gen.exists():
@@ -131,9 +129,9 @@ def load_safetensors_dir(
 
 def quantized_items(tensors, cfg, isq: str, dtype, device, kinds: dict):
     """--isq: each linear's weight (and its bias) becomes a quantized module as it is read, so only
-    one dense weight is in memory at a time; norms and the embedding stay dense. The output head is
-    quantized to q8_0 whatever the type (as llama.cpp keeps it at 6 bits or more in its 4-bit files:
-    logits are the most sensitive)."""
+    one dense weight is in memory at a time; norms and the embedding stay dense. An output head of
+    its own is quantized to q8_0 whatever the type (as llama.cpp keeps it at 6 bits or more in its
+    4-bit files: logits are the most sensitive); a head tied to the embedding stays the embedding."""
     pending = dict(tensors)  # NOTE: name -> a thunk; nothing is read yet
     for name in list(pending):
         if name not in pending or not (name.endswith("_proj.weight") or name == "lm_head.weight"):
