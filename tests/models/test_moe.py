@@ -114,3 +114,35 @@ def test_a_gguf_of_the_experts_matches(tmp_path, arch, overrides):
     a = step(dense, make_pool(dense, 1), prefill=[(0, 0, prompt)])[0]
     b = step(quant, make_pool(quant, 1), prefill=[(0, 0, prompt)])[0]
     assert rel_err(b, a) < 1e-4
+
+
+@pytest.mark.parametrize("arch,overrides", [MOE[0], MOE[2]])
+def test_llama_cpp_reads_our_expert_files_as_we_do(tmp_path, arch, overrides):
+    """Where `make bench-peers` installed llama-cpp-python: llama.cpp itself on the same GGUF
+    (transformers cannot read these MoE files: it takes Mixtral's for a dense Llama and refuses
+    Qwen3-MoE's), greedy tokens equal ours."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make bench-peers`")
+    from gguf import GGMLQuantizationType as Q
+
+    from mistralrs_py.pipeline.base import ModelSpec
+    from mistralrs_py.pipeline.gguf import load_gguf_file
+    from tests.gguf_util import write_gguf
+
+    path = make_tiny_model(tmp_path / "m", arch, seed=12, **overrides)
+    (tmp_path / "g").mkdir()
+    gguf = write_gguf(path, tmp_path / "g" / "t.gguf", qtypes=(Q.Q8_0,))
+    prompt = list(range(3, 20))
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, verbose=False)
+    theirs = []
+    for tok in llm.generate(prompt, temp=0.0, top_k=1):
+        theirs.append(tok)
+        if len(theirs) == 8:
+            break
+    pipe = load_gguf_file(gguf, ModelSpec(), torch.device("cpu"), torch.float32, quantized=True)
+    pool = make_pool(pipe, 1)
+    out, ours, pos = step(pipe, pool, prefill=[(0, 0, prompt)]), [], len(prompt)
+    for _ in range(8):
+        ours.append(int(out[0].argmax()))
+        out = step(pipe, pool, decode=[(0, pos, ours[-1])])
+        pos += 1
+    assert ours == theirs
