@@ -486,34 +486,32 @@ def main() -> None:
     report(R)
 
 
-def start_llama_server(gguf: Path, port: int, threads: int, ctx: int) -> subprocess.Popen | None:
-    """llama-server on `gguf` with 16 slots sharing `ctx` tokens, continuous batching; None when
-    `make bench-peers` did not build it. The caller waits for it to be healthy."""
+def with_llama_server(gguf: Path, port: int, threads: int, ctx: int, work):
+    """llama-server on `gguf` with 16 slots sharing `ctx` tokens, continuous batching: `work(base url)`
+    once it is healthy, or None when `make bench-peers` did not build it or it fails (a peer that
+    fails costs its numbers, not the run's)."""
     exe = CACHE / "llama.cpp" / "build" / "bin" / "llama-server"
     if not exe.exists():
         return None
     cmd = [str(exe), "-m", str(gguf), "--port", str(port), "-t", str(threads), "-np", "16", "-cb", "-c", str(ctx)]
-    return subprocess.Popen([*cmd, "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def llama_server_load(gguf: Path, threads: int) -> dict | None:
-    port = 19000 + os.getpid() % 1000
-    proc = start_llama_server(gguf, port, threads, 16 * 512)
-    if proc is None:
-        return None
+    proc = subprocess.Popen([*cmd, "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, base, 120)
-        out = {}
-        for conc in (1, 4, 16):
-            out[conc] = asyncio.run(stream_load(base, conc, 128))
-        return out
-    except Exception as e:  # noqa: BLE001 - a peer that fails costs its numbers, not the run's
+        return work(base)
+    except Exception as e:  # noqa: BLE001
         print(f"  llama-server failed ({type(e).__name__}: {e}; exit code {proc.poll()})", flush=True)
         return None
     finally:
         proc.terminate()
         proc.wait()
+
+
+def llama_server_load(gguf: Path, threads: int) -> dict | None:
+    def load(base: str) -> dict:
+        return {conc: asyncio.run(stream_load(base, conc, 128)) for conc in (1, 4, 16)}
+
+    return with_llama_server(gguf, 19000 + os.getpid() % 1000, threads, 16 * 512, load)
 
 
 def report(R: dict) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench import median, start_llama_server, start_server, wait_healthy  # noqa: E402
+from bench.bench import median, start_server, with_llama_server  # noqa: E402
 
 # NOTE: ~1.13 tokens a word in the default model's tokenizer (counted once with it): 205 words are
 # ~230 tokens, 1,330 words ~1,500 tokens
@@ -229,19 +229,9 @@ def run_llama_server(gguf: Path, threads: int, quick: bool) -> dict | None:
     """llama-server with `cache_prompt` in every request and 16 slots of 2,560 tokens (the longest
     conversation and its answer fit a slot), or None when it is not built or fails."""
     port = 16000 + os.getpid() % 1000
-    proc = start_llama_server(gguf, port, threads, 16 * 2560)
-    if proc is None:
-        return None
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, base, 120)
-        return asyncio.run(workloads(base, quick, {"cache_prompt": True}))
-    except Exception as e:  # noqa: BLE001 - a peer that fails costs its numbers, not the run's
-        print(f"  llama-server failed ({type(e).__name__}: {e}; exit code {proc.poll()})", flush=True)
-        return None
-    finally:
-        proc.terminate()
-        proc.wait()
+    return with_llama_server(
+        gguf, port, threads, 16 * 2560, lambda base: asyncio.run(workloads(base, quick, {"cache_prompt": True}))
+    )
 
 
 def prefix_cache(gguf: Path, threads: int, quick: bool) -> dict:

@@ -14,15 +14,6 @@ from mistralrs_py.pipeline.hf import load_safetensors_dir
 from tests.conftest import make_tiny_model
 
 
-@pytest.fixture(params=["cpu-kernels", "torch-ops"])
-def ops(request) -> bool:
-    """Runs a test with our fused CPU ops (models/csrc) and again with torch's ops alone: whether
-    load_ours turns the model's CPU kernels on."""
-    if request.param == "cpu-kernels" and not kernels.available():
-        pytest.skip(f"CPU kernels off: {kernels.why_unavailable()}")
-    return request.param == "cpu-kernels"
-
-
 def load_ours(path, cpu_ops: bool, dtype=torch.float32, fused=False):
     pipe = load_safetensors_dir(path, ModelSpec(model_id=str(path)), torch.device("cpu"), dtype)
     if fused:
@@ -88,27 +79,32 @@ def ref_logits(ref, ids):
 @pytest.mark.parametrize("fused", [False, True])
 def test_prefill_and_decode_match_transformers(tmp_path, arch, overrides, fused, ops):
     path = make_tiny_model(tmp_path / "m", arch, seed=hash(str(overrides)) % 1000, **overrides)
-    ours, ref = load_ours(path, ops, fused=fused), load_ref(path)
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, ours.config.vocab_size, (21,), generator=g).tolist()  # longer than the window
-    full = ref_logits(ref, prompt)  # [T, V]
+    check_prefill_and_decode(load_ours(path, ops, fused=fused), load_ref(path))
 
+
+def check_prefill_and_decode(ours, ref):
+    """21 tokens (longer than the windows tested): two prefill chunks (the second attends to cached
+    keys), then one decode step at a time reading the cache; every row against transformers."""
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, ours.config.vocab_size, (21,), generator=g).tolist()
+    full = ref_logits(ref, prompt)  # [T, V]
     pool = make_pool(ours)
-    # Prefill all but the last 4 tokens in two chunks (the second chunk attends to cached keys).
     out = step(ours, pool, prefill=[(0, 0, prompt[:9])])
     assert rel_err(out[0], full[8]) < 1e-4
     out = step(ours, pool, prefill=[(0, 9, prompt[9:17])])
     assert rel_err(out[0], full[16]) < 1e-4
-    # Then decode one token at a time, reading the cache.
     for pos in range(17, 21):
         out = step(ours, pool, decode=[(0, pos, prompt[pos])])
         assert rel_err(out[0], full[pos]) < 1e-4, pos
 
 
 def test_mixed_batch_of_unequal_lengths(tmp_path, ops):
-    """Decode rows of different lengths, non-contiguous slots and a prefill chunk, in one step."""
     path = make_tiny_model(tmp_path / "m", "mistral", sliding_window=6)
-    ours, ref = load_ours(path, ops, fused=True), load_ref(path)
+    check_mixed_batch(load_ours(path, ops, fused=True), load_ref(path))
+
+
+def check_mixed_batch(ours, ref):
+    """Decode rows of different lengths, non-contiguous slots and a prefill chunk, in one step."""
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, ours.config.vocab_size, (n,), generator=g).tolist() for n in (5, 13, 9)]
     pool = make_pool(ours, slots=4)

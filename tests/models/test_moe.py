@@ -9,7 +9,16 @@ import torch
 
 from tests.conftest import make_tiny_model
 
-from .test_llama import load_ours, load_ref, make_pool, ref_logits, rel_err, step
+from .test_llama import (
+    check_mixed_batch,
+    check_prefill_and_decode,
+    load_ours,
+    load_ref,
+    make_pool,
+    ref_logits,
+    rel_err,
+    step,
+)
 
 MOE = [
     ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
@@ -17,15 +26,6 @@ MOE = [
     ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True}),
     ("qwen3_moe", {"num_experts": 5, "num_experts_per_tok": 3, "moe_intermediate_size": 48, "norm_topk_prob": False}),
 ]
-
-
-@pytest.fixture(params=["cpu-kernels", "torch-ops"])
-def ops(request) -> bool:
-    from mistralrs_py.models import kernels
-
-    if request.param == "cpu-kernels" and not kernels.available():
-        pytest.skip(f"CPU kernels off: {kernels.why_unavailable()}")
-    return request.param == "cpu-kernels"
 
 
 @pytest.mark.parametrize("arch,overrides", MOE)
@@ -43,37 +43,13 @@ def test_prefill_and_decode_match_transformers(tmp_path, arch, overrides, fused,
     ref = load_ref(path)
     c = ours.config
     assert c.num_experts == overrides.get("num_local_experts", overrides.get("num_experts"))
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, c.vocab_size, (21,), generator=g).tolist()
-    full = ref_logits(ref, prompt)
-    pool = make_pool(ours)
-    out = step(ours, pool, prefill=[(0, 0, prompt[:9])])
-    assert rel_err(out[0], full[8]) < 1e-4
-    out = step(ours, pool, prefill=[(0, 9, prompt[9:17])])
-    assert rel_err(out[0], full[16]) < 1e-4
-    for pos in range(17, 21):
-        out = step(ours, pool, decode=[(0, pos, prompt[pos])])
-        assert rel_err(out[0], full[pos]) < 1e-4, pos
+    check_prefill_and_decode(ours, ref)
 
 
 @pytest.mark.parametrize("arch,overrides", [MOE[0], MOE[3]])
 def test_a_mixed_batch_matches_transformers(tmp_path, arch, overrides, ops):
     path = make_tiny_model(tmp_path / "m", arch, seed=9, **overrides)
-    ours, ref = load_ours(path, ops), load_ref(path)
-    g = torch.Generator().manual_seed(2)
-    seqs = [torch.randint(0, ours.config.vocab_size, (n,), generator=g).tolist() for n in (5, 13, 9)]
-    pool = make_pool(ours, slots=4)
-    slots = [3, 0, 2]
-    for s, toks in zip(slots, seqs[:2]):
-        step(ours, pool, prefill=[(s, 0, toks[:-1])])
-    out = step(
-        ours,
-        pool,
-        decode=[(slots[0], len(seqs[0]) - 1, seqs[0][-1]), (slots[1], len(seqs[1]) - 1, seqs[1][-1])],
-        prefill=[(slots[2], 0, seqs[2])],
-    )
-    for row, toks in enumerate(seqs):
-        assert rel_err(out[row], ref_logits(ref, toks)[-1]) < 1e-4, row
+    check_mixed_batch(load_ours(path, ops), load_ref(path))
 
 
 @pytest.mark.parametrize("arch,overrides", [MOE[0], MOE[2]])

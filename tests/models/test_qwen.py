@@ -11,7 +11,16 @@ from mistralrs_py.pipeline.base import ModelSpec
 from mistralrs_py.pipeline.gguf import load_gguf_file
 from tests.conftest import make_tiny_model
 
-from .test_llama import load_ours, load_ref, make_pool, ref_logits, rel_err, step
+from .test_llama import (
+    check_mixed_batch,
+    check_prefill_and_decode,
+    load_ours,
+    load_ref,
+    make_pool,
+    ref_logits,
+    rel_err,
+    step,
+)
 
 FAMILIES = [
     ("qwen2", {}),
@@ -21,15 +30,6 @@ FAMILIES = [
 ]
 
 
-@pytest.fixture(params=["cpu-kernels", "torch-ops"])
-def ops(request) -> bool:
-    from mistralrs_py.models import kernels
-
-    if request.param == "cpu-kernels" and not kernels.available():
-        pytest.skip(f"CPU kernels off: {kernels.why_unavailable()}")
-    return request.param == "cpu-kernels"
-
-
 @pytest.mark.parametrize("arch,overrides", FAMILIES)
 @pytest.mark.parametrize("fused", [False, True])
 def test_prefill_and_decode_match_transformers(tmp_path, arch, overrides, fused, ops):
@@ -37,37 +37,13 @@ def test_prefill_and_decode_match_transformers(tmp_path, arch, overrides, fused,
     ours, ref = load_ours(path, ops, fused=fused), load_ref(path)
     c = ours.config
     assert (c.qkv_bias, c.qk_norm, c.attention_bias) == (arch == "qwen2", arch == "qwen3", False)
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, c.vocab_size, (21,), generator=g).tolist()
-    full = ref_logits(ref, prompt)
-    pool = make_pool(ours)
-    out = step(ours, pool, prefill=[(0, 0, prompt[:9])])
-    assert rel_err(out[0], full[8]) < 1e-4
-    out = step(ours, pool, prefill=[(0, 9, prompt[9:17])])  # attends to cached keys
-    assert rel_err(out[0], full[16]) < 1e-4
-    for pos in range(17, 21):
-        out = step(ours, pool, decode=[(0, pos, prompt[pos])])
-        assert rel_err(out[0], full[pos]) < 1e-4, pos
+    check_prefill_and_decode(ours, ref)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_a_mixed_batch_matches_transformers(tmp_path, arch, ops):
     path = make_tiny_model(tmp_path / "m", arch, seed=9)
-    ours, ref = load_ours(path, ops, fused=True), load_ref(path)
-    g = torch.Generator().manual_seed(2)
-    seqs = [torch.randint(0, ours.config.vocab_size, (n,), generator=g).tolist() for n in (5, 13, 9)]
-    pool = make_pool(ours, slots=4)
-    slots = [3, 0, 2]
-    for s, toks in zip(slots, seqs[:2]):
-        step(ours, pool, prefill=[(s, 0, toks[:-1])])
-    out = step(
-        ours,
-        pool,
-        decode=[(slots[0], len(seqs[0]) - 1, seqs[0][-1]), (slots[1], len(seqs[1]) - 1, seqs[1][-1])],
-        prefill=[(slots[2], 0, seqs[2])],
-    )
-    for row, toks in enumerate(seqs):
-        assert rel_err(out[row], ref_logits(ref, toks)[-1]) < 1e-4, row
+    check_mixed_batch(load_ours(path, ops, fused=True), load_ref(path))
 
 
 @pytest.mark.parametrize("arch,overrides", [("qwen2", {}), ("qwen3", {})])
