@@ -88,7 +88,8 @@ def ready_line(client, name: str, scheduler: str) -> str:
         f"[bold green]ready[/] {escape(name)} | {family(pipeline.config)} | {s.get('format', '?')} | {str(pipeline.dtype).removeprefix('torch.')} | "
         f"{pipeline.device} | {s.get('params', 0) / 1e6:.0f}M params | {mem:.0f} MiB weights | "
         f"ctx {client.max_len} x {snap['max_seqs']} seqs | KV cache {snap['kv_cache_capacity_tokens']} tokens "
-        f"({kv:.0f} MiB, blocks of {snap['kv_block_size']}{', prefix cache' if snap['prefix_cache'] else ''}) | {scheduler}"
+        f"({kv:.0f} MiB{' at most, resident as used' if pipeline.device.type == 'cpu' else ''}, blocks of "
+        f"{snap['kv_block_size']}{', prefix cache' if snap['prefix_cache'] else ''}) | {scheduler}"
         + (f" | {s['kernels']}" if s.get("kernels") else "")
         + (" | compiled" if pipeline.compiled_decode is not None else "")
     )
