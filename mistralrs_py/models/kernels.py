@@ -58,6 +58,17 @@ def _cpu_key() -> str:
         return platform.processor() + platform.machine()
 
 
+def wide_vectors() -> bool:
+    """Whether our kernels are vectorised on this CPU (AVX-512 F+BW, or AVX2 with FMA and F16C: what
+    csrc/vec.h builds for). NOTE: otherwise the dense matrix-vector kernel runs its portable loop,
+    slower than torch's matmul, and dense projections stay on torch."""
+    try:
+        flags = set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return False
+    return {"avx512f", "avx512bw"} <= flags or {"avx2", "fma", "f16c"} <= flags
+
+
 def _run_all(cmds: list[list[str]]) -> None:
     """Runs the compiler commands two at a time; raises with the first failure's message."""
     procs: list[subprocess.Popen] = []

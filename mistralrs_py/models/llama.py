@@ -258,10 +258,11 @@ def use_cpu_kernels(model: nn.Module, enabled: bool) -> int:
     (kernels.available()) and the model on the CPU: the ops exist for the CPU only."""
     if enabled and not kernels.available():
         raise RuntimeError(f"our CPU kernels are not available: {kernels.why_unavailable()}")
-    n = 0
+    n, wide = 0, enabled and kernels.wide_vectors()
     for m in model.modules():
         if hasattr(type(m), "cpu_ops"):
-            m.cpu_ops = enabled
+            # NOTE: dense projections take our matrix-vector kernel only where it is vectorised
+            m.cpu_ops = wide if type(m) is Linear else enabled
             n += 1
     return n
 

@@ -99,6 +99,32 @@ inline void tile(const T* x, const T* w, int64_t K, float* out, int64_t ldo) {
   for (int r = 0; r < MT; ++r)
 #pragma GCC unroll 8
     for (int j = 0; j < NW; ++j) s[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+#elif defined(MISTRALRS_AVX2)
+  // NOTE: 8 lanes: the same tiles, prefetching as above
+  constexpr int PF = 8;
+  __m256 acc[MT][NW];
+#pragma GCC unroll 8
+  for (int r = 0; r < MT; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NW; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (; k + kLanes8 <= K; k += kLanes8) {
+    __m256 wv[NW];
+#pragma GCC unroll 8
+    for (int j = 0; j < NW; ++j) {
+      __builtin_prefetch(w + (j + PF) * K + k, 0, 3);
+      wv[j] = load8(w + j * K + k);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MT; ++r) {
+      const __m256 xv = load8(x + r * K + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NW; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MT; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NW; ++j) s[r][j] = reduce8(acc[r][j]);
 #endif
   for (; k < K; ++k)
     for (int j = 0; j < NW; ++j) {

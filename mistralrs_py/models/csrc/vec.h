@@ -1,4 +1,5 @@
-// Vector helpers shared by our CPU kernels: 16 floats at a time with AVX-512, one at a time otherwise.
+// Vector helpers shared by our CPU kernels: 16 floats at a time with AVX-512, 8 with AVX2 + FMA,
+// one at a time otherwise.
 // Storage types are float, c10::BFloat16 and c10::Half; arithmetic is always float32.
 #pragma once
 
@@ -11,6 +12,9 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define MISTRALRS_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MISTRALRS_AVX2 1
 #include <immintrin.h>
 #endif
 
@@ -75,6 +79,23 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
+#ifdef MISTRALRS_AVX2
+constexpr int kLanes8 = 8;
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i r = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(r), 16));
+}
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+inline float reduce8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+#endif
+
 // dot(a[0:n], b[0:n]) in float; a is float, b any storage type
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
@@ -84,6 +105,10 @@ inline float dot(const float* a, const T* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   for (; i + kLanes <= n; i += kLanes) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
   s = _mm512_reduce_add_ps(acc);
+#elif defined(MISTRALRS_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + kLanes8 <= n; i += kLanes8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
+  s = reduce8(acc);
 #endif
   for (; i < n; ++i) s += a[i] * to_float(b[i]);
   return s;
@@ -96,6 +121,9 @@ inline void axpy(float* y, float c, const T* x, int64_t n) {
 #ifdef MISTRALRS_AVX512
   const __m512 cv = _mm512_set1_ps(c);
   for (; i + kLanes <= n; i += kLanes) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(cv, load16(x + i), _mm512_loadu_ps(y + i)));
+#elif defined(MISTRALRS_AVX2)
+  const __m256 cv = _mm256_set1_ps(c);
+  for (; i + kLanes8 <= n; i += kLanes8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(cv, load8(x + i), _mm256_loadu_ps(y + i)));
 #endif
   for (; i < n; ++i) y[i] += c * to_float(x[i]);
 }
