@@ -16,7 +16,9 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
 ISQ_TYPES = {"q4_0": Q.Q4_0, "q8_0": Q.Q8_0, "q4_k": Q.Q4_K}
-BLOCK = {Q.Q4_0: 32, Q.Q8_0: 32, Q.Q4_K: 256}
+BLOCK = {Q.Q4_0: 32, Q.Q8_0: 32, Q.Q4_K: 256, Q.Q5_0: 32}
+# NOTE: as llama.cpp's quantizer: a weight whose rows are not whole Q4_K super-blocks takes Q5_0
+_FALLBACK = {Q.Q4_K: Q.Q5_0}
 
 
 def isq_type(name: str) -> int:
@@ -29,6 +31,14 @@ def isq_type(name: str) -> int:
 def quantizable(shape: tuple[int, ...], qtype: int) -> bool:
     """A [out, in] weight whose rows split into whole blocks of `qtype`."""
     return len(shape) == 2 and shape[1] % BLOCK[Q(qtype)] == 0
+
+
+def type_for(shape: tuple[int, ...], qtype: int) -> int | None:
+    """The type a weight of `shape` gets under `qtype`: itself, its fallback, or None (stays dense)."""
+    for t in (Q(qtype), _FALLBACK.get(Q(qtype))):
+        if t is not None and quantizable(shape, t):
+            return int(t)
+    return None
 
 
 # NOTE: rows quantized at a time: the quantizers' float temporaries stay a few MB whatever the weight

@@ -151,12 +151,12 @@ def quantized_items(tensors, cfg, isq: str, dtype, device, kinds: dict):
 
 
 def _isq_linear(w, bias, isq: str, dtype, device, kinds: dict, head: bool = False):
-    from ..models.isq import isq_type, quantizable, quantize
+    from ..models.isq import isq_type, quantize, type_for
     from ..models.layers import Linear
     from ..models.quant import QuantLinear
 
-    qtype = isq_type("q8_0" if head else isq)
-    if not quantizable(tuple(w.shape), qtype):
+    qtype = type_for(tuple(w.shape), isq_type("q8_0" if head else isq))
+    if qtype is None:
         # NOTE: rows that do not split into whole blocks stay dense (the load line counts them)
         kinds["dense"] = kinds.get("dense", 0) + 1
         lin = Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")

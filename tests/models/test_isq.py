@@ -13,7 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-from mistralrs_py.models.isq import isq_type, quantizable, quantize
+from mistralrs_py.models.isq import isq_type, quantizable, quantize, type_for
 from mistralrs_py.pipeline.base import LoadError, ModelKind, ModelSpec, load_pipeline
 from tests.conftest import make_tiny_model
 
@@ -53,6 +53,9 @@ def test_unknown_types_and_partial_blocks():
     with pytest.raises(ValueError, match="q4_0, q8_0, q4_k"):
         isq_type("q3_k")
     assert not quantizable((4, 100), Q.Q4_0) and not quantizable((4, 128), Q.Q4_K)
+    # as llama.cpp: rows that are not whole Q4_K super-blocks take Q5_0; rows of no whole block stay dense
+    assert type_for((4, 128), Q.Q4_K) == Q.Q5_0 and type_for((4, 512), Q.Q4_K) == Q.Q4_K
+    assert type_for((4, 100), Q.Q4_K) is None and type_for((4, 100), Q.Q8_0) is None
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +80,7 @@ def qdq_checkpoint(src: Path, dst: Path, isq: str) -> Path:
     sd = load_file(str(f))
     for name, w in sd.items():
         if name.endswith("_proj.weight") or name == "lm_head.weight":
-            qtype = isq_type("q8_0" if name == "lm_head.weight" else isq)
+            qtype = type_for(tuple(w.shape), isq_type("q8_0" if name == "lm_head.weight" else isq))
             sd[name] = torch.from_numpy(quants.dequantize(quantize(w, qtype), qtype)).reshape(w.shape).to(w.dtype)
     save_file(sd, str(dst / f.name), metadata={"format": "pt"})
     return dst
@@ -121,6 +124,20 @@ def test_x_lora_on_an_isq_base_equals_x_lora_on_the_stored_base(tiny_llama, tmp_
     q = load_pipeline(case.spec(isq="q8_0"))
     ref = load_pipeline(case.spec(model_id=str(qdq_checkpoint(tiny_llama, tmp_path / "qdq", "q8_0"))))
     assert "in-situ quantized" in q.summary["format"]
+    prompt = list(range(3, 30))
+    a = step(q, make_pool(q, 1), prefill=[(0, 0, prompt)])
+    b = step(ref, make_pool(ref, 1), prefill=[(0, 0, prompt)])
+    assert ((a - b).abs().max() / b.abs().max()).item() < 1e-4
+
+
+def test_q4_k_on_rows_of_no_whole_super_block_takes_q5_0(tiny_llama, tmp_path):
+    from tests.models.test_llama import make_pool, step
+
+    spec = dict(kind=ModelKind.PLAIN, device="cpu", dtype="float32")
+    q = load_pipeline(ModelSpec(**spec, model_id=str(tiny_llama), isq="q4_k"))  # rows of 64 and 128 values
+    ref = load_pipeline(ModelSpec(**spec, model_id=str(qdq_checkpoint(tiny_llama, tmp_path / "qdq", "q4_k"))))
+    fmt = q.summary["format"].lower()
+    assert "q5_0->" in fmt and "q4_k->" not in fmt and "dense x" not in fmt
     prompt = list(range(3, 30))
     a = step(q, make_pool(q, 1), prefill=[(0, 0, prompt)])
     b = step(ref, make_pool(ref, 1), prefill=[(0, 0, prompt)])
