@@ -24,7 +24,7 @@ from mistralrs_py.engine.engine import Engine  # noqa: E402
 from mistralrs_py.engine.perplexity import measure  # noqa: E402
 from mistralrs_py.pipeline.base import ModelKind, ModelSpec, load_pipeline  # noqa: E402
 
-TYPES = (None, "q8_0", "q4_0")
+TYPES = (None, "q8_0", "q4_0", "q4_k")
 
 _RSS = """
 import sys, torch
