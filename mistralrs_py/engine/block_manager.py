@@ -170,7 +170,7 @@ class BlockManager:
         seq.num_committed = max(seq.num_committed, len(hashes))
 
     # ---- allocation ------------------------------------------------------------------------------
-    def can_grow(self, seq: Sequence, tokens: int) -> int:
+    def blocks_needed(self, seq: Sequence, tokens: int) -> int:
         """New blocks `seq` needs to hold `tokens` tokens."""
         return max(0, self.blocks_for(tokens) - len(seq.block_table))
 

@@ -120,7 +120,7 @@ class Scheduler:
         while len(self.running) > 1 and self._growth() > cache.num_free:
             self._preempt(self.running.pop(), out)
         for seq in self.running:
-            if seq.is_decoding and cache.can_grow(seq, len(seq.tokens)) <= cache.num_free:
+            if seq.is_decoding and cache.blocks_needed(seq, len(seq.tokens)) <= cache.num_free:
                 cache.grow(seq, len(seq.tokens))
         # 2. admission, first come first served: a sequence waits until its whole prompt fits (no
         # admission in a step that preempted)
@@ -142,7 +142,7 @@ class Scheduler:
                 n = min(seq.num_uncached, budget)
                 out.prefill.append(PrefillChunk(seq, seq.num_cached, n))
                 budget -= n
-        ready = [s for s in self.running if s.is_decoding and len(s.block_table) * cache.block_size >= len(s.tokens)]
+        ready = [s for s in self.running if s.is_decoding and not cache.blocks_needed(s, len(s.tokens))]
         if self.policy == "catch-up" and out.prefill:
             ready = []  # prompts run in steps of their own
         elif self.policy == "catch-up" and ready:
@@ -160,7 +160,7 @@ class Scheduler:
 
     def _growth(self) -> int:
         """New blocks the decoding sequences need for their next token."""
-        return sum(self.cache.can_grow(s, len(s.tokens)) for s in self.running if s.is_decoding)
+        return sum(self.cache.blocks_needed(s, len(s.tokens)) for s in self.running if s.is_decoding)
 
     def _shared_prefix(self, seq: Sequence) -> list[int] | None:
         """The blocks `seq` starts with when admitted: n > 1 choices take their sibling's prompt

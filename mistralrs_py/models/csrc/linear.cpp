@@ -54,15 +54,15 @@ template <int MT, int NW, typename T>
 inline void tile(const T* x, const T* w, int64_t K, float* out, int64_t ldo) {
   float s[MT][NW] = {};
   int64_t k = 0;
-#ifdef MISTRALRS_AVX512
+#ifdef MISTRALRS_VEC
   // NOTE: each weight row's next cache line is prefetched 8 rows ahead (~9 KB for K = 576): the
   // hardware prefetcher alone left a decode step's small matrices at about half the memory's speed
   constexpr int PF = 8;
-  __m512 acc[MT][NW];
+  vfloat acc[MT][NW];
 #pragma GCC unroll 8
   for (int r = 0; r < MT; ++r)
 #pragma GCC unroll 8
-    for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NW; ++j) acc[r][j] = vzero();
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     for (; k + 32 <= K; k += 32) {
@@ -81,50 +81,24 @@ inline void tile(const T* x, const T* w, int64_t K, float* out, int64_t ldo) {
     }
   }
 #endif
-  for (; k + kLanes <= K; k += kLanes) {
-    __m512 wv[NW];
+  for (; k + kVec <= K; k += kVec) {
+    vfloat wv[NW];
 #pragma GCC unroll 8
     for (int j = 0; j < NW; ++j) {
       __builtin_prefetch(w + (j + PF) * K + k, 0, 3);
-      wv[j] = load16(w + j * K + k);
+      wv[j] = vload(w + j * K + k);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < MT; ++r) {
-      const __m512 xv = load16(x + r * K + k);
+      const vfloat xv = vload(x + r * K + k);
 #pragma GCC unroll 8
-      for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
+      for (int j = 0; j < NW; ++j) acc[r][j] = vfma(xv, wv[j], acc[r][j]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MT; ++r)
 #pragma GCC unroll 8
-    for (int j = 0; j < NW; ++j) s[r][j] = _mm512_reduce_add_ps(acc[r][j]);
-#elif defined(MISTRALRS_AVX2)
-  // NOTE: 8 lanes: the same tiles, prefetching as above
-  constexpr int PF = 8;
-  __m256 acc[MT][NW];
-#pragma GCC unroll 8
-  for (int r = 0; r < MT; ++r)
-#pragma GCC unroll 8
-    for (int j = 0; j < NW; ++j) acc[r][j] = _mm256_setzero_ps();
-  for (; k + kLanes8 <= K; k += kLanes8) {
-    __m256 wv[NW];
-#pragma GCC unroll 8
-    for (int j = 0; j < NW; ++j) {
-      __builtin_prefetch(w + (j + PF) * K + k, 0, 3);
-      wv[j] = load8(w + j * K + k);
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < MT; ++r) {
-      const __m256 xv = load8(x + r * K + k);
-#pragma GCC unroll 8
-      for (int j = 0; j < NW; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MT; ++r)
-#pragma GCC unroll 8
-    for (int j = 0; j < NW; ++j) s[r][j] = reduce8(acc[r][j]);
+    for (int j = 0; j < NW; ++j) s[r][j] = vsum(acc[r][j]);
 #endif
   for (; k < K; ++k)
     for (int j = 0; j < NW; ++j) {

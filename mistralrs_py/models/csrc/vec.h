@@ -80,8 +80,6 @@ inline __m512 exp16(__m512 x) {
 #endif
 
 #ifdef MISTRALRS_AVX2
-constexpr int kLanes8 = 8;
-
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {
   const __m128i r = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -96,19 +94,41 @@ inline float reduce8(__m256 v) {
 }
 #endif
 
+// One float vector of the widest kind built for (16 lanes with AVX-512, 8 with AVX2), for the loops
+// that are the same at either width: vload (any storage type), vfma, vzero, vset1, vstore, vsum.
+#if defined(MISTRALRS_AVX512)
+#define MISTRALRS_VEC 1
+using vfloat = __m512;
+constexpr int kVec = 16;
+template <typename T>
+inline vfloat vload(const T* p) { return load16(p); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+inline vfloat vzero() { return _mm512_setzero_ps(); }
+inline vfloat vset1(float x) { return _mm512_set1_ps(x); }
+inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
+inline float vsum(vfloat v) { return _mm512_reduce_add_ps(v); }
+#elif defined(MISTRALRS_AVX2)
+#define MISTRALRS_VEC 1
+using vfloat = __m256;
+constexpr int kVec = 8;
+template <typename T>
+inline vfloat vload(const T* p) { return load8(p); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+inline vfloat vzero() { return _mm256_setzero_ps(); }
+inline vfloat vset1(float x) { return _mm256_set1_ps(x); }
+inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
+inline float vsum(vfloat v) { return reduce8(v); }
+#endif
+
 // dot(a[0:n], b[0:n]) in float; a is float, b any storage type
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
-#ifdef MISTRALRS_AVX512
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + kLanes <= n; i += kLanes) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
-  s = _mm512_reduce_add_ps(acc);
-#elif defined(MISTRALRS_AVX2)
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + kLanes8 <= n; i += kLanes8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
-  s = reduce8(acc);
+#ifdef MISTRALRS_VEC
+  vfloat acc = vzero();
+  for (; i + kVec <= n; i += kVec) acc = vfma(vload(a + i), vload(b + i), acc);
+  s = vsum(acc);
 #endif
   for (; i < n; ++i) s += a[i] * to_float(b[i]);
   return s;
@@ -118,12 +138,9 @@ inline float dot(const float* a, const T* b, int64_t n) {
 template <typename T>
 inline void axpy(float* y, float c, const T* x, int64_t n) {
   int64_t i = 0;
-#ifdef MISTRALRS_AVX512
-  const __m512 cv = _mm512_set1_ps(c);
-  for (; i + kLanes <= n; i += kLanes) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(cv, load16(x + i), _mm512_loadu_ps(y + i)));
-#elif defined(MISTRALRS_AVX2)
-  const __m256 cv = _mm256_set1_ps(c);
-  for (; i + kLanes8 <= n; i += kLanes8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(cv, load8(x + i), _mm256_loadu_ps(y + i)));
+#ifdef MISTRALRS_VEC
+  const vfloat cv = vset1(c);
+  for (; i + kVec <= n; i += kVec) vstore(y + i, vfma(cv, vload(x + i), vload(y + i)));
 #endif
   for (; i < n; ++i) y[i] += c * to_float(x[i]);
 }
