@@ -126,16 +126,23 @@ def release_pages(t: torch.Tensor) -> bool:
 
 
 def _page_aligned(dims: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor that starts on a page boundary, so that a block whose size is a
-    whole number of pages (the usual case) hands all of its pages back when released.
+    """A zero-filled CPU tensor on anonymous mapped memory: it starts on a page boundary (a block
+    whose size is a whole number of pages hands all of its pages back when released) and its pages
+    become resident only when written.
 
-    NOTE: set_ on the storage rather than a slice: the result is not a view, so torch.compile takes
-    it (and the per-layer views of it) as an input of its own shape."""
-    numel, size = math.prod(dims), torch.empty((), dtype=dtype).element_size()
-    raw = torch.empty(numel + mmap.PAGESIZE // size, dtype=dtype)
-    skip = (-raw.data_ptr() % mmap.PAGESIZE) // size
-    out = torch.empty(0, dtype=dtype)
-    return out.set_(raw.untyped_storage(), skip, dims)
+    NOTE: the tensor owns its whole storage at offset 0. A view into a larger allocation (aligning
+    by a storage offset) made torch.compile's fake tensors size the storage by the view and fail
+    whenever the allocator's address needed an offset; and set_ rather than .view() so that the
+    result is not a view of a flat tensor either (torch.compile then takes it, and the per-layer
+    views of it, as an input of its own shape)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(dims)
+    # NOTE: private, not mmap's default shared mapping: MADV_DONTNEED on shared anonymous memory
+    # keeps the pages (and their bytes) in the page cache
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    memory = mmap.mmap(-1, numel * size, **({"flags": flags} if flags else {}))
+    storage = torch.frombuffer(memory, dtype=dtype, count=numel).untyped_storage()  # keeps `memory` alive
+    return torch.empty(0, dtype=dtype).set_(storage, 0, dims)
 
 
 class KVStream:

@@ -171,6 +171,17 @@ def test_freed_blocks_give_their_memory_back():
     assert pool.buffer[4:20].abs().sum() == 0  # released pages read as zero
 
 
+def test_the_cpu_pool_owns_its_storage_from_offset_zero():
+    # torch.compile sizes a view's storage from its base: a pool aligned by a storage offset into a
+    # larger allocation failed to compile whenever the allocator's address needed that offset
+    shape = CacheShape(num_layers=2, num_kv_heads=2, head_dim=16)
+    for _ in range(8):  # different addresses
+        pool = KVCachePool(shape, num_blocks=128, block_size=16, dtype=torch.float32, device=torch.device("cpu"))
+        buf = pool.buffer
+        assert buf.storage_offset() == 0 and buf.data_ptr() % 4096 == 0
+        assert buf.untyped_storage().nbytes() == buf.numel() * buf.element_size()
+
+
 def test_a_block_handed_out_again_is_zeroed():
     shape = CacheShape(num_layers=1, num_kv_heads=1, head_dim=4)
     pool = KVCachePool(shape, num_blocks=4, block_size=2, dtype=torch.float32, device=torch.device("cpu"))
