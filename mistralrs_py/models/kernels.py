@@ -5,7 +5,7 @@ parallel, about 30 s; cached under ``~/.cache/mistralrs-py``, keyed by the sourc
 version, the flags and the CPU) and loaded with ``torch.ops.load_library``. Each op has a fake
 (shape-only) implementation, so ``torch.compile`` traces them like aten ops.
 
-  * ``qmm``: quantized matmuls with int8 activations (``csrc/qmatmul.cpp``, AVX-512 VNNI only;
+  * ``qmm``: quantized matmuls with int8 activations (``csrc/qmatmul.cpp``, AVX-512 VNNI or AVX2;
     ``qmatmul.py`` packs the weights and says whether they are on);
   * ``rms_norm``, ``silu_mul`` (``csrc/elementwise.cpp``), ``decode_attention`` (rope, the cache
     write and single-query attention in one op, ``csrc/attention.cpp``), ``linear`` (dense

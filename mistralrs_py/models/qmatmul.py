@@ -1,8 +1,9 @@
 """Hand-written CPU quantized matmuls (``csrc/qmatmul.cpp``): 4- and 8-bit weights times
-int8-quantized activations with AVX-512 VNNI, the way llama.cpp multiplies them.
+int8-quantized activations with AVX-512 VNNI, or AVX2 where the CPU has no VNNI, the way llama.cpp
+multiplies them.
 
 The op ``mistralrs::qmm`` is built with our other kernels (``kernels.py``). Without a compiler, on a
-CPU without AVX-512 VNNI, or with ``MISTRALRS_QMATMUL=0`` (or ``MISTRALRS_KERNELS=0``),
+CPU with neither AVX-512 VNNI nor AVX2 (with FMA and F16C), or with ``MISTRALRS_QMATMUL=0`` (or ``MISTRALRS_KERNELS=0``),
 ``available()`` is False and ``QuantLinear`` keeps torch's own int4/int8 kernels.
 
 Packing (see the layout comment at the top of qmatmul.cpp):
@@ -21,7 +22,7 @@ from . import kernels
 
 def available() -> bool:
     """Whether ``mistralrs::qmm`` serves: the kernels built (``kernels.available()``, which
-    compiles them on first call), a CPU with AVX-512 VNNI, and ``MISTRALRS_QMATMUL`` not 0.
+    compiles them on first call), a CPU with AVX-512 VNNI or AVX2, and ``MISTRALRS_QMATMUL`` not 0.
     Never raises."""
     return not why_unavailable()
 
@@ -32,8 +33,13 @@ def why_unavailable() -> str:
     if not kernels.available():
         return kernels.why_unavailable()
     if not torch.ops.mistralrs.qmm_supported():
-        return "this CPU has no AVX-512 VNNI"
+        return "this CPU has neither AVX-512 VNNI nor AVX2"
     return ""
+
+
+def isa() -> str:
+    """The instruction set the kernels were built for: "avx512-vnni", "avx2", or "" when off."""
+    return torch.ops.mistralrs.qmm_isa() if available() else ""
 
 
 def pack_q4(codes: torch.Tensor, S: torch.Tensor, Z: torch.Tensor):

@@ -62,7 +62,8 @@ class QuantLinear(torch.nn.Module):
         prefer: str = "auto",
         keep_raw: bool = True,
     ) -> "QuantLinear":
-        """raw: GGUF bytes of a [out, in] weight.  prefer: "auto" (int4pack where exact; int8
+        """raw: GGUF bytes of a [out, in] weight.  prefer: "auto" (our int8-activation kernels
+        where the CPU has them, in any compute dtype; else int4pack where exact; int8
         requantization only where its error is <= the format's own rounding error (rms), else
         dense), "fast" (always requantize to int8 when no exact kernel), "exact" (never
         requantize), "dense" (always dense), "kernel" ("fast" even for float32 -- slow on CPU,
@@ -165,7 +166,7 @@ def choose_kernel(
         return k if k is not None else DequantPerCall(t.to(device), qtype, N, K, cdt)
     if (
         prefer in ("auto", "fast")
-        and cdt in (torch.bfloat16, torch.float16)
+        and cdt in (torch.bfloat16, torch.float16, torch.float32)
         and N % 16 == 0
         and K % 32 == 0
         and qmatmul.available()

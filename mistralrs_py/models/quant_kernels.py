@@ -7,11 +7,14 @@ bias)` (any leading shape), `dequantized()` (the effective [N, K] float32 weight
 allow it), `kind` (what the layer reports), and `mm_f32(x)` where `f32_out` (float32 output).
 
 Kernel choice on CPU (measured, torch 2.13, AVX512, 1 thread; see ``bench/quant_kernels.py``):
-  * compute bf16/fp16 on a CPU with AVX-512 VNNI (``qmatmul.available()``; prefer "auto"/"fast"):
-      our own kernels (qmatmul.cpp, `Qmm`): int8 activations per 32-block against 4-bit codes
-      (Q4_0/Q4_1/Q4_K, exact) or int8 codes (Q8_0 exact; other formats requantized per 32-block
-      under the same error rule as below). 4-5x torch's int4 kernel at one row, ahead of dense bf16
-      up to prompt-sized batches. Needs out_features % 16 == 0.  Otherwise torch's kernels:
+  * on a CPU with AVX-512 VNNI or AVX2 (``qmatmul.available()``; prefer "auto"/"fast"), any compute
+      dtype (float32 activations too, as llama.cpp's CPU path): our own kernels (qmatmul.cpp,
+      `Qmm`): int8 activations per 32-block against 4-bit codes (Q4_0/Q4_1/Q4_K, exact) or int8
+      codes (Q8_0 exact; other formats requantized per 32-block under the same error rule as
+      below). VNNI: 4-5x torch's int4 kernel at one row; AVX2 (vpmaddubsw): 4x torch's int4 kernel
+      at every batch size and ahead of dense bf16 and float32 from one row to prompt-sized
+      batches. Needs out_features % 16 == 0. prefer "dense" (the pipelines' `--dtype float32`)
+      keeps every layer exact instead.  Otherwise torch's kernels:
   * compute bf16:
       Q4_0 / Q4_1 / Q4_K -> ``_weight_int4pack_mm_for_cpu`` (group 32, `Int4Cpu`).  The mapping is
         exact; only the per-group scale/zero are rounded to bf16 (the kernel wants them in x's
@@ -23,7 +26,7 @@ Kernel choice on CPU (measured, torch 2.13, AVX512, 1 thread; see ``bench/quant_
         dense (per-32 scales always beat a per-row scale).  ``prefer="fast"`` always
         requantizes, ``"exact"`` never does.
       F32 / F16 / BF16 -> dense bf16 ``F.linear`` (`Dense`).
-  * compute float32 / float16: dense ``F.linear`` on the exact dequantized weight.
+  * compute float32 / float16 without our kernels: dense ``F.linear`` on the exact dequantized weight.
     NOTE: torch's int4/int8 CPU kernels only have a vectorised path for bfloat16; for
     float32/float16 they run a scalar loop that is 20-50x slower than a dense matmul.
   * NOTE: the int kernels re-dequantize the weight for every 4 rows of x with fp32 FMAs, so
@@ -131,7 +134,7 @@ class Dense(QuantKernel):
 
 
 class Qmm(QuantKernel):
-    """Our AVX-512 VNNI kernels (qmatmul.cpp): 4- or 8-bit codes with float16 scales and offsets per
+    """Our AVX-512 VNNI / AVX2 kernels (qmatmul.cpp): 4- or 8-bit codes with float16 scales and offsets per
     32-block, times int8-quantized activations. (qs, d, mw) as qmatmul.pack_q4/pack_q8 make them."""
 
     f32_out = True
@@ -175,7 +178,7 @@ class Qmm(QuantKernel):
         qs, d, mw = (torch.cat([p[i] for p in parts]) for i in range(3))
         bits = 4 if qtype in INT4_OFFSET else 8
         how = "" if qtype in INT4_OFFSET or qtype == T.Q8_0 else f"; requantized per 32-block, err {ratio:.2f}x own"
-        return cls(qs, d, mw, bits, compute_dtype, f"{name}->qmm{bits} (avx512-vnni, int8 activations{how})")
+        return cls(qs, d, mw, bits, compute_dtype, f"{name}->qmm{bits} ({qmatmul.isa()}, int8 activations{how})")
 
     def mm(self, x: Tensor) -> Tensor:
         return torch.ops.mistralrs.qmm(x, self.qs, self.d, self.mw, self.bits)

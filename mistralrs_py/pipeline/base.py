@@ -199,6 +199,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if _cpu_has_bf16() else torch.float32
 
 
+def quant_preference(spec: "ModelSpec", dtype: torch.dtype) -> str:
+    """How quantized layers (GGUF blocks, --isq) are kept, as QuantLinear.from_gguf's `prefer`: an
+    explicit `--dtype float32` asks for exact float32 math, so every layer is dequantized; otherwise
+    the fastest kernel that keeps the blocks (in float32 too: the int8-activation kernels take
+    float32 activations, as llama.cpp's CPU path does)."""
+    return "dense" if dtype == torch.float32 and spec.dtype == "float32" else "auto"
+
+
 def _cpu_has_bf16() -> bool:
     try:
         return bool(torch.cpu._is_avx512_bf16_supported()) or bool(torch.cpu._is_amx_tile_supported())

@@ -11,7 +11,7 @@ import torch
 
 from ..models.config import GGUF_PERMUTED_QK, ConfigError, ModelConfig
 from . import hub
-from .base import LoadError, ModelSpec, Pipeline, resolve_device, resolve_dtype
+from .base import LoadError, ModelSpec, Pipeline, quant_preference, resolve_device, resolve_dtype
 from .weights import build_empty, load_tensors, memory_bytes, release_memory, serving_length
 
 # NOTE: llama.cpp's tensor names -> ours; `{i}` is the layer index.
@@ -206,6 +206,7 @@ def load_gguf_file(
     task = progress.add_task("weights", total=len(todo)) if progress else None
     raw_of = {ours: (t, _raw_rows(t, ours, cfg)) for t, ours in todo}
     kinds: dict[str, int] = {}
+    prefer = quant_preference(spec, dtype)
 
     def dense(ours: str):
         from ..models.ggml_blocks import dequantize
@@ -223,7 +224,7 @@ def load_gguf_file(
             return mod
         bias = raw_of.get(ours.removesuffix("weight") + "bias")
         bias_t = dense(ours.removesuffix("weight") + "bias") if bias else None
-        mod = QuantLinear.from_gguf(raw, t.qtype, t.shape, dtype, device, bias=bias_t, keep_raw=False)
+        mod = QuantLinear.from_gguf(raw, t.qtype, t.shape, dtype, device, prefer=prefer, bias=bias_t, keep_raw=False)
         kinds[mod.kind] = kinds.get(mod.kind, 0) + 1
         return mod
 
@@ -237,7 +238,7 @@ def load_gguf_file(
                 yield ours, (lambda ours=ours: dense(ours))
         if quantized and cfg.tie_word_embeddings:
             # NOTE: a tied head reads the embedding's blocks through a matmul kernel of its own.
-            yield "lm_head", (lambda: _tied_head(model, kinds))
+            yield "lm_head", (lambda: _tied_head(model, kinds, prefer))
 
     load_tensors(model, items(), dtype, device, on_tensor=lambda: progress and progress.advance(task))
     tokenizer = tokenizer_from_fields(fields, cfg, spec)
@@ -326,10 +327,10 @@ def _raw_rows(t: GGUFTensor, ours: str, cfg: ModelConfig) -> np.ndarray:
     return raw
 
 
-def _tied_head(model, kinds: dict):
+def _tied_head(model, kinds: dict, prefer: str):
     # NOTE: the output head tolerates per-row int8 (llama.cpp also rounds activations to 8 bits
     # for its Q8_0 dot products); a dense bf16 copy of a large vocabulary would double its memory.
-    head = model.embed_tokens.as_linear(prefer="fast", keep_raw=False)
+    head = model.embed_tokens.as_linear(prefer="fast" if prefer == "auto" else prefer, keep_raw=False)
     kinds[f"tied head {head.kind}"] = 1
     return head
 

@@ -10,7 +10,7 @@ import torch
 
 from ..models.config import ConfigError, ModelConfig
 from . import hub
-from .base import LoadError, ModelSpec, Pipeline, resolve_device, resolve_dtype
+from .base import LoadError, ModelSpec, Pipeline, quant_preference, resolve_device, resolve_dtype
 from .tokenizer import load_hf_tokenizer
 from .weights import build_empty, load_tensors, memory_bytes, open_safetensors, serving_length
 
@@ -101,7 +101,11 @@ def load_safetensors_dir(
             yield hf_to_ours(k), (lambda h=h, k=k: h.get_tensor(k))
 
     kinds: dict[str, int] = {}
-    items = tensors() if spec.isq is None else quantized_items(tensors(), cfg, spec.isq, dtype, device, kinds)
+    items = (
+        tensors()
+        if spec.isq is None
+        else quantized_items(tensors(), cfg, spec.isq, dtype, device, kinds, quant_preference(spec, dtype))
+    )
     load_tensors(model, items, dtype, device, on_tensor=lambda: progress and progress.advance(task))
     eos = list(cfg.eos_token_ids)
     gen = path / "generation_config.json"
@@ -127,7 +131,7 @@ def load_safetensors_dir(
     )
 
 
-def quantized_items(tensors, cfg, isq: str, dtype, device, kinds: dict):
+def quantized_items(tensors, cfg, isq: str, dtype, device, kinds: dict, prefer: str = "auto"):
     """--isq: each linear's weight (and its bias) becomes a quantized module as it is read, so only
     one dense weight is in memory at a time; norms and the embedding stay dense. An output head of
     its own is quantized to q8_0 whatever the type (as llama.cpp keeps it at 6 bits or more in its
@@ -141,7 +145,7 @@ def quantized_items(tensors, cfg, isq: str, dtype, device, kinds: dict):
         head = name == "lm_head.weight"
 
         def module(load=load, bias=bias, head=head):
-            return _isq_linear(load(), bias() if bias else None, isq, dtype, device, kinds, head=head)
+            return _isq_linear(load(), bias() if bias else None, isq, dtype, device, kinds, prefer, head=head)
 
         yield name.removesuffix(".weight"), module
     # NOTE: copies, so that nothing refers to the memory-mapped file once loading ends (its pages,
@@ -150,7 +154,7 @@ def quantized_items(tensors, cfg, isq: str, dtype, device, kinds: dict):
         yield name, (lambda load=load: load().clone())
 
 
-def _isq_linear(w, bias, isq: str, dtype, device, kinds: dict, head: bool = False):
+def _isq_linear(w, bias, isq: str, dtype, device, kinds: dict, prefer: str = "auto", head: bool = False):
     from ..models.isq import isq_type, quantize, type_for
     from ..models.layers import Linear
     from ..models.quant import QuantLinear
@@ -165,6 +169,6 @@ def _isq_linear(w, bias, isq: str, dtype, device, kinds: dict, head: bool = Fals
             lin.bias = torch.nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
         return lin
     raw = quantize(w, qtype)
-    mod = QuantLinear.from_gguf(raw, qtype, tuple(w.shape), dtype, device, bias=bias, keep_raw=False)
+    mod = QuantLinear.from_gguf(raw, qtype, tuple(w.shape), dtype, device, prefer=prefer, bias=bias, keep_raw=False)
     kinds[mod.kind] = kinds.get(mod.kind, 0) + 1
     return mod

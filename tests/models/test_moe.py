@@ -79,7 +79,7 @@ def test_a_gguf_of_the_experts_matches(tmp_path, arch, overrides):
 
     qfile = write_gguf(path, tmp_path / "q" / "t.gguf", qtypes=(Q.Q8_0, Q.Q4_0))
     dense = load_gguf_file(qfile, ModelSpec(), cpu, torch.float32, quantized=False)
-    quant = load_gguf_file(qfile, ModelSpec(), cpu, torch.float32, quantized=True)
+    quant = load_gguf_file(qfile, ModelSpec(dtype="float32"), cpu, torch.float32, quantized=True)
     for t in GGUFReader(str(qfile)).tensors:
         if t.name.endswith("_exps.weight"):
             full = torch.from_numpy(quants.dequantize(t.data, t.tensor_type)).reshape(*reversed(t.shape.tolist()))
@@ -90,6 +90,14 @@ def test_a_gguf_of_the_experts_matches(tmp_path, arch, overrides):
     a = step(dense, make_pool(dense, 1), prefill=[(0, 0, prompt)])[0]
     b = step(quant, make_pool(quant, 1), prefill=[(0, 0, prompt)])[0]
     assert rel_err(b, a) < 1e-4
+    # the default (float32 activations, blocks kept): the experts on our int8-activation kernels
+    from mistralrs_py.models import qmatmul
+
+    if qmatmul.available():
+        packed = load_gguf_file(qfile, ModelSpec(), cpu, torch.float32, quantized=True)
+        assert "qmm" in packed.summary["format"], packed.summary["format"]
+        c = step(packed, make_pool(packed, 1), prefill=[(0, 0, prompt)])[0]
+        assert 0 < rel_err(c, a) < 0.05
 
 
 @pytest.mark.parametrize("arch,overrides", [MOE[0], MOE[2]])
@@ -114,7 +122,7 @@ def test_llama_cpp_reads_our_expert_files_as_we_do(tmp_path, arch, overrides):
         theirs.append(tok)
         if len(theirs) == 8:
             break
-    pipe = load_gguf_file(gguf, ModelSpec(), torch.device("cpu"), torch.float32, quantized=True)
+    pipe = load_gguf_file(gguf, ModelSpec(dtype="float32"), torch.device("cpu"), torch.float32, quantized=True)
     pool = make_pool(pipe, 1)
     out, ours, pos = step(pipe, pool, prefill=[(0, 0, prompt)]), [], len(prompt)
     for _ in range(8):

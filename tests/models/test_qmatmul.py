@@ -161,7 +161,9 @@ def test_unsupported_shapes_keep_torch_kernels():
     assert "qmm" not in QuantLinear.from_gguf(raw, T.Q4_1, (40, 256), torch.bfloat16, CPU).kind
     raw = make_raw(T.Q4_1, (64, 256))
     assert "qmm" not in QuantLinear.from_gguf(raw, T.Q4_1, (64, 256), torch.bfloat16, CPU, prefer="exact").kind
-    assert "dense" in QuantLinear.from_gguf(raw, T.Q4_1, (64, 256), torch.float32, CPU).kind  # fp32: exact
+    # float32 activations: our kernels by default, exact dense weights when asked (--dtype float32)
+    assert "qmm4" in QuantLinear.from_gguf(raw, T.Q4_1, (64, 256), torch.float32, CPU).kind
+    assert "dense" in QuantLinear.from_gguf(raw, T.Q4_1, (64, 256), torch.float32, CPU, prefer="dense").kind
 
 
 def test_build_failure_and_switch_fall_back(monkeypatch):

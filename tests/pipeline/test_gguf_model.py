@@ -46,9 +46,21 @@ def test_quantized_logits_match_transformers_gguf(tiny_gguf):
     ids = list(range(10, 40))
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0]
-    exact = load_gguf_file(path, ModelSpec(), torch.device("cpu"), torch.float32, quantized=True)
+    # --dtype float32: every layer dequantized exactly
+    exact = load_gguf_file(path, ModelSpec(dtype="float32"), torch.device("cpu"), torch.float32, quantized=True)
+    assert "dense float32" in exact.summary["format"] and "qmm" not in exact.summary["format"]
     got = logits_for(exact, ids)
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
+    # float32 by default (--dtype auto on a CPU without bf16): the blocks stay packed and our
+    # kernels take float32 activations, rounded to int8 per 32-block as llama.cpp does
+    if qmatmul.available():
+        auto = load_gguf_file(path, ModelSpec(), torch.device("cpu"), torch.float32, quantized=True)
+        assert "qmm4" in auto.summary["format"] and auto.summary["weights_bytes"] < exact.summary["weights_bytes"] / 3
+        got_auto = logits_for(auto, ids)
+        assert got_auto.dtype == torch.float32
+        # NOTE: the activations' int8 rounding alone (the op itself is checked against an emulation
+        # of it in test_qmatmul); as the bf16 path below
+        assert 0 < ((got_auto - want).abs().max() / want.abs().max()).item() < 0.05
     # bf16 compute with the quantized kernels (ours, int8 activations; else torch's int4/int8):
     # within bf16 rounding and the activations' int8 rounding of the dequantized model
     fast = load_gguf_file(path, ModelSpec(), torch.device("cpu"), torch.bfloat16, quantized=True)
@@ -70,7 +82,7 @@ def test_quantized_logits_match_transformers_gguf(tiny_gguf):
 def test_greedy_tokens_equal_transformers(tiny_gguf):
     _, path = tiny_gguf
     ref = ref_model(path)
-    pipe = load_gguf_file(path, ModelSpec(), torch.device("cpu"), torch.float32, quantized=True)
+    pipe = load_gguf_file(path, ModelSpec(dtype="float32"), torch.device("cpu"), torch.float32, quantized=True)
     prompt = [5, 17, 33, 2, 90]
     with torch.no_grad():
         want = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0].tolist()

@@ -13,7 +13,11 @@
 //   bits 4: wq = codes 0..15 (unsigned), xq signed int8;  mw = the block's min (Q4_1), -8 d (Q4_0)
 //           or a K-quant's Z;  xs = dx * sum(xq).  So w = d * q + mw exactly.
 //   bits 8: wq signed int8, xq stored as unsigned xq + 128 (vpdpbusd wants one unsigned side);
-//           mw = -128 * d * sum(wq) undoes the +128;  xs = dx.
+//           mw = -128 * d * sum(wq) undoes the +128;  xs = dx.  (The AVX2 kernel below keeps xq
+//           signed and sets xs = 0: same weights, no offset term.)
+//
+// On a CPU with AVX2 but no AVX-512 VNNI the same layout is multiplied 8 rows at a time with
+// vpmaddubsw + vpmaddwd (see the AVX2 kernel's comment).
 //
 // Weight layout (packed by mistralrs_py/models/qmatmul.py), rows in groups of 16 (N % 16 == 0):
 //   bits 4: qs uint8 [N/16, K/8, 64]: byte 4i+t holds w[16g+i, 8c+t] in its low nibble and
@@ -31,29 +35,51 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define MISTRALRS_VNNI 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MISTRALRS_QMM_AVX2 1
 #include <immintrin.h>
 #endif
 
 namespace {
 
 constexpr int64_t kBlock = 32;
-constexpr int kTile = 8;  // rows of x sharing one pass over a weight group (2 registers per row)
+// rows of x sharing one pass over a weight group: 2 registers a row (AVX-512), 2 a row and half of
+// the group at a time (AVX2, which has 16 registers, not 32)
+#ifdef __AVX512F__
+constexpr int kTile = 8;
+#else
+constexpr int kTile = 4;
+#endif
 constexpr int64_t kPrefetch = 2;  // weight groups of 16 rows read ahead
 
-bool supported() {
-#ifdef MISTRALRS_VNNI
-  return true;
+// The instruction set the kernel was built for ("" when none).
+const char* isa() {
+#if defined(MISTRALRS_VNNI)
+  return "avx512-vnni";
+#elif defined(MISTRALRS_QMM_AVX2)
+  return "avx2";
 #else
-  return false;
+  return "";
 #endif
 }
 
-// One row of activations quantized per 32-block: q (int8, or uint8 = q + 128 when bits == 8),
-// dx = amax / 127, and xs = dx * sum(q) (bits 4) or dx (bits 8).
+bool supported() { return isa()[0] != 0; }
+
+#ifdef MISTRALRS_VNNI
+constexpr bool kUnsigned8 = true;  // vpdpbusd: the 8-bit kernel's activations go unsigned (+128)
+#else
+constexpr bool kUnsigned8 = false;  // AVX2 multiplies signed by signed (vpsignb): no offset term
+#endif
+
+// One row of activations quantized per 32-block: q (int8, or uint8 = q + 128 when bits == 8 on
+// AVX-512 VNNI), dx = amax / 127, and xs = dx * sum(q) (bits 4), dx (bits 8, VNNI: the offset term
+// undoes the +128) or 0 (bits 8, AVX2: no +128, so the offset term must not count).
 template <typename T>
 void quantize_row(const T* x, int64_t K, int8_t* q, float* dx, float* xs, int bits) {
   float v[kBlock];
@@ -69,10 +95,10 @@ void quantize_row(const T* x, int64_t K, int8_t* q, float* dx, float* xs, int bi
     for (int i = 0; i < kBlock; ++i) {
       const int r = static_cast<int>(std::nearbyint(v[i] * id));  // half to even
       sum += r;
-      q[b * kBlock + i] = static_cast<int8_t>(bits == 8 ? (r ^ 0x80) : r);  // NOTE: ^0x80 == +128 as uint8
+      q[b * kBlock + i] = static_cast<int8_t>(bits == 8 && kUnsigned8 ? (r ^ 0x80) : r);  // NOTE: ^0x80 == +128
     }
     dx[b] = d;
-    xs[b] = bits == 8 ? d : d * static_cast<float>(sum);
+    xs[b] = bits == 8 ? (kUnsigned8 ? d : 0.f) : d * static_cast<float>(sum);
   }
 }
 
@@ -136,7 +162,80 @@ void group_rows(const uint8_t* wq, const at::Half* dw, const void* mw, int64_t K
   }
   for (int r = 0; r < MT; ++r) _mm512_storeu_ps(out + r * 16, acc[r]);
 }
+#endif  // MISTRALRS_VNNI
 
+#ifdef MISTRALRS_QMM_AVX2
+// AVX2 has no vpdpbusd: vpmaddubsw multiplies unsigned by signed bytes into pairs summed as int16,
+// vpmaddwd by ones sums those pairs into int32 (the 4 bytes of one lane: one row's 4 weights).
+// A 256-bit register holds half a 64-byte chunk: 8 of the group's 16 rows. Each half is one pass
+// over the group's blocks (the second pass reads the group from L1), which keeps the accumulators
+// of up to 4 rows of x in registers.
+//   bits 4: codes 0..15 times int8: a pair is at most 2 * 15 * 127, so a block's 8 vpmaddubsw
+//           results add up in int16 (at most 30480) before one vpmaddwd.
+//   bits 8: signed times signed as |w| times (x with w's sign), llama.cpp's trick: a pair is at
+//           most 2 * 128 * 127 = 32512, so each chunk goes to int32 at once.
+inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+template <int BITS, int MT>
+void group_rows(const uint8_t* wq, const at::Half* dw, const void* mw, int64_t K, const int8_t* xq,
+                const float* dx, const float* xs, int64_t m0, float* out) {
+  const int64_t NB = K / kBlock;
+  const int64_t ahead = kPrefetch * 16 * K * BITS / 8;  // as the AVX-512 kernel: groups ahead
+  const __m256i lo4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[MT];
+    for (int r = 0; r < MT; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < NB; ++b) {
+      __m256i ai[MT];
+      if (BITS == 4) {
+        __m256i s[MT];
+        for (int r = 0; r < MT; ++r) s[r] = _mm256_setzero_si256();
+        const uint8_t* w = wq + b * 4 * 64 + 32 * h;
+        for (int c = 0; c < 4; ++c) {
+          if (h == 0) __builtin_prefetch(w + ahead + c * 64, 0, 3);
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 64));
+          const __m256i lo = _mm256_and_si256(v, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
+          for (int r = 0; r < MT; ++r) {
+            const int8_t* xr = xq + (m0 + r) * K + b * kBlock + c * 8;
+            s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(lo, bcast4(xr)));
+            s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(hi, bcast4(xr + 4)));
+          }
+        }
+        for (int r = 0; r < MT; ++r) ai[r] = _mm256_madd_epi16(s[r], ones);
+      } else {
+        for (int r = 0; r < MT; ++r) ai[r] = _mm256_setzero_si256();
+        const uint8_t* w = wq + b * 8 * 64 + 32 * h;
+        for (int c = 0; c < 8; ++c) {
+          if (h == 0) __builtin_prefetch(w + ahead + c * 64, 0, 3);
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 64));
+          const __m256i av = _mm256_sign_epi8(v, v);  // |w| (-128 stays 0x80: 128 unsigned)
+          for (int r = 0; r < MT; ++r) {
+            const __m256i sx = _mm256_sign_epi8(bcast4(xq + (m0 + r) * K + b * kBlock + c * 4), v);
+            ai[r] = _mm256_add_epi32(ai[r], _mm256_madd_epi16(_mm256_maddubs_epi16(av, sx), ones));
+          }
+        }
+      }
+      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dw + b * 16 + 8 * h)));
+      for (int r = 0; r < MT; ++r) {
+        const int64_t i = (m0 + r) * NB + b;
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[r]), _mm256_mul_ps(dv, _mm256_set1_ps(dx[i])), acc[r]);
+      }
+      if (BITS == 4) {  // NOTE: bits 8 has no offset term here (xs == 0: no +128 to undo)
+        const __m256 mv = _mm256_cvtph_ps(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const at::Half*>(mw) + b * 16 + 8 * h)));
+        for (int r = 0; r < MT; ++r) acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[(m0 + r) * NB + b]), acc[r]);
+      }
+    }
+    for (int r = 0; r < MT; ++r) _mm256_storeu_ps(out + r * 16 + 8 * h, acc[r]);
+  }
+}
+#endif  // MISTRALRS_QMM_AVX2
+
+#if defined(MISTRALRS_VNNI) || defined(MISTRALRS_QMM_AVX2)
 template <int BITS>
 void group_tile(int mt, const uint8_t* wq, const at::Half* dw, const void* mw, int64_t K, const int8_t* xq,
                 const float* dx, const float* xs, int64_t m0, float* out) {
@@ -171,7 +270,7 @@ void check_weights(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& 
 // dtype, or in float32 with f32_out (the output head: logits not rounded to bf16)
 at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& mw, int64_t bits,
                bool f32_out) {
-  TORCH_CHECK(supported(), "qmm: built without AVX-512 VNNI");
+  TORCH_CHECK(supported(), "qmm: built without AVX-512 VNNI or AVX2");
   TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "qmm: x must be a 2-D CPU tensor");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), G = qs.size(0), N = 16 * G, NB = K / kBlock;
@@ -186,7 +285,7 @@ at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d
       for (int64_t m = a; m < e; ++m)
         quantize_row(xp + m * K, K, xq.data() + m * K, dx.data() + m * NB, xs.data() + m * NB, static_cast<int>(bits));
     });
-#ifdef MISTRALRS_VNNI
+#if defined(MISTRALRS_VNNI) || defined(MISTRALRS_QMM_AVX2)
     scalar_t* op = f32_out ? nullptr : out.data_ptr<scalar_t>();
     float* fp = f32_out ? out.data_ptr<float>() : nullptr;
     const uint8_t* wp = static_cast<const uint8_t*>(qs.data_ptr());
@@ -226,6 +325,7 @@ at::Tensor qmm(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d
 
 TORCH_LIBRARY(mistralrs, m) {
   m.def("qmm_supported() -> bool");
+  m.def("qmm_isa() -> str");
   m.def("qmm(Tensor x, Tensor qs, Tensor d, Tensor mw, int bits, bool f32_out=False) -> Tensor");
 }
 
@@ -235,4 +335,5 @@ TORCH_LIBRARY_IMPL(mistralrs, CPU, m) {
 
 TORCH_LIBRARY_IMPL(mistralrs, CompositeExplicitAutograd, m) {
   m.impl("qmm_supported", []() { return supported(); });
+  m.impl("qmm_isa", []() { return std::string(isa()); });
 }
