@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# NOTE: the tests' GGUF files would otherwise push the user's own entries out of the load cache
+_OWN_LOAD_CACHE = None if "MISTRALRS_LOAD_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="mistralrs-load-")
+if _OWN_LOAD_CACHE:
+    os.environ["MISTRALRS_LOAD_CACHE_DIR"] = _OWN_LOAD_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_LOAD_CACHE:
+        import shutil
+
+        shutil.rmtree(_OWN_LOAD_CACHE, ignore_errors=True)
+
 
 import torch  # noqa: E402
 

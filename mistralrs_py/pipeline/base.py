@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -147,6 +148,7 @@ def load_pipeline(spec: ModelSpec, progress=None) -> Pipeline:
     }
     if spec.kind not in loaders:
         raise LoadError(f"`{spec.kind.value}` is not built yet")
+    started = time.perf_counter()
     pipeline = loaders[spec.kind](spec, progress)
     ok = False
     if pipeline.device.type == "cpu":
@@ -168,6 +170,7 @@ def load_pipeline(spec: ModelSpec, progress=None) -> Pipeline:
     # wrapped linears and classifier): the modules' forwards read only their own flag.
     use_cpu_kernels(pipeline.network(), ok)
     pipeline.reads_whole_blocks = not ok
+    pipeline.summary["load_seconds"] = time.perf_counter() - started
     return pipeline
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..models.config import GGUF_PERMUTED_QK, ConfigError, ModelConfig
-from . import hub
+from . import gguf_cache, hub
 from .base import LoadError, ModelSpec, Pipeline, quant_preference, resolve_device, resolve_dtype
 from .weights import build_empty, load_tensors, memory_bytes, release_memory, serving_length
 
@@ -124,23 +124,12 @@ def read_gguf(path: Path) -> tuple[dict, list[GGUFTensor]]:
 
     NOTE: the gguf reader is dropped (and its heap returned) before any weight is allocated: it
     holds ~150 MB of small objects for a 49k vocabulary, which would otherwise pin heap pages."""
-    from .gguf_tokenizer import read_gguf_fields
-
-    reader = open_gguf(path)
-    fields = read_gguf_fields(reader)
-    infos = [
-        (
-            t.name,
-            int(t.tensor_type),
-            tuple(int(d) for d in reversed(t.shape.tolist())),
-            int(t.data_offset),
-            int(t.n_bytes),
-        )
-        for t in reader.tensors
-    ]  # GGUF lists ne0 (columns) first
-    start, align = int(reader.data_offset), int(reader.alignment)
-    del reader
-    release_memory()
+    cached = gguf_cache.load_metadata(path)
+    if cached is not None:
+        fields, infos, start, align = cached
+    else:
+        fields, infos, start, align = _parse_gguf(path)
+        gguf_cache.save_metadata(path, fields, infos, start, align)
     size = path.stat().st_size
     whole = np.memmap(path, dtype=np.uint8, mode="r")
     tensors = []
@@ -158,6 +147,27 @@ def read_gguf(path: Path) -> tuple[dict, list[GGUFTensor]]:
         end_of_previous, previous = offset + n, name
         tensors.append(GGUFTensor(name, qtype, shape, whole[offset : offset + n], offset))
     return fields, tensors
+
+
+def _parse_gguf(path: Path):
+    from .gguf_tokenizer import read_gguf_fields
+
+    reader = open_gguf(path)
+    fields = read_gguf_fields(reader)
+    infos = [
+        (
+            t.name,
+            int(t.tensor_type),
+            tuple(int(d) for d in reversed(t.shape.tolist())),
+            int(t.data_offset),
+            int(t.n_bytes),
+        )
+        for t in reader.tensors
+    ]  # GGUF lists ne0 (columns) first
+    start, align = int(reader.data_offset), int(reader.alignment)
+    del reader
+    release_memory()
+    return fields, infos, start, align
 
 
 def open_gguf(path: Path):
@@ -207,6 +217,10 @@ def load_gguf_file(
     raw_of = {ours: (t, _raw_rows(t, ours, cfg)) for t, ours in todo}
     kinds: dict[str, int] = {}
     prefer = quant_preference(spec, dtype)
+    # NOTE: weights our quantized matmuls use, packed by an earlier load of this file (gguf_cache)
+    variant = f"{dtype}|{prefer}"
+    packed = gguf_cache.load_packed(path, variant) if quantized and device.type == "cpu" else None
+    made: dict[str, tuple] = {}
 
     def dense(ours: str):
         from ..models.ggml_blocks import dequantize
@@ -224,7 +238,10 @@ def load_gguf_file(
             return mod
         bias = raw_of.get(ours.removesuffix("weight") + "bias")
         bias_t = dense(ours.removesuffix("weight") + "bias") if bias else None
-        mod = QuantLinear.from_gguf(raw, t.qtype, t.shape, dtype, device, prefer=prefer, bias=bias_t, keep_raw=False)
+        mod = _packed_linear(ours.removesuffix(".weight"), packed, made, dtype, bias_t) or QuantLinear.from_gguf(
+            raw, t.qtype, t.shape, dtype, device, prefer=prefer, bias=bias_t, keep_raw=False
+        )
+        _remember(ours.removesuffix(".weight"), mod, made)
         kinds[mod.kind] = kinds.get(mod.kind, 0) + 1
         return mod
 
@@ -238,9 +255,11 @@ def load_gguf_file(
                 yield ours, (lambda ours=ours: dense(ours))
         if quantized and cfg.tie_word_embeddings:
             # NOTE: a tied head reads the embedding's blocks through a matmul kernel of its own.
-            yield "lm_head", (lambda: _tied_head(model, kinds, prefer))
+            yield "lm_head", (lambda: _tied_head(model, kinds, prefer, packed, made, dtype))
 
     load_tensors(model, items(), dtype, device, on_tensor=lambda: progress and progress.advance(task))
+    if packed is None and made:
+        gguf_cache.save_packed(path, variant, made)
     tokenizer = tokenizer_from_fields(fields, cfg, spec)
     file_type = sorted({_type_name(t.qtype) for t, ours in todo if len(t.shape) == 2})
     fmt = f"gguf {'/'.join(file_type)} " + (
@@ -327,12 +346,34 @@ def _raw_rows(t: GGUFTensor, ours: str, cfg: ModelConfig) -> np.ndarray:
     return raw
 
 
-def _tied_head(model, kinds: dict, prefer: str):
+def _tied_head(model, kinds: dict, prefer: str, packed: dict | None, made: dict, dtype):
     # NOTE: the output head tolerates per-row int8 (llama.cpp also rounds activations to 8 bits
     # for its Q8_0 dot products); a dense bf16 copy of a large vocabulary would double its memory.
-    head = model.embed_tokens.as_linear(prefer="fast" if prefer == "auto" else prefer, keep_raw=False)
+    head = _packed_linear("lm_head", packed, made, dtype, None) or model.embed_tokens.as_linear(
+        prefer="fast" if prefer == "auto" else prefer, keep_raw=False
+    )
+    _remember("lm_head", head, made)
     kinds[f"tied head {head.kind}"] = 1
     return head
+
+
+def _packed_linear(name: str, packed: dict | None, made: dict, dtype, bias):
+    """The layer from an earlier load's packed weights (gguf_cache), or None."""
+    if not packed or name not in packed:
+        return None
+    from ..models.quant import QuantLinear
+    from ..models.quant_kernels import Qmm
+
+    qs, d, mw, bits, kind = packed[name]
+    return QuantLinear(Qmm(qs, d, mw, bits, dtype, kind), bias)
+
+
+def _remember(name: str, mod, made: dict) -> None:
+    from ..models.quant_kernels import Qmm
+
+    k = mod.kernel
+    if isinstance(k, Qmm):
+        made[name] = (k.qs, k.d, k.mw, k.bits, k.kind)
 
 
 def tokenizer_from_fields(fields: dict, cfg: ModelConfig, spec: ModelSpec):

@@ -88,6 +88,7 @@ def run_server(opts, spec) -> None:
         port=opts.port,
         log_level="info",
         server_header=False,
+        ws="none",  # NOTE: no websocket routes; uvicorn's websockets support costs ~0.3 s to import
         timeout_graceful_shutdown=opts.shutdown_timeout + 5,
     )
     GracefulServer(config, app.state.server, opts.shutdown_timeout).run()

@@ -190,7 +190,7 @@ def test_ready_line_names_the_ui_and_its_curl_works(tiny_llama):
         lines = [line.strip() for line in srv.output().splitlines()]
         ready = next(line for line in lines if line.startswith("ready "))
         assert ready.endswith(f"| http://127.0.0.1:{srv.port}/ui"), ready
-        assert str(tiny_llama) in ready and "ctx 64 x 1 seqs" in ready
+        assert str(tiny_llama) in ready and "ctx 64 x 1 seqs" in ready and " | loaded in " in ready
         curl = shlex.split(next(line for line in lines if line.startswith("try:"))[4:])
         assert curl[:2] == ["curl", f"http://127.0.0.1:{srv.port}/v1/chat/completions"]
         assert curl[2:5] == ["-H", "Content-Type: application/json", "-d"]
