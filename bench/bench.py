@@ -77,6 +77,7 @@ def export_hf(dst: Path) -> Path:
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,
+        architectures=["LlamaForCausalLM"],  # NOTE: vLLM (bench/vllm_peer.py) needs it
     ).save_pretrained(dst)
     pipe.tokenizer.backend.save(str(dst / "tokenizer.json"))
     (dst / "tokenizer_config.json").write_text(
@@ -497,6 +498,18 @@ def main() -> None:
     R["isq"] = isq(a.threads, reps)
     print("  isq:", R["isq"], flush=True)
 
+    # the bf16 server against vLLM's CPU engine on the same checkpoint (when make bench-peers installed it)
+    from bench.vllm_peer import compare
+
+    R["vllm"] = compare(a.threads)
+    print("  vllm:", R["vllm"], flush=True)
+
+    # where a decode step goes, at 1, 16 and 64 streams, against this machine's floor
+    from bench.profile import profile
+
+    R["profile"] = profile(a.threads)
+    print("  profile: done", flush=True)
+
     # answer quality: perplexity and KL divergence against float32 (and llama.cpp's, when installed)
     from bench.quality import quality
 
@@ -660,6 +673,10 @@ def report(R: dict) -> None:
         from bench.isq import report_rows as isq_rows
 
         rows += isq_rows(R["isq"])
+    if R.get("vllm"):
+        from bench.vllm_peer import report_rows as vllm_rows
+
+        rows += vllm_rows(R["vllm"])
     print()
     print(f"{'measure':52} {'ours':>10} {'baseline':>10} {'ratio':>7}  baseline / target")
     for name, ours, base, bname, target in rows:
@@ -697,6 +714,14 @@ def report(R: dict) -> None:
         from bench.isq import report_lines as isq_lines
 
         print("\n".join(isq_lines(R["isq"])))
+    if R.get("vllm"):
+        from bench.vllm_peer import report_lines as vllm_lines
+
+        print("\n".join(vllm_lines(R["vllm"])))
+    if R.get("profile"):
+        from bench.profile import report_lines as profile_lines
+
+        print("\n".join(profile_lines(R["profile"])))
     if R.get("quality"):
         from bench.quality import report_lines
 

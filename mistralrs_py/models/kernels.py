@@ -69,6 +69,16 @@ def wide_vectors() -> bool:
     return {"avx512f", "avx512bw"} <= flags or {"avx2", "fma", "f16c"} <= flags
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): then torch's bf16 matmul
+    (oneDNN) is fast for many rows; without, it runs at a few GFLOP/s and our kernel serves every
+    row count (csrc/linear.cpp)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported()) or bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # older torch
+        return False
+
+
 def _run_all(cmds: list[list[str]]) -> None:
     """Runs the compiler commands two at a time; raises with the first failure's message."""
     procs: list[subprocess.Popen] = []

@@ -211,7 +211,6 @@ def quant_preference(spec: "ModelSpec", dtype: torch.dtype) -> str:
 
 
 def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported()) or bool(torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # older torch
-        return False
+    from ..models.kernels import native_bf16
+
+    return native_bf16()
