@@ -321,35 +321,11 @@ def start_to_ready(threads: int, repeats: int = 3) -> dict:
             check=True,
         )
         torch_s.append(float(out.stdout.strip()))
-    import http.client
-
-    def healthy(port: int) -> bool:
-        # NOTE: the standard library's client: httpx builds an SSL context per call, CPU time
-        # taken from the server being timed on two cores
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-        try:
-            c.request("GET", "/health")
-            return c.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            c.close()
-
     port = 18500 + os.getpid() % 500
     ready_s = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mistralrs_py", "--port", str(port), "--threads", str(threads), "gguf-mistral"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-        while not healthy(port):
-            if proc.poll() is not None or time.perf_counter() - t0 > 300:
-                proc.kill()
-                raise RuntimeError("gguf-mistral did not become healthy")
-            time.sleep(0.02)
+        proc = start_server(["gguf-mistral"], port, threads, poll=0.02)
         ready_s.append(time.perf_counter() - t0)
         proc.terminate()
         proc.wait()
@@ -358,26 +334,40 @@ def start_to_ready(threads: int, repeats: int = 3) -> dict:
 
 
 # ---- HTTP server load ------------------------------------------------------------------------------------
-def start_server(args: list[str], port: int, threads: int) -> subprocess.Popen:
+def start_server(args: list[str], port: int, threads: int, poll: float = 0.5) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mistralrs_py", "--port", str(port), "--threads", str(threads), *args]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
     # NOTE: --compile builds its graphs before the server listens
-    return wait_healthy(proc, f"http://127.0.0.1:{port}", 900)
+    return wait_healthy(proc, f"http://127.0.0.1:{port}", 900, poll)
 
 
-def wait_healthy(proc: subprocess.Popen, base: str, timeout: float) -> subprocess.Popen:
-    """Returns proc once GET /health answers 200; kills it and raises after `timeout` seconds."""
-    import httpx
+def wait_healthy(proc: subprocess.Popen, base: str, timeout: float, poll: float = 0.5) -> subprocess.Popen:
+    """Returns proc once GET /health answers 200; kills it and raises after `timeout` seconds.
+
+    NOTE: probed with the standard library's client: httpx builds an SSL context per call, CPU time
+    taken from the server being started (start_to_ready times it on two cores)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(base)
+
+    def healthy() -> bool:
+        c = http.client.HTTPConnection(u.hostname, u.port, timeout=1)
+        try:
+            c.request("GET", "/health")
+            return c.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            c.close()
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
+        if healthy():
+            return proc
+        time.sleep(poll)
     proc.kill()
     raise RuntimeError(f"{proc.args[0]} did not become healthy at {base}")
 

@@ -6,6 +6,7 @@ Hk = key/value heads, hd = head dim, B = decoding sequences, L = cache positions
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -20,16 +21,14 @@ from .config import ModelConfig
 # where the CPU multiplies bf16 natively. Without (AVX2, most AVX-512), torch's bf16 matmul runs
 # at a few GFLOP/s and ours, 4x as fast at every row count, takes all of them (rows_for_kernel).
 _GEMV_ROWS = 8
-_rows_for_kernel: list[int] = []
 
 
+@functools.cache
 def rows_for_kernel() -> int:
     """The most rows a bf16/fp16 projection sends to our kernel on this CPU (decided once)."""
-    if not _rows_for_kernel:
-        from .kernels import native_bf16
+    from .kernels import native_bf16
 
-        _rows_for_kernel.append(_GEMV_ROWS if native_bf16() else 1 << 62)
-    return _rows_for_kernel[0]
+    return _GEMV_ROWS if native_bf16() else 1 << 62
 
 
 class Linear(nn.Linear):

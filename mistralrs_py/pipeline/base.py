@@ -199,7 +199,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # NOTE: bf16 halves the bytes read per token; only worth it where the CPU has native bf16 dot
     # products (AVX512-BF16 / AMX), otherwise float32 is faster and exact.
-    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+    from ..models.kernels import native_bf16
+
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 def quant_preference(spec: "ModelSpec", dtype: torch.dtype) -> str:
@@ -208,9 +210,3 @@ def quant_preference(spec: "ModelSpec", dtype: torch.dtype) -> str:
     the fastest kernel that keeps the blocks (in float32 too: the int8-activation kernels take
     float32 activations, as llama.cpp's CPU path does)."""
     return "dense" if dtype == torch.float32 and spec.dtype == "float32" else "auto"
-
-
-def _cpu_has_bf16() -> bool:
-    from ..models.kernels import native_bf16
-
-    return native_bf16()

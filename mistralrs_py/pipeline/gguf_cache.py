@@ -23,6 +23,7 @@ quantized weights)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -50,12 +51,18 @@ def cache_root() -> Path:
 def file_key(path: Path) -> str:
     path = Path(path).resolve()
     st = path.stat()
+    return _file_key(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_key(path: str, size: int, mtime_ns: int) -> str:
+    # NOTE: memoised on the file's identity: a load asks for it up to three times
     h = hashlib.blake2b(digest_size=20)
-    h.update(json.dumps([FORMAT, str(path), st.st_size, st.st_mtime_ns]).encode())
+    h.update(json.dumps([FORMAT, path, size, mtime_ns]).encode())
     with open(path, "rb") as f:
         h.update(f.read(_EDGE))
-        if st.st_size > _EDGE:
-            f.seek(max(_EDGE, st.st_size - _EDGE))
+        if size > _EDGE:
+            f.seek(max(_EDGE, size - _EDGE))
             h.update(f.read(_EDGE))
     return h.hexdigest()
 
