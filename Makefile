@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 XLORA_DEMO ?= build/xlora-demo
 
-.PHONY: install browser compiler kernels serve lint format test bench bench-peers xlora-demo serve-xlora clean
+.PHONY: install browser compiler nginx kernels serve lint format test bench bench-peers xlora-demo serve-xlora clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ browser:
 compiler:
 	@command -v g++ >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends g++) \
 	  || echo "g++ could not be installed: --compile falls back to eager and its test will skip"
+
+# Debian's nginx-light for the test of the load-balancer example (deploy/nginx.conf); best effort, as above
+nginx:
+	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx-light) \
+	  || echo "nginx could not be installed: the load-balancer test will skip"
 
 # our hand-written CPU kernels (mistralrs_py/models/csrc/*.cpp: quantized matmuls, norm, decode
 # attention), compiled once per machine with g++ and cached; prints whether they are on (without
@@ -62,7 +67,7 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: install lint browser compiler kernels
+test: install lint browser compiler nginx kernels
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install

@@ -99,4 +99,5 @@ def ready_line(client, name: str, scheduler: str) -> str:
         f"{snap['kv_block_size']}{', prefix cache' if snap['prefix_cache'] else ''}) | {scheduler}"
         + (f" | {s['kernels']}" if s.get("kernels") else "")
         + (" | compiled" if pipeline.compiled_decode is not None else "")
+        + (f" | {s['tensor_parallel']}" if s.get("tensor_parallel") else "")
     )

@@ -94,6 +94,8 @@ def write_gguf(hf_dir: Path, out: Path, qtypes=(Q.Q4_0, Q.Q4_1, Q.Q8_0)) -> Path
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
     w.add_vocab_size(cfg["vocab_size"])
+    if cfg["model_type"] in ("mistral", "mixtral") and cfg.get("sliding_window"):
+        w.add_sliding_window(cfg["sliding_window"])
     experts = cfg.get("num_local_experts") or cfg.get("num_experts")
     if experts:
         w.add_expert_count(experts)

@@ -175,3 +175,32 @@ def test_a_file_named_safetensors_that_is_not_one_is_a_one_line_error(tiny_llama
                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
     assert out.returncode == 2, out.stderr
     assert "is not a valid safetensors file" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_tensor_parallel_size_reaches_the_spec_and_torchrun_sets_it(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("mistralrs_py.server.launch.run_server", lambda opts, spec: seen.update(spec=spec))
+    r = runner.invoke(cli.app, ["--tensor-parallel-size", "2", "gguf-mistral"])
+    assert r.exit_code == 0, r.output
+    assert (seen["spec"].tp_size, seen["spec"].tp_rank) == (2, 0)
+    # NOTE: under torchrun (rank 0 here) the world size is the default
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    r = runner.invoke(cli.app, ["mistral"])
+    assert r.exit_code == 0 and seen["spec"].tp_size == 3
+    r = runner.invoke(cli.app, ["--tp", "2", "mistral"])
+    assert r.exit_code == 2 and "torchrun's world size 3" in r.output
+
+
+@pytest.mark.parametrize(
+    "args,what",
+    [
+        (["--tp", "2", "x-lora-mistral", "-x", "somewhere"], "x-lora-mistral"),
+        (["--tp", "2", "--compile", "mistral"], "--compile"),
+        (["--tp", "2", "--perplexity", __file__, "mistral"], "--perplexity"),
+    ],
+)
+def test_what_tensor_parallelism_does_not_run_is_refused(args, what):
+    r = runner.invoke(cli.app, args)
+    assert r.exit_code == 2, r.output
+    assert what in r.output and "does not work with" in r.output

@@ -73,6 +73,15 @@ def main_options(
     block_size: int = typer.Option(
         16, "--block-size", min=1, max=1024, help="Positions per KV cache block (the prefix cache reuses whole blocks)."
     ),
+    tensor_parallel_size: int = typer.Option(
+        1,
+        "--tensor-parallel-size",
+        "--tp",
+        min=1,
+        help="Split the model over N processes (torch.distributed: gloo on CPUs, NCCL with one GPU per process), "
+        "each holding 1/N of every layer and of the KV cache. Started here on this machine; under torchrun, "
+        "one process per rank on any machines (default: torchrun's world size).",
+    ),
     compile: bool = typer.Option(
         False,
         "--compile",
@@ -196,6 +205,7 @@ def main_options(
         compile=compile,
         prefix_caching=not no_prefix_cache,
         block_size=block_size,
+        tensor_parallel_size=tensor_parallel_size,
     )
 
 
@@ -351,6 +361,12 @@ def x_lora_mistral(
 
 def serve(opts: GlobalOptions, spec: ModelSpec) -> None:
     spec.device, spec.dtype, spec.max_model_len = opts.device, opts.dtype, opts.max_model_len
+    spec.tp_size = tensor_parallel_size(opts, spec)
+    if spec.tp_size > 1 and os.environ.get("RANK", "0") != "0":
+        from ..engine.tensor_parallel import run_torchrun_worker  # a torchrun rank other than 0: no server
+
+        run_torchrun_worker(spec, opts.threads)
+        return
     if opts.chat_template:
         spec.chat_template = str(opts.chat_template)
     if opts.perplexity:
@@ -366,6 +382,32 @@ def serve(opts: GlobalOptions, spec: ModelSpec) -> None:
     from ..server.launch import run_server
 
     run_server(opts, spec)
+
+
+def tensor_parallel_size(opts: GlobalOptions, spec: ModelSpec) -> int:
+    """--tensor-parallel-size, or torchrun's world size; what cannot run split is refused here."""
+    from ..terminal import fail
+
+    size = opts.tensor_parallel_size
+    world = os.environ.get("WORLD_SIZE") if "RANK" in os.environ else None
+    if world is not None and world.isdigit():
+        if size == 1:
+            size = int(world)
+        elif size != int(world):
+            fail(f"--tensor-parallel-size {size} does not match torchrun's world size {world}; drop the option")
+    if size == 1:
+        return 1
+    refused = [
+        (spec.kind is ModelKind.XLORA, "x-lora-mistral (its scaling pass keeps per-sequence state)"),
+        (opts.perplexity is not None, "--perplexity"),
+        (opts.compile, "--compile"),
+    ]
+    for bad, what in refused:
+        if bad:
+            fail(
+                f"--tensor-parallel-size {size} does not work with {what} yet; serve it in one process (drop the option)"
+            )
+    return size
 
 
 from . import ordering as _ordering  # noqa: E402,F401 - registers the `ordering` command on `app`

@@ -40,6 +40,7 @@ class GlobalOptions:
     compile: bool = False
     prefix_caching: bool = True
     block_size: int = 16
+    tensor_parallel_size: int = 1
 
     def engine_options(self, **overrides):
         """The engine's part of these options (imported here: `--help` must not import torch)."""

@@ -109,11 +109,21 @@ class EngineClient:
         from ..pipeline.chat_template import load_chat_template
 
         template = load_chat_template(spec.chat_template) if spec.chat_template else None  # NOTE: fails fast
-        if options.threads:
-            torch.set_num_threads(options.threads)
+        threads = options.threads
+        if spec.tp_size > 1 and not threads:
+            from .tensor_parallel import default_threads, local_world
+
+            threads = default_threads(local_world(spec.tp_size))  # NOTE: the ranks on this machine share its cores
+        if threads:
+            torch.set_num_threads(threads)
         # NOTE: the model is loaded, the engine built and its loop run on one thread (see worker.py)
-        worker = TorchThread(threads=options.threads)
-        pipeline = worker.call(load_pipeline, spec, progress)
+        worker = TorchThread(threads=threads)
+        if spec.tp_size > 1:
+            from .tensor_parallel import start
+
+            pipeline = worker.call(start, spec, progress, options.threads)
+        else:
+            pipeline = worker.call(load_pipeline, spec, progress)
         if template is not None:
             pipeline.tokenizer.chat_template = template
         phase = (
@@ -141,6 +151,9 @@ class EngineClient:
                 f"could not allocate the KV cache: {e}; lower --max-seqs or --max-model-len, or set --kv-cache-mb"
             ) from None
         client = cls(pipeline, engine, max_waiting=options.max_waiting)
+        group = getattr(pipeline, "group", None)
+        if group is not None:
+            group.on_failure(engine.fail)  # NOTE: a lost rank: the engine is dead, /health says 503
         # NOTE: the chat template's worker processes and the grammar compiler's token trie are made
         # now, beside the first requests' arrival, not inside the first request that needs them
         threading.Thread(target=_warm_up, args=(client,), daemon=True).start()
@@ -159,6 +172,13 @@ class EngineClient:
     @property
     def alive(self) -> bool:
         return self.engine.alive
+
+    def on_failure(self, fn: Callable[[str], None]) -> None:
+        """Calls fn(reason) (from another thread) if a part the engine needs beyond this process fails
+        for good: a tensor-parallel rank. Nothing happens for a single-process engine."""
+        group = getattr(self.pipeline, "group", None)
+        if group is not None:
+            group.on_failure(fn)
 
     @property
     def max_request_sequences(self) -> Optional[int]:

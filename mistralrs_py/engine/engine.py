@@ -57,7 +57,8 @@ class Engine:
         self.pipe = pipeline
         self.worker = worker  # the thread that loaded the model runs the loop too (see worker.py)
         c = pipeline.config
-        shape = CacheShape(c.num_layers, c.num_kv_heads, c.head_dim)
+        m = pipeline.held_config  # NOTE: the heads this process holds (all of them unless tensor parallel)
+        shape = CacheShape(m.num_layers, m.num_kv_heads, m.head_dim)
         plan = plan_pool(
             shape,
             pipeline.dtype,
@@ -84,7 +85,7 @@ class Engine:
         # and for --compile: each batch bucket is one compiled graph (torch's int4 CPU kernel fixes
         # a graph's row count, so padding to 1/2/4/8/16 rows bounds how many graphs exist).
         static = pipeline.graphable and ((cuda_graphs and cuda) or compile)
-        self.pool = KVCachePool(
+        self.pool = (pipeline.pool_type or KVCachePool)(
             shape,
             plan.num_blocks,
             plan.block_size,
@@ -164,6 +165,14 @@ class Engine:
         if self._thread is not None:
             self._loop_done.wait(timeout)
 
+    def fail(self, reason: str) -> None:
+        """Something the engine depends on failed for good (a tensor-parallel rank): it is dead from
+        now on (`alive` is False), and its loop stops as soon as it can."""
+        if self.dead is None:
+            self.dead = RuntimeError(reason)
+        self._stopping = True
+        self._inbox.put(("stop", None))
+
     def add_request(self, request: Request) -> None:
         if self.dead is not None or self._stopping:
             raise EngineDead("the engine is not running")
@@ -222,6 +231,10 @@ class Engine:
         finally:
             self._fail_all("the server is shutting down", drain=True)
             self.runner.close()
+            try:
+                self.pipe.close()
+            except Exception:  # noqa: BLE001 - shutting down regardless
+                log.exception("closing the pipeline failed")
             self._loop_done.set()
 
     def _drain(self, block: bool) -> bool:

@@ -197,7 +197,7 @@ class KVCachePool(KVStream):
         """A pool shaped for `pipe`'s model with room for `slots` sequences of its whole context, slot s
         owning blocks [s * M, (s + 1) * M): for callers that run sequences without a scheduler
         (perplexity, tests), through build_view's slot tables."""
-        c = pipe.config
+        c = pipe.held_config  # NOTE: the heads this process holds (tensor parallelism: its share)
         shape = CacheShape(c.num_layers, c.num_kv_heads, c.head_dim)
         kw.setdefault("streams", pipe.cache_streams)
         per_slot = -(-pipe.max_model_len // block_size)

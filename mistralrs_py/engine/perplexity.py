@@ -76,8 +76,8 @@ def measure(pipe: Pipeline, ids: list[int], ctx: int, reference: Optional[Pipeli
     if len(ids) < ctx:
         raise ValueError(f"the text has {len(ids)} tokens; at least one chunk of {ctx} is needed (lower the context)")
     bos = chunk_bos(pipe.tokenizer)
-    pool = KVCachePool.for_pipeline(pipe, 1)
-    ref_pool = KVCachePool.for_pipeline(reference, 1) if reference is not None else None
+    pool = (pipe.pool_type or KVCachePool).for_pipeline(pipe, 1)
+    ref_pool = (reference.pool_type or KVCachePool).for_pipeline(reference, 1) if reference is not None else None
     first = ctx // 2
     nll, ref_nll, kld, same = [], [], [], []
     n_chunks = 0

@@ -16,6 +16,8 @@ keeps those types unchanged; torch.compile treats the flag as a constant of the 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,6 +27,9 @@ from . import kernels
 from .config import ModelConfig
 from .layers import BatchView, Linear, RMSNorm, Rotary, apply_rotary, attend, decode_attention_cpu
 from .quant import QuantLinear
+
+if TYPE_CHECKING:
+    from .tensor_parallel import Shard
 
 
 class Attention(nn.Module):
@@ -156,8 +161,9 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None, tp: "Shard | None" = None):
         super().__init__()
+        self.tp = tp  # NOTE: tensor parallelism: this rank's share (models/tensor_parallel.py), or None
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
         self.self_attn = Attention(cfg, device=device, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
@@ -173,8 +179,14 @@ class DecoderLayer(nn.Module):
         view: BatchView,
         lora: Scalings | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, view, lora)
-        return x + self.mlp(self.post_attention_layernorm(x), lora)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, view, lora)
+        if self.tp is not None:
+            a = self.tp.all_reduce(a)  # NOTE: o_proj is row-parallel: each rank holds a partial sum
+        x = x + a
+        m = self.mlp(self.post_attention_layernorm(x), lora)
+        if self.tp is not None:
+            m = self.tp.all_reduce(m)  # down_proj (every expert's) is row-parallel too
+        return x + m
 
 
 class CausalLM(nn.Module):
@@ -183,9 +195,11 @@ class CausalLM(nn.Module):
 
     cpu_ops: bool = False  # float32 rope tables for the fused decode attention; float32 logits from our kernels
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, max_positions: int, device=None, dtype=None, tp: "Shard | None" = None):
         super().__init__()
-        self.cfg = cfg
+        # NOTE: with tensor parallelism, `cfg` is this rank's part (tensor_parallel.local_config):
+        # its heads, intermediate rows and vocabulary rows; `tp` says which and reduces across ranks
+        self.cfg, self.tp = cfg, tp
         # NOTE: passing the (empty) weight skips nn.Embedding's random init; on the meta device that
         # init would import torch's Python decompositions (~70 MB resident) for nothing.
         self.embed_tokens = nn.Embedding(
@@ -193,7 +207,7 @@ class CausalLM(nn.Module):
             cfg.hidden_size,
             _weight=torch.empty((cfg.vocab_size, cfg.hidden_size), device=device, dtype=dtype),
         )
-        self.layers = nn.ModuleList(DecoderLayer(cfg, device=device, dtype=dtype) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, device=device, dtype=dtype, tp=tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
         self.max_positions = max_positions
@@ -204,7 +218,7 @@ class CausalLM(nn.Module):
     ) -> Tensor:
         # input_ids: [N] -> final-norm hidden states [N, D]. lora: X-LoRA scalings of this pass
         # (models/xlora.py), None for the plain model
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if self.tp is None else self.tp.embed(self.embed_tokens, input_ids)
         # NOTE: the fused CPU op applies rope in float32 from float32 tables (no rounding on the way);
         # use_cpu_kernels sets this model's choice and its attention modules' together
         cos, sin = self.rotary.tables(view.positions, torch.float32 if self.cpu_ops and view.num_decode else x.dtype)
@@ -215,7 +229,8 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: Tensor, view: BatchView, cache: "KVLayers", lora: Scalings | None = None) -> Tensor:
         # -> logits [S, V] in float32 for the rows in view.logit_rows
         h = self.hidden_states(input_ids, view, cache, lora)
-        return self.logits(h[view.logit_rows])
+        logits = self.logits(h[view.logit_rows])
+        return logits if self.tp is None else self.tp.gather_logits(logits)
 
     def logits(self, h: Tensor) -> Tensor:
         # h: [S, D] -> [S, V] float32. NOTE: on the CPU our kernels return the head's float32

@@ -50,6 +50,9 @@ class ModelSpec:
     device: str = "auto"
     max_model_len: int | None = None
     chat_template: str | None = None  # a file overriding the model's template
+    # NOTE: tensor parallelism: this process is rank tp_rank of tp_size, and loads its share only
+    tp_rank: int = 0
+    tp_size: int = 1
     extra: dict = field(default_factory=dict)
 
 
@@ -80,6 +83,9 @@ class Pipeline:
     # NOTE: whether decode steps may run as captured CUDA graphs (static shapes, no host-side state
     # that changes per step). X-LoRA's two passes keep per-slot state: no.
     graphable: bool = True
+    # NOTE: the KV cache pool class the engine makes for this pipeline (None: engine's KVCachePool);
+    # tensor parallelism's rank 0 records the pool's operations for the other ranks
+    pool_type: type | None = None
 
     # NOTE: --compile: decode-only steps (which the engine pads to batch buckets, engine/graphs.py)
     # run the model through torch.compile, one graph per bucket; steps with prompt tokens stay eager.
@@ -100,6 +106,12 @@ class Pipeline:
             return model(input_ids, view, cache)
 
         self.compiled_decode = torch.compile(decode)
+
+    @property
+    def held_config(self) -> ModelConfig:
+        """The config of what this process holds: the model's, or under tensor parallelism its rank's
+        share (its key/value heads size its KV cache)."""
+        return getattr(self.model, "cfg", None) or self.config
 
     def network(self) -> nn.Module:
         """Every module this pipeline runs, under one root (X-LoRA adds its classifier)."""
@@ -125,6 +137,10 @@ class Pipeline:
     def reset_blocks(self, blocks: list[int]) -> None:
         """Called by the engine before a step with the cache blocks handed out since the last one:
         per-block state of a pipeline starts afresh there."""
+
+    def close(self) -> None:
+        """Called on the engine's thread when its loop ends: resources beyond this process (tensor
+        parallelism's workers) are released."""
 
     def end_slot(self, slot: int) -> dict | None:
         """Called by the engine when the sequence that owned `slot` ends or is preempted, before the

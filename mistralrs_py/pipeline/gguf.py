@@ -12,7 +12,7 @@ import torch
 from ..models.config import GGUF_PERMUTED_QK, ConfigError, ModelConfig
 from . import gguf_cache, hub
 from .base import LoadError, ModelSpec, Pipeline, quant_preference, resolve_device, resolve_dtype
-from .weights import build_empty, load_tensors, memory_bytes, release_memory, serving_length
+from .weights import build_empty, load_tensors, memory_bytes, plan_shard, release_memory, serving_length
 
 # NOTE: llama.cpp's tensor names -> ours; `{i}` is the layer index.
 _GGUF_NAMES = {
@@ -201,7 +201,8 @@ def load_gguf_file(
     tensors = {t.name: t for t in tensor_list}
     cfg = config_from_gguf(fields, set(tensors), path)
     max_len = serving_length(spec, cfg)
-    model = build_empty(cfg, max_len, dtype)
+    shard = plan_shard(spec, cfg)
+    model = build_empty(cfg, max_len, dtype, shard)
     todo = [(t, gguf_to_ours(n)) for n, t in tensors.items() if n not in _IGNORED]
     unknown = [t.name for t, ours in todo if ours is None]
     if unknown:
@@ -215,10 +216,12 @@ def load_gguf_file(
         )
     task = progress.add_task("weights", total=len(todo)) if progress else None
     raw_of = {ours: (t, _raw_rows(t, ours, cfg)) for t, ours in todo}
+    if shard is not None:
+        raw_of = {ours: _share(t, raw, ours, shard) for ours, (t, raw) in raw_of.items()}
     kinds: dict[str, int] = {}
     prefer = quant_preference(spec, dtype)
     # NOTE: weights our quantized matmuls use, packed by an earlier load of this file (gguf_cache)
-    variant = f"{dtype}|{prefer}"
+    variant = f"{dtype}|{prefer}" + (f"|rank {shard.rank} of {shard.world}" if shard is not None else "")
     packed = gguf_cache.load_packed(path, variant) if quantized and device.type == "cpu" else None
     made: dict[str, tuple] = {}
 
@@ -269,7 +272,7 @@ def load_gguf_file(
     )
     emb = tensors.get("token_embd.weight")
     if quantized and emb is not None and device.type == "cpu":
-        _remap_embedding(model, path, emb)
+        _remap_embedding(model, path, emb, shard.vocab if shard is not None else (0, emb.shape[0]))
     # NOTE: the closures above hold these: emptied rather than deleted, the same memory goes back
     for held in (tensors, tensor_list, todo, raw_of):
         held.clear()
@@ -308,7 +311,7 @@ def _per_expert(t: GGUFTensor, ours: str, path: Path) -> list[tuple[GGUFTensor, 
     ]
 
 
-def _remap_embedding(model, path: Path, t: GGUFTensor) -> None:
+def _remap_embedding(model, path: Path, t: GGUFTensor, rows_held: tuple[int, int]) -> None:
     """Points the quantized embedding at a fresh memory map of its own bytes in the file.
 
     NOTE: like llama.cpp's mmap: loading touched every page of the file (all of them count as
@@ -316,10 +319,12 @@ def _remap_embedding(model, path: Path, t: GGUFTensor) -> None:
     rows that lookups actually touch, and the rest of the file is unmapped."""
     import warnings
 
-    rows = np.memmap(path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.data.shape[0],))
+    a, b = rows_held  # NOTE: tensor parallelism: the vocabulary rows this rank holds
+    row_bytes = t.data.shape[0] // t.shape[0]
+    rows = np.memmap(path, dtype=np.uint8, mode="r", offset=t.offset + a * row_bytes, shape=((b - a) * row_bytes,))
     with warnings.catch_warnings():  # read-only memory map; never written
         warnings.simplefilter("ignore")
-        raw = torch.from_numpy(rows).view(t.shape[0], -1)
+        raw = torch.from_numpy(rows).view(b - a, -1)
     model.embed_tokens.raw = raw
 
 
@@ -344,6 +349,40 @@ def _raw_rows(t: GGUFTensor, ours: str, cfg: ModelConfig) -> np.ndarray:
         rows = unpermute_rows(shape[0], heads)
         raw = raw.reshape(shape[0], -1)[rows] if len(shape) == 2 else raw.reshape(shape[0])[rows]
     return raw
+
+
+def _share(t: GGUFTensor, raw: np.ndarray, ours: str, shard) -> tuple[GGUFTensor, np.ndarray]:
+    """Tensor parallelism: this rank's rows or columns of a tensor's bytes (models/tensor_parallel.py).
+    Columns are cut between quantization blocks; where a cut would fall inside one (a head boundary
+    that is not a multiple of the block size), that tensor's share is dequantized to float32."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    rule = shard.rule(ours)
+    f32 = int(GGMLQuantizationType.F32)
+    if rule is None:
+        if shard.is_row_parallel_bias(ours) and shard.rank:
+            zeros = np.zeros(4 * int(np.prod(t.shape)), np.uint8)
+            return GGUFTensor(t.name, f32, t.shape, zeros, t.offset), zeros
+        return t, raw
+    axis, (a, b) = rule
+    bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType(t.qtype)]
+    if len(t.shape) == 1:
+        if a % bs or b % bs:
+            raise LoadError(f"{t.name}: a {t.shape[0]}-value vector in blocks of {bs} cannot be split at {a}..{b}")
+        part = raw.reshape(-1)[a // bs * ts : b // bs * ts]
+        return GGUFTensor(t.name, t.qtype, (b - a,), part, t.offset), part
+    N, K = t.shape
+    rows = raw.reshape(N, -1)
+    if axis == 0:
+        part = rows[a:b]
+        return GGUFTensor(t.name, t.qtype, (b - a, K), part.reshape(-1), t.offset), part.reshape(-1)
+    if a % bs == 0 and b % bs == 0:
+        part = np.ascontiguousarray(rows.reshape(N, K // bs, ts)[:, a // bs : b // bs]).reshape(-1)
+        return GGUFTensor(t.name, t.qtype, (N, b - a), part, t.offset), part
+    from ..models.ggml_blocks import dequantize
+
+    dense = dequantize(raw, t.qtype, t.shape)[:, a:b].contiguous().numpy().view(np.uint8).reshape(-1)
+    return GGUFTensor(t.name, f32, (N, b - a), dense, t.offset), dense
 
 
 def _tied_head(model, kinds: dict, prefer: str, packed: dict | None, made: dict, dtype):

@@ -12,7 +12,7 @@ from ..models.config import ConfigError, ModelConfig
 from . import hub
 from .base import LoadError, ModelSpec, Pipeline, quant_preference, resolve_device, resolve_dtype
 from .tokenizer import load_hf_tokenizer
-from .weights import build_empty, load_tensors, memory_bytes, open_safetensors, serving_length
+from .weights import build_empty, load_tensors, memory_bytes, open_safetensors, plan_shard, serving_length
 
 # NOTE: checkpoint naming is data: transformers' names -> ours (we drop the `model.` prefix).
 _PREFIX = "model."
@@ -90,7 +90,8 @@ def load_safetensors_dir(
     cfg = read_config(path)
     files = safetensors_files(path)
     max_len = serving_length(spec, cfg)
-    model = build_empty(cfg, max_len, dtype)
+    shard = plan_shard(spec, cfg)
+    model = build_empty(cfg, max_len, dtype, shard)
     handles = [open_safetensors(f) for f in files]
     names = [(h, k) for h in handles for k in h.keys() if not k.endswith(_IGNORED_SUFFIXES)]
     task = progress.add_task("weights", total=len(names)) if progress else None
@@ -98,7 +99,11 @@ def load_safetensors_dir(
     def tensors():
         for h, k in names:
             # NOTE: get_tensor reads the memory-mapped bytes once; load_tensors casts/moves once.
-            yield hf_to_ours(k), (lambda h=h, k=k: h.get_tensor(k))
+            ours = hf_to_ours(k)
+            yield (
+                ours,
+                (lambda h=h, k=k, ours=ours: h.get_tensor(k) if shard is None else _read_share(h, k, ours, shard)),
+            )
 
     kinds: dict[str, int] = {}
     items = (
@@ -129,6 +134,16 @@ def load_safetensors_dir(
             "weights_bytes": memory_bytes(model),
         },
     )
+
+
+def _read_share(handle, key: str, ours: str, shard):
+    """Tensor parallelism: reads only this rank's rows or columns of a tensor from the file."""
+    rule = shard.rule(ours)
+    if rule is None:
+        return shard.take(ours, handle.get_tensor(key))
+    axis, (a, b) = rule
+    part = handle.get_slice(key)
+    return part[a:b] if axis == 0 else part[:, a:b]
 
 
 def quantized_items(tensors, cfg, isq: str, dtype, device, kinds: dict, prefer: str = "auto"):

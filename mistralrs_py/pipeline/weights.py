@@ -42,9 +42,27 @@ def serving_length(spec, cfg: ModelConfig) -> int:
     return min(spec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
 
 
-def build_empty(cfg: ModelConfig, max_positions: int, dtype: torch.dtype) -> CausalLM:
-    # NOTE: parameters on meta (no memory); the rotary tables are computed on the CPU and moved later.
-    return CausalLM(cfg, max_positions, device=torch.device("meta"), dtype=dtype)
+def build_empty(cfg: ModelConfig, max_positions: int, dtype: torch.dtype, shard=None) -> CausalLM:
+    """The model, or with tensor parallelism this rank's part of it (`shard`: models/tensor_parallel.py).
+    NOTE: parameters on meta (no memory); the rotary tables are computed on the CPU and moved later."""
+    if shard is not None:
+        from ..models.tensor_parallel import local_config
+
+        cfg = local_config(cfg, shard)
+    return CausalLM(cfg, max_positions, device=torch.device("meta"), dtype=dtype, tp=shard)
+
+
+def plan_shard(spec, cfg: ModelConfig):
+    """This process's share of the model under tensor parallelism (spec.tp_size ranks), or None."""
+    if spec.tp_size <= 1:
+        return None
+    from ..models.config import ConfigError
+    from ..models.tensor_parallel import plan_shard as plan
+
+    try:
+        return plan(cfg, spec.tp_rank, spec.tp_size)
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
 
 
 def assign(model: nn.Module, name: str, value: Tensor | nn.Module) -> None:

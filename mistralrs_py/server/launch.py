@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import socket
@@ -91,8 +92,10 @@ def run_server(opts, spec) -> None:
         ws="none",  # NOTE: no websocket routes; uvicorn's websockets support costs ~0.3 s to import
         timeout_graceful_shutdown=opts.shutdown_timeout + 5,
     )
-    GracefulServer(config, app.state.server, opts.shutdown_timeout).run()
-    sys.exit(0)
+    server = GracefulServer(config, app.state.server, opts.shutdown_timeout)
+    client.on_failure(server.fail)
+    server.run()
+    sys.exit(server.exit_code)
 
 
 class GracefulServer(uvicorn.Server):
@@ -100,10 +103,35 @@ class GracefulServer(uvicorn.Server):
     connections, let in-flight requests finish for `shutdown_timeout` seconds, then end the rest
     with an error event (streams) or an error response, join the engine thread, exit 0."""
 
+    # NOTE: after a fatal failure, how long /health answers 503 (so a load balancer's health check
+    # sees it) before the server shuts down, and how long that shutdown may take before the process
+    # is ended anyway (a step stuck in a collective with a hung rank never returns)
+    FAILED_GRACE = 3.0
+    FAILED_DEADLINE = 15.0
+
     def __init__(self, config, state, shutdown_timeout: float):
         super().__init__(config)
         self.state, self.shutdown_timeout = state, shutdown_timeout
         self._timer: threading.Timer | None = None
+        self.exit_code = 0
+
+    def fail(self, reason: str) -> None:
+        """The engine failed for good (a tensor-parallel rank died): /health answers 503 already (the
+        engine is dead); after a moment the server shuts down and the process exits with status 1."""
+        self.exit_code = 1
+        console.print(
+            f"[bold red]error:[/] {escape(reason)}; the server stops (exit status 1)", highlight=False, soft_wrap=True
+        )
+
+        def stop() -> None:
+            self.should_exit = True
+            hard = threading.Timer(self.FAILED_DEADLINE, lambda: os._exit(1))
+            hard.daemon = True
+            hard.start()
+
+        timer = threading.Timer(self.FAILED_GRACE, stop)
+        timer.daemon = True
+        timer.start()
 
     def handle_exit(self, sig, frame) -> None:
         self.state.shutting_down = True
