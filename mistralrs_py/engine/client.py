@@ -173,6 +173,13 @@ class EngineClient:
     def alive(self) -> bool:
         return self.engine.alive
 
+    @property
+    def failure(self) -> Optional[str]:
+        """Why a part the engine needs beyond this process failed for good (a tensor-parallel rank),
+        or None."""
+        group = getattr(self.pipeline, "group", None)
+        return None if group is None else group.failure
+
     def on_failure(self, fn: Callable[[str], None]) -> None:
         """Calls fn(reason) (from another thread) if a part the engine needs beyond this process fails
         for good: a tensor-parallel rank. Nothing happens for a single-process engine."""

@@ -2,8 +2,9 @@
 CPU, NCCL on GPUs), each holding its share of every layer (models/tensor_parallel.py).
 
 Rank 0 runs the scheduler, the engine and the HTTP server; the other ranks only run the model. Each
-step, rank 0 broadcasts one message on the group's CPU channel: the cache operations since the last
-step (pool set-up, blocks zeroed or released, the batch view's arguments) and the step's token ids;
+step, rank 0 sends one message (through shared memory where every rank runs on this machine's CPUs,
+engine/shm_comm.py, else a gloo broadcast): the cache operations since the last step (pool set-up,
+blocks zeroed or released, the batch view's arguments) and the step's token ids;
 every rank then builds the same batch view on its own KV cache (its heads only, the same block
 tables) and runs its part of the forward pass; the logits are gathered (models/tensor_parallel.py)
 and rank 0 samples.
@@ -99,8 +100,9 @@ def _device_for(spec: ModelSpec, launch: Launch) -> str:
     return f"cuda:{launch.local_rank}"
 
 
-def _join(launch: Launch, device: str) -> object:
-    """init_process_group for this rank -> the CPU group that carries rank 0's step messages."""
+def _join(launch: Launch, device: str):
+    """init_process_group for this rank -> (the CPU group that carries rank 0's step messages, the
+    shared-memory collectives when every rank runs on this machine's CPUs, else None)."""
     import torch.distributed as dist
 
     backend = "nccl" if device.startswith("cuda") else "gloo"
@@ -110,7 +112,17 @@ def _join(launch: Launch, device: str) -> object:
         store = dist.TCPStore(launch.addr, launch.port, launch.world, launch.rank == 0, timeout=timedelta(seconds=120))
         dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world, timeout=_FOREVER)
     # NOTE: step messages are pickled Python objects: on NCCL they travel on a gloo group of their own
-    return dist.new_group(backend="gloo", timeout=_FOREVER) if backend == "nccl" else dist.group.WORLD
+    channel = dist.new_group(backend="gloo", timeout=_FOREVER) if backend == "nccl" else dist.group.WORLD
+    comm = None
+    if (
+        backend == "gloo"
+        and local_world(launch.world) == launch.world
+        and os.environ.get("MISTRALRS_TP_SHM", "1") != "0"
+    ):
+        from .shm_comm import connect
+
+        comm = connect(launch.rank, launch.world, _store(launch), channel)
+    return channel, comm
 
 
 def _store(launch: Launch):
@@ -134,6 +146,7 @@ class Group:
     def __init__(self, launch: Launch, procs: list):
         self.launch, self.procs = launch, procs
         self.channel = None  # the CPU group of the step messages
+        self.comm = None  # shared-memory collectives (engine/shm_comm.py), where all ranks are local
         self.failure: Optional[str] = None
         self._listeners: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
@@ -165,6 +178,15 @@ class Group:
                 return f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
         return None
 
+    def wait_for_exit(self, timeout: float) -> Optional[str]:
+        """Which started worker has exited, waiting up to `timeout` seconds for one to (None: none did)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            dead = self._dead_proc()
+            if dead or time.monotonic() > deadline:
+                return dead
+            time.sleep(0.05)
+
     def wait_ready(self, timeout: float = 3600.0) -> None:
         """Until every worker has loaded its share; a worker's load error is raised here."""
         store = _store(self.launch)
@@ -191,6 +213,10 @@ class Group:
         store = _store(self.launch)
         last: dict[int, tuple[int, float]] = {}
         while not self._stopped.wait(0.25):
+            try:
+                store.add("beat/0", 1)  # NOTE: the workers watch rank 0 the same way
+            except Exception:  # noqa: BLE001 - reported below
+                pass
             dead = self._dead_proc()
             if dead:
                 self.fail(dead)
@@ -275,11 +301,14 @@ class ParallelPipeline(Pipeline):
             raise RuntimeError(f"tensor parallelism failed: {group.failure}")
         message = [*cache.take_ops(), ("forward", cache.pool_id, input_ids.tolist())]
         try:
-            dist.broadcast_object_list([message], src=0, group=group.channel)
+            if group.comm is None or not group.comm.send(message):
+                dist.broadcast_object_list([message], src=0, group=group.channel)
             return self.model(input_ids, view, cache)
         except Exception as e:
-            # NOTE: the ranks are out of step once a collective failed part-way: the group is done
-            group.fail(f"a step failed on rank 0 ({type(e).__name__}: {e})")
+            # NOTE: the ranks are out of step once a collective failed part-way: the group is done.
+            # A worker that died is the usual cause: its exit names it better than gloo's message.
+            log.error("a tensor-parallel step failed", exc_info=True)
+            group.fail(group.wait_for_exit(1.0) or f"a step failed on rank 0 ({type(e).__name__})")
             raise
 
     def close(self) -> None:
@@ -290,7 +319,8 @@ class ParallelPipeline(Pipeline):
             return
         if group.failure is None:
             try:
-                dist.broadcast_object_list([[("stop",)]], src=0, group=group.channel)
+                if group.comm is None or not group.comm.send([("stop",)]):
+                    dist.broadcast_object_list([[("stop",)]], src=0, group=group.channel)
             except Exception:  # noqa: BLE001 - the workers are ended below anyway
                 log.debug("could not send stop", exc_info=True)
         group.stop()
@@ -316,12 +346,19 @@ def start(spec: ModelSpec, progress=None, threads: Optional[int] = None) -> Para
     group = Group(launch, procs)
     try:
         device = _device_for(spec, launch)
-        group.channel = _join(launch, device)
+        group.channel, group.comm = _join(launch, device)
         pipe = load_pipeline(dataclasses.replace(spec, tp_rank=0, device=device), progress)
+        _use_comm(pipe, group.comm)
+        if group.comm is not None:
+            group.comm.failed = lambda: group.failure  # NOTE: a wait for a dead rank gives up
         group.wait_ready()
     except BaseException:
+        import torch.distributed as dist
+
         for p in procs:
             p.terminate()
+        if dist.is_initialized():
+            dist.destroy_process_group()  # NOTE: this process may try again (Runner, tests)
         raise
     fields = {f.name: getattr(pipe, f.name) for f in dataclasses.fields(Pipeline) if f.name != "pool_type"}
     parallel = ParallelPipeline(**fields, group=group)
@@ -356,7 +393,7 @@ def run_worker(launch: Launch, spec: ModelSpec, threads: Optional[int] = None) -
     torch.set_num_threads(threads or default_threads(local_world(launch.world)))
     try:
         device = _device_for(spec, launch)
-        channel = _join(launch, device)
+        channel, comm = _join(launch, device)
     except Exception as e:  # noqa: BLE001 - nothing to report to without the group
         log.error("could not join the group: %s: %s", type(e).__name__, e)
         os._exit(1)
@@ -364,13 +401,14 @@ def run_worker(launch: Launch, spec: ModelSpec, threads: Optional[int] = None) -
     threading.Thread(target=_beat, args=(launch,), name="mistralrs-tp-beat", daemon=True).start()
     try:
         pipe = load_pipeline(dataclasses.replace(spec, tp_rank=launch.rank, device=device))
+        _use_comm(pipe, comm)
     except Exception as e:  # noqa: BLE001 - reported to rank 0, which fails the start with it
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         store.set(f"error/{launch.rank}", f"{type(e).__name__}: {first}" if not isinstance(e, LoadError) else first)
         os._exit(1)
     store.set(f"ready/{launch.rank}", "1")
     try:
-        _serve_steps(pipe, channel)
+        _serve_steps(pipe, channel, comm)
     except Exception:  # noqa: BLE001 - rank 0 is gone or a step failed: this rank cannot go on
         log.exception("worker stopped")
         os._exit(1)
@@ -383,18 +421,26 @@ def local_world(world: int) -> int:
 
 
 def _beat(launch: Launch) -> None:
-    """Once a second, tells rank 0 this rank lives; exits the process when rank 0's store is gone."""
+    """Once a second, tells rank 0 this rank lives; exits the process when rank 0's store is gone or
+    rank 0, once it has started beating, stops (its beats: Group._watch)."""
     try:
         store = _store(launch)
+        seen, since = 0, time.monotonic()
         while True:
             store.add(f"beat/{launch.rank}", 1)
+            beats, now = store.add("beat/0", 0), time.monotonic()
+            if beats != seen:
+                seen, since = beats, now
+            elif seen and now - since > BEAT_TIMEOUT:
+                log.error("rank 0 stopped answering; exiting")
+                os._exit(1)
             time.sleep(BEAT_SECONDS)
     except Exception:  # noqa: BLE001 - rank 0 (which hosts the store, or torchrun's agent) is gone
         os._exit(1)
 
 
 @torch.inference_mode()
-def _serve_steps(pipe: Pipeline, channel) -> None:
+def _serve_steps(pipe: Pipeline, channel, comm) -> None:
     import torch.distributed as dist
 
     c = pipe.held_config  # NOTE: this rank's heads
@@ -402,9 +448,12 @@ def _serve_steps(pipe: Pipeline, channel) -> None:
     pools: dict[int, KVCachePool] = {}
     views: dict[int, object] = {}
     while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=channel)
-        for op in box[0]:
+        message = comm.receive() if comm is not None else None
+        if message is None:
+            box = [None]
+            dist.broadcast_object_list(box, src=0, group=channel)
+            message = box[0]
+        for op in message:
             kind = op[0]
             if kind == "stop":
                 return
@@ -423,6 +472,13 @@ def _serve_steps(pipe: Pipeline, channel) -> None:
             elif kind == "forward":
                 ids = torch.tensor(arg, dtype=torch.long, device=pipe.device)
                 pipe.model(ids, views.pop(pool_id), pools[pool_id])
+
+
+def _use_comm(pipe: Pipeline, comm) -> None:
+    """The model's collectives go through `comm` where there is one (its layers share one Shard)."""
+    shard = getattr(pipe.model, "tp", None)
+    if shard is not None:
+        shard.comm = comm
 
 
 def run_torchrun_worker(spec: ModelSpec, threads: Optional[int] = None) -> None:

@@ -38,11 +38,12 @@ def split(n: int, world: int, rank: int, unit: int = 1) -> tuple[int, int]:
     return start * unit, (start + base + (rank < extra)) * unit
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Shard:
     """What rank `rank` of `world` holds: [start, end) ranges of kv heads, intermediate rows (dense
     MLP and experts) and vocabulary rows. `group`: the torch.distributed process group (None: the
-    default one)."""
+    default one); `comm`: collectives of the ranks' own where set (engine/shm_comm.py: shared memory
+    between the processes of one machine), with torch.distributed for what they do not take."""
 
     rank: int
     world: int
@@ -55,6 +56,7 @@ class Shard:
     vocab_per_rank: int  # the largest share: logits are gathered padded to it
     vocab_size: int
     group: object = None
+    comm: object = None
 
     @property
     def q_rows(self) -> tuple[int, int]:
@@ -106,6 +108,8 @@ class Shard:
 
     # ---- the collectives the decoder calls -----------------------------------------------------------
     def all_reduce(self, x: Tensor) -> Tensor:
+        if self.comm is not None and self.comm.all_reduce(x):
+            return x
         import torch.distributed as dist
 
         dist.all_reduce(x, group=self.group)
@@ -128,8 +132,10 @@ class Shard:
         width = self.vocab_per_rank
         if local.shape[1] < width:
             local = torch.nn.functional.pad(local, (0, width - local.shape[1]))
-        parts = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(parts, local.contiguous(), group=self.group)
+        parts = self.comm.all_gather(local) if self.comm is not None else None
+        if parts is None:
+            parts = [torch.empty_like(local) for _ in range(self.world)]
+            dist.all_gather(parts, local.contiguous(), group=self.group)
         sizes = [split(self.vocab_size, self.world, r) for r in range(self.world)]
         return torch.cat([p[:, : b - a] for p, (a, b) in zip(parts, sizes)], dim=1)
 

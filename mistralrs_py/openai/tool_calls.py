@@ -104,7 +104,9 @@ class ToolCallParser:
         if not s:
             return []  # NOTE: whitespace alone: the answer may still begin with a call
         if s.startswith("{") or s.startswith(PYTHON_TAG):
-            self.buf = s[len(PYTHON_TAG) :] if s.startswith(PYTHON_TAG) else s
+            # NOTE: the leading whitespace stays before a "{": the region skips it before a call, and
+            # gives it back with the rest if what follows is not a call after all
+            self.buf = s[len(PYTHON_TAG) :] if s.startswith(PYTHON_TAG) else self.buf
             self.in_region = True
             return []
         if PYTHON_TAG.startswith(s):

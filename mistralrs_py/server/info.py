@@ -26,7 +26,9 @@ async def tokenizer_info(request: Request):
 async def health(request: Request):
     state = request.app.state.server
     if not state.client.alive:
-        return JSONResponse(P.error_body("the engine is not running", "server_error", None, "engine_unavailable"), 503)
+        why = state.client.failure  # NOTE: a lost tensor-parallel rank says which, for the operator
+        message = "the engine is not running" + (f" ({why})" if why else "")
+        return JSONResponse(P.error_body(message, "server_error", None, "engine_unavailable"), 503)
     if state.shutting_down:
         return JSONResponse(P.error_body("the server is shutting down", "server_error", None, "shutting_down"), 503)
     return JSONResponse({"status": "ok", **state.client.snapshot()})

@@ -121,10 +121,11 @@ def _parallel_pipe(spec: ModelSpec):
     return start(dataclasses.replace(spec, tp_size=2), threads=1)
 
 
-def _parallel(spec: ModelSpec) -> list[torch.Tensor]:
+def _parallel(spec: ModelSpec, shared_memory: bool = True) -> list[torch.Tensor]:
     pipe = _parallel_pipe(spec)
     try:
         assert pipe.model.cfg.num_kv_heads < pipe.config.num_kv_heads  # NOTE: this rank holds a share
+        assert (pipe.group.comm is not None) == shared_memory
         return _steps(pipe)
     finally:
         pipe.close()
@@ -160,6 +161,23 @@ def _text_logprobs(pipe, ids: list[int]) -> torch.Tensor:
     pool = (pipe.pool_type or KVCachePool).for_pipeline(pipe, 1)
     view = pool.build_view([], [(0, 0, len(ids))], None, ["all"])
     return torch.log_softmax(pipe.forward(torch.tensor(ids), view, pool).float(), -1)
+
+
+@pytest.mark.parametrize("slot", ["gloo", "small slots"])
+def test_gloo_alone_and_mixed_with_shared_memory_give_the_same_logits(checkpoints, monkeypatch, slot):
+    """Ranks of one machine exchange through shared memory (engine/shm_comm.py); gloo carries what
+    does not fit a slot, and everything between machines. Both, alone and mixed in one run (slots of
+    4 KiB: a decode step's all-reduces fit, a prefill's logits go by gloo)."""
+    if slot == "gloo":
+        monkeypatch.setenv("MISTRALRS_TP_SHM", "0")
+    else:
+        monkeypatch.setenv("MISTRALRS_TP_SHM_SLOT_BYTES", "4096")
+    for fmt in ("hf", "gguf"):
+        spec = _spec(fmt, checkpoints["mistral"])
+        want = _steps(load_pipeline(spec))
+        got = _parallel(spec, shared_memory=slot != "gloo")
+        for g, w in zip(got, want):
+            assert ((g - w).abs().max() / w.abs().max()).item() < 1e-5
 
 
 def test_quantized_kernels_on_split_blocks_are_as_close_to_float32():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mistralrs_py.engine.grammar import GrammarCompiler, Lark
@@ -76,6 +76,7 @@ def test_any_split_of_the_text_gives_the_same_result(case, cuts, incremental):
     text=st.text(alphabet=st.sampled_from(list('ab <>{}[]"\\:,;_/tolcaTOLC')), max_size=60),
     cuts=st.lists(st.integers(0, 60), max_size=10),
 )
+@example(text=" {", cuts=[])  # NOTE: found by hypothesis in CI: llama3_json dropped the space before "{"
 def test_text_that_is_not_a_call_comes_back_as_content_unchanged(text, cuts):
     for fmt in (HERMES, MISTRAL, LLAMA3_JSON):
         content, calls = parse(fmt, text, cuts)

@@ -137,16 +137,18 @@ def test_a_dead_worker_fails_the_server_loudly():
         last = json.loads(frames[-2])
         assert "error" in last, frames[-3:]
         assert all(json.loads(f)["choices"][0]["finish_reason"] is None for f in frames[:-2] if "choices" in f)
-        deadline, status = time.monotonic() + 10, None
+        deadline, status, body = time.monotonic() + 10, None, {}
         while time.monotonic() < deadline:
             try:
-                status = httpx.get(f"{srv.url}/health", timeout=2).status_code
+                r = httpx.get(f"{srv.url}/health", timeout=2)
+                status, body = r.status_code, r.json()
             except httpx.HTTPError:
                 status = None
             if status == 503:
                 break
             time.sleep(0.1)
         assert status == 503
+        assert f"rank 1 (pid {worker})" in body["error"]["message"], body
         try:
             code = srv.proc.wait(30)
         except subprocess.TimeoutExpired:
