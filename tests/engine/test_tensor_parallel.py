@@ -131,12 +131,17 @@ def _parallel(spec: ModelSpec, shared_memory: bool = True) -> list[torch.Tensor]
         pipe.close()
 
 
+@pytest.mark.parametrize("transport", ["shared memory", "gloo"])
 @pytest.mark.parametrize("fmt", ["hf", "gguf"])
 @pytest.mark.parametrize("arch", [*FAMILIES, "uneven"])
-def test_two_ranks_give_the_single_process_logits(checkpoints, arch, fmt):
+def test_two_ranks_give_the_single_process_logits(checkpoints, arch, fmt, transport, monkeypatch):
+    """Ranks of one machine exchange through shared memory (engine/shm_comm.py) by default; gloo alone
+    is what ranks on several machines use."""
+    if transport == "gloo":
+        monkeypatch.setenv("MISTRALRS_TP_SHM", "0")
     spec = _spec(fmt, checkpoints[arch])
     want = _steps(load_pipeline(spec))
-    got = _parallel(spec)
+    got = _parallel(spec, shared_memory=transport != "gloo")
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.shape[-1] == 400
@@ -163,19 +168,13 @@ def _text_logprobs(pipe, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(pipe.forward(torch.tensor(ids), view, pool).float(), -1)
 
 
-@pytest.mark.parametrize("slot", ["gloo", "small slots"])
-def test_gloo_alone_and_mixed_with_shared_memory_give_the_same_logits(checkpoints, monkeypatch, slot):
-    """Ranks of one machine exchange through shared memory (engine/shm_comm.py); gloo carries what
-    does not fit a slot, and everything between machines. Both, alone and mixed in one run (slots of
-    4 KiB: a decode step's all-reduces fit, a prefill's logits go by gloo)."""
-    if slot == "gloo":
-        monkeypatch.setenv("MISTRALRS_TP_SHM", "0")
-    else:
-        monkeypatch.setenv("MISTRALRS_TP_SHM_SLOT_BYTES", "4096")
+def test_collectives_too_large_for_a_slot_go_by_gloo_in_the_same_run(checkpoints, monkeypatch):
+    """Slots of 4 KiB: a decode step's all-reduces fit, a prefill's logits (every row) go by gloo."""
+    monkeypatch.setenv("MISTRALRS_TP_SHM_SLOT_BYTES", "4096")
     for fmt in ("hf", "gguf"):
         spec = _spec(fmt, checkpoints["mistral"])
         want = _steps(load_pipeline(spec))
-        got = _parallel(spec, shared_memory=slot != "gloo")
+        got = _parallel(spec)
         for g, w in zip(got, want):
             assert ((g - w).abs().max() / w.abs().max()).item() < 1e-5
 
