@@ -45,12 +45,20 @@ def supported() -> bool:
 
 
 class SharedMemoryComm:
-    def __init__(self, path: str, rank: int, world: int, create: bool, slot_bytes: int = SLOT_BYTES):
-        self.rank, self.world, self.slot_bytes = rank, world, slot_bytes
+    def __init__(
+        self,
+        path: str,
+        rank: int,
+        world: int,
+        create: bool,
+        slot_bytes: int = SLOT_BYTES,
+        message_bytes: int = MESSAGE_BYTES,
+    ):
+        self.rank, self.world, self.slot_bytes, self.message_bytes = rank, world, slot_bytes, message_bytes
         self.header = _LINE * (world + 1)
         self.data = self.header
         self.messages = self.data + 2 * world * slot_bytes
-        size = self.messages + 2 * MESSAGE_BYTES
+        size = self.messages + 2 * message_bytes
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(path, flags, 0o600)
         try:
@@ -124,9 +132,9 @@ class SharedMemoryComm:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         self.msg_seq += 1
         par = self.msg_seq & 1
-        fits = len(data) <= MESSAGE_BYTES
+        fits = len(data) <= self.message_bytes
         if fits:
-            start = self.messages + par * MESSAGE_BYTES
+            start = self.messages + par * self.message_bytes
             self.bytes[start : start + len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         self.flags[self._msg + 1 + par] = len(data) if fits else -1
         self.flags[self._msg] = self.msg_seq
@@ -145,13 +153,17 @@ class SharedMemoryComm:
         n = int(flags[self._msg + 1 + par])
         if n < 0:
             return None
-        start = self.messages + par * MESSAGE_BYTES
+        start = self.messages + par * self.message_bytes
         return pickle.loads(self.bytes[start : start + n].numpy().tobytes())
 
 
-def _slot_bytes() -> int:
-    # NOTE: the tests shrink the slots to send some collectives by gloo in the same run
-    return int(os.environ.get("MISTRALRS_TP_SHM_SLOT_BYTES", SLOT_BYTES))
+def _sizes() -> dict:
+    # NOTE: the tests shrink the slots and message areas to send some of a run by gloo
+    env = os.environ
+    return dict(
+        slot_bytes=int(env.get("MISTRALRS_TP_SHM_SLOT_BYTES", SLOT_BYTES)),
+        message_bytes=int(env.get("MISTRALRS_TP_SHM_MESSAGE_BYTES", MESSAGE_BYTES)),
+    )
 
 
 def connect(rank: int, world: int, store, channel) -> Optional[SharedMemoryComm]:
@@ -164,14 +176,14 @@ def connect(rank: int, world: int, store, channel) -> Optional[SharedMemoryComm]
         if rank == 0:
             path = f"/dev/shm/mistralrs-tp-{uuid.uuid4().hex}" if supported() else ""
             try:
-                comm = SharedMemoryComm(path, 0, world, create=True, slot_bytes=_slot_bytes()) if path else None
+                comm = SharedMemoryComm(path, 0, world, create=True, **_sizes()) if path else None
             except OSError as e:
                 log.warning("shared memory for tensor parallelism: %s; using gloo", e)
                 path = ""
             store.set("shm", path)
         else:
             path = store.get("shm").decode()
-            comm = SharedMemoryComm(path, rank, world, create=False, slot_bytes=_slot_bytes()) if path else None
+            comm = SharedMemoryComm(path, rank, world, create=False, **_sizes()) if path else None
     except OSError as e:
         log.warning("shared memory for tensor parallelism: %s; using gloo", e)
         comm = None

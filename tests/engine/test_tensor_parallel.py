@@ -169,8 +169,10 @@ def _text_logprobs(pipe, ids: list[int]) -> torch.Tensor:
 
 
 def test_collectives_too_large_for_a_slot_go_by_gloo_in_the_same_run(checkpoints, monkeypatch):
-    """Slots of 4 KiB: a decode step's all-reduces fit, a prefill's logits (every row) go by gloo."""
+    """Slots of 4 KiB: a decode step's all-reduces fit, a prefill's logits (every row) go by gloo; and
+    step messages over 100 bytes (the prefill's, with the pool's set-up) go by gloo too."""
     monkeypatch.setenv("MISTRALRS_TP_SHM_SLOT_BYTES", "4096")
+    monkeypatch.setenv("MISTRALRS_TP_SHM_MESSAGE_BYTES", "100")
     for fmt in ("hf", "gguf"):
         spec = _spec(fmt, checkpoints["mistral"])
         want = _steps(load_pipeline(spec))
