@@ -100,16 +100,29 @@ def _device_for(spec: ModelSpec, launch: Launch) -> str:
     return f"cuda:{launch.local_rank}"
 
 
-def _join(launch: Launch, device: str):
+def _join(launch: Launch, device: str, procs: Optional[list] = None):
     """init_process_group for this rank -> (the CPU group that carries rank 0's step messages, the
-    shared-memory collectives when every rank runs on this machine's CPUs, else None)."""
+    shared-memory collectives when every rank runs on this machine's CPUs, else None). `procs`: the
+    workers rank 0 started, watched while they join (one that dies first fails the start at once
+    rather than after the store's timeout)."""
     import torch.distributed as dist
 
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if launch.torchrun:
         dist.init_process_group(backend, init_method="env://", timeout=_FOREVER)
     else:
-        store = dist.TCPStore(launch.addr, launch.port, launch.world, launch.rank == 0, timeout=timedelta(seconds=120))
+        store = dist.TCPStore(
+            launch.addr,
+            launch.port,
+            launch.world,
+            launch.rank == 0,
+            timeout=timedelta(seconds=120),
+            wait_for_workers=False,
+        )
+        if launch.rank:
+            store.set(f"{_PREFIX}joined/{launch.rank}", "1")
+        else:
+            _wait_joined(store, launch.world, procs or [])
         dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world, timeout=_FOREVER)
     # NOTE: step messages are pickled Python objects: on NCCL they travel on a gloo group of their own
     channel = dist.new_group(backend="gloo", timeout=_FOREVER) if backend == "nccl" else dist.group.WORLD
@@ -123,6 +136,20 @@ def _join(launch: Launch, device: str):
 
         comm = connect(launch.rank, launch.world, _store(launch), channel)
     return channel, comm
+
+
+def _wait_joined(store, world: int, procs: list, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    for rank in range(1, world):
+        while not store.check([f"{_PREFIX}joined/{rank}"]):
+            for r, p in enumerate(procs, start=1):
+                if p.exitcode is not None:
+                    raise LoadError(
+                        f"tensor parallelism: rank {r} exited with code {p.exitcode} while starting (its output is above)"
+                    )
+            if time.monotonic() > deadline:
+                raise LoadError(f"tensor parallelism: rank {rank} did not start within {timeout:.0f} s")
+            time.sleep(0.02)
 
 
 def _store(launch: Launch):
@@ -342,11 +369,17 @@ def start(spec: ModelSpec, progress=None, threads: Optional[int] = None) -> Para
         procs = []
     else:
         launch = Launch(0, spec.tp_size, "127.0.0.1", _free_port())
+        gpus = torch.cuda.device_count() if resolve_device(spec.device).type == "cuda" else None
+        if gpus is not None and gpus < launch.world:
+            raise LoadError(
+                f"--tensor-parallel-size {launch.world} on CUDA runs one process per GPU, and this machine has "
+                f"{gpus}; use at most {gpus}, or --device cpu"
+            )
         procs = _spawn_workers(launch, spec, threads)
     group = Group(launch, procs)
     try:
         device = _device_for(spec, launch)
-        group.channel, group.comm = _join(launch, device)
+        group.channel, group.comm = _join(launch, device, procs)
         pipe = load_pipeline(dataclasses.replace(spec, tp_rank=0, device=device), progress)
         _use_comm(pipe, group.comm)
         if group.comm is not None:
@@ -363,7 +396,8 @@ def start(spec: ModelSpec, progress=None, threads: Optional[int] = None) -> Para
     fields = {f.name: getattr(pipe, f.name) for f in dataclasses.fields(Pipeline) if f.name != "pool_type"}
     parallel = ParallelPipeline(**fields, group=group)
     parallel.graphable = False  # NOTE: steps run eagerly: collectives inside captured graphs are not supported here
-    parallel.summary["tensor_parallel"] = f"tensor parallel x{launch.world} ({'nccl' if device != 'cpu' else 'gloo'})"
+    how = "nccl" if device != "cpu" else ("shared memory, gloo" if group.comm is not None else "gloo")
+    parallel.summary["tensor_parallel"] = f"tensor parallel x{launch.world} ({how})"
     group.watch()
     return parallel
 

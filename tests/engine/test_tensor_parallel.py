@@ -7,6 +7,7 @@ and the default quantized kernels on split blocks."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -215,3 +216,18 @@ def test_a_model_that_cannot_be_split_is_a_load_error(checkpoints):
     spec = dataclasses.replace(_spec("hf", checkpoints["llama"]), tp_size=3)  # 2 key/value heads
     with pytest.raises(LoadError, match="at most 2"):
         load_pipeline(spec)
+
+
+def test_a_worker_that_dies_while_starting_fails_the_start_at_once():
+    from types import SimpleNamespace
+
+    from mistralrs_py.engine.tensor_parallel import _wait_joined
+
+    class Store:
+        def check(self, keys):
+            return False
+
+    started = time.monotonic()
+    with pytest.raises(LoadError, match="rank 1 exited with code 3 while starting"):
+        _wait_joined(Store(), 2, [SimpleNamespace(exitcode=3)])
+    assert time.monotonic() - started < 5

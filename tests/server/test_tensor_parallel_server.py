@@ -85,7 +85,7 @@ def test_two_ranks_serve_the_single_process_text():
         want = _greedy(single.url)
     assert all(want)
     with running_server([*args, "--tensor-parallel-size", "2"], ["gguf-mistral"]) as srv:
-        assert "tensor parallel x2 (gloo)" in srv.output()
+        assert "tensor parallel x2 (shared memory, gloo)" in srv.output()
         worker = _worker_pid(srv.output())
         assert worker in _children(srv.proc.pid)
         assert _greedy(srv.url) == want
