@@ -113,17 +113,19 @@ class SharedMemoryComm:
             flat.add_(p)
         return True
 
-    def all_gather(self, x: torch.Tensor) -> Optional[list[torch.Tensor]]:
-        """Every rank's x (all of one shape), or None when x does not fit a slot."""
+    def gather(self, x: torch.Tensor, keep: bool):
+        """Every rank's x (all of one shape) as views of the shared slots, read them before the next
+        collective; None on the ranks that do not `keep` them; False (nothing done) when x does not
+        fit a slot."""
         nbytes = x.numel() * x.element_size()
         if nbytes > self.slot_bytes or x.device.type != "cpu":
-            return None
+            return False
         self.seq += 1
         parts = self._parts(self.seq, nbytes, x.dtype)
         parts[self.rank].copy_(x.reshape(-1))
         self.flags[self._peers[self.rank]] = self.seq
         self._wait_all(self.seq)
-        return [p.view(x.shape).clone() for p in parts]
+        return [p.view(x.shape) for p in parts] if keep else None
 
     # ---- rank 0's step messages --------------------------------------------------------------------
     def send(self, obj) -> bool:

@@ -126,16 +126,19 @@ class Shard:
         return self.all_reduce(x)
 
     def gather_logits(self, local: Tensor) -> Tensor:
-        """local: [S, this rank's vocabulary rows] -> [S, V], on every rank."""
+        """local: [S, this rank's vocabulary rows] -> [S, V] on rank 0, which samples; the other ranks
+        only send theirs (and get their own part back, which nobody reads)."""
         import torch.distributed as dist
 
         width = self.vocab_per_rank
         if local.shape[1] < width:
             local = torch.nn.functional.pad(local, (0, width - local.shape[1]))
-        parts = self.comm.all_gather(local) if self.comm is not None else None
-        if parts is None:
-            parts = [torch.empty_like(local) for _ in range(self.world)]
-            dist.all_gather(parts, local.contiguous(), group=self.group)
+        parts = self.comm.gather(local, keep=self.rank == 0) if self.comm is not None else False
+        if parts is False:
+            parts = [torch.empty_like(local) for _ in range(self.world)] if self.rank == 0 else None
+            dist.gather(local.contiguous(), parts, dst=0, group=self.group)
+        if self.rank:
+            return local
         sizes = [split(self.vocab_size, self.world, r) for r in range(self.world)]
         return torch.cat([p[:, : b - a] for p, (a, b) in zip(parts, sizes)], dim=1)
 
