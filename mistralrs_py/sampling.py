@@ -270,6 +270,17 @@ def _filter_batch(logits: Tensor, params: Sequence[SamplingOptions]) -> Tensor:
     return x
 
 
+def argmax_rows(x: Tensor) -> Tensor:
+    """x.argmax(-1) of a [S, V] tensor: on the CPU through our kernel when it is loaded (torch's
+    CPU argmax is not vectorised: a greedy step's pass over 16 rows of logits took ~1 ms, 20x its
+    amax), with torch's answer (the first maximum, or the first NaN)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0:
+        op = getattr(torch.ops.mistralrs, "argmax_rows", None)
+        if op is not None:
+            return op(x)
+    return x.argmax(-1)
+
+
 def _sampled_rows(params: Sequence[SamplingOptions]) -> list[int]:
     return [r for r, p in enumerate(params) if not is_greedy(p)]
 
@@ -291,14 +302,14 @@ def sample_batch(
     x = _penalize_batch(logits.float(), params, outputs, contexts)
     rows = _sampled_rows(params)
     if not rows:
-        return x.argmax(-1)
+        return argmax_rows(x)
     sub = [params[r] for r in rows]
     gens = [generators[r] for r in rows]
     if len(rows) == S:
         return _draw(_filter_batch(x, sub).softmax(-1), gens)
     idx = torch.tensor(rows, dtype=torch.long, device=x.device)
     # NOTE: argmax of every row (one cheap pass), then the sampled rows are overwritten.
-    return x.argmax(-1).index_copy(0, idx, _draw(_filter_batch(x[idx], sub).softmax(-1), gens))
+    return argmax_rows(x).index_copy(0, idx, _draw(_filter_batch(x[idx], sub).softmax(-1), gens))
 
 
 def batch_token_logprobs(

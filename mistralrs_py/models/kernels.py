@@ -160,6 +160,10 @@ def _register_fakes() -> None:
     def _(x):
         return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
+    @torch.library.register_fake("mistralrs::argmax_rows")
+    def _(x):
+        return x.new_empty(x.shape[0], dtype=torch.long)
+
     @torch.library.register_fake("mistralrs::linear")
     def _(x, w, bias=None, f32_out=False):
         return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32 if f32_out else x.dtype)

@@ -3,7 +3,7 @@ the build around them (models/kernels.py).
 
 References are float64 torch computations on the same (rounded) inputs; tolerances are the output
 dtype's rounding (bf16 2^-8, fp16 2^-11 relative) plus float32 accumulation. Shapes cover the
-vectorised 16-lane path and the scalar tails (dims that are not multiples of 16).
+vectorised paths (16 lanes with AVX-512, 8 with AVX2) and the scalar tails (dims off the width).
 """
 
 import pytest
@@ -409,3 +409,27 @@ def test_lora_ops_refuse_bad_arguments():
         ops.lora_linear(x, w, None, torch.randn(7, 8), bt, ok, lam, 0.0)
     with pytest.raises(RuntimeError, match="lam must be"):
         ops.lora_add_(torch.zeros(2, 10), x, a, bt, ok, torch.zeros(2, 4, 2), 0.0)
+
+
+@pytest.mark.parametrize("V", [1, 7, 8, 49, 49152])
+def test_argmax_rows_is_torchs_argmax(V):
+    """Greedy sampling's argmax: the first maximum, the first NaN when a row has one, 0 for a row of
+    -inf; sizes off the vector width cover the tails. sampling.argmax_rows goes through it."""
+    from mistralrs_py.sampling import argmax_rows
+
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(9, V, generator=g)
+    x[1] = float("-inf")
+    x[2] = 0.0
+    x[3, V // 2] = float("nan")
+    x[3, -1] = float("nan")
+    x[4, -1] = 1e30  # the maximum in the scalar tail
+    x[5, V // 3] = x[5, -1] = 1e30  # a tie: the first one
+    x[6, 0] = float("inf")
+    x[7, -1] = float("nan")
+    got = ops.argmax_rows(x)
+    assert got.dtype == torch.long and torch.equal(got, x.argmax(-1))
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    assert ops.argmax_rows(x[:0]).shape == (0,)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.argmax_rows(x.double())

@@ -194,3 +194,26 @@ def test_float32_output_is_the_unrounded_result():
     y = lin.forward_f32(x)
     assert y.dtype == torch.float32 and torch.equal(y.bfloat16(), lin(x))
     assert not torch.equal(y, y.bfloat16().float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_activation_quantization_is_exact(dtype):
+    """Through an identity weight (4-bit codes 0/1, scale 1, offset 0) the float32 output is each
+    activation as the kernel quantized it, q * dx, so it must equal the emulation bit for bit:
+    ties round half to even, a zero block stays zero, amax maps to 127."""
+    K = 96
+    codes = torch.eye(K, dtype=torch.uint8)
+    qs, d, mw = qmatmul.pack_q4(codes, torch.ones(K, K // 32), torch.zeros(K, K // 32))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, K, generator=g) * torch.logspace(-3, 3, 7)[:, None]
+    x[0, :32] = torch.arange(-16, 16) + 0.5  # amax 16.5: steps of 16.5/127, and exact ties below
+    x[1, :32] = torch.tensor([127.0, -2.5, 2.5, -3.5, 3.5, 0.5, -0.5, 1.5] * 4)  # dx = 1: ties at .5
+    x[2, 32:64] = 0
+    x = x.to(dtype)
+    xf = x.float().view(7, K // 32, 32)
+    dx = xf.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(xf * torch.where(dx > 0, 1 / dx, torch.zeros_like(dx)))
+    assert (q[1, 0, 1:3] == torch.tensor([-2.0, 2.0])).all()  # the ties did round to even
+    want = (q * dx).view(7, K)
+    got = torch.ops.mistralrs.qmm(x, qs, d, mw, 4, True)
+    assert got.dtype == torch.float32 and torch.equal(got, want)

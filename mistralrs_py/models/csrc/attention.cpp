@@ -52,6 +52,27 @@ struct Paged {
   const T* row(int64_t j) const { return base + table[j / bs] * block_stride + (j % bs) * hd; }
 };
 
+#ifdef MISTRALRS_VEC
+// out[0 : NV * kVec] = sum_j p[j] * value j [off : off + NV * kVec], the accumulators held in
+// registers across the keys (an axpy per key would load and store them every time); each output
+// sums the keys in the same order as the axpy loop, so the result is the same.
+template <int NV, typename T>
+void weighted_values(const float* p, const Paged<T>& vals, int64_t lo, int64_t n, int64_t off, float* out) {
+  vfloat acc[NV];
+  for (int t = 0; t < NV; ++t) acc[t] = vzero();
+  for (int64_t j = 0; j < n;) {
+    const int64_t pos = lo + j, run = std::min(n - j, vals.bs - pos % vals.bs);
+    const T* vr = vals.row(pos) + off;
+    for (int64_t r = 0; r < run; ++r, vr += vals.hd) {
+      const vfloat c = vset1(p[j + r]);
+      for (int t = 0; t < NV; ++t) acc[t] = vfma(c, vload(vr + t * kVec), acc[t]);
+    }
+    j += run;
+  }
+  for (int t = 0; t < NV; ++t) vstore(out + t * kVec, acc[t]);
+}
+#endif
+
 template <typename T>
 void attend_one(const T* q, int64_t q_head_stride, const T* k, const T* v, int64_t G, int64_t hd, const float* cos, const float* sin,
                 T* kc, T* vc, const Paged<T>& keys, const Paged<T>& vals, int64_t lo, int64_t n, float scale, T* out,
@@ -76,7 +97,26 @@ void attend_one(const T* q, int64_t q_head_stride, const T* k, const T* v, int64
   for (int64_t j = 0; j < n;) {
     const int64_t pos = lo + j, run = std::min(n - j, bs - pos % bs);
     const T* kr = keys.row(pos);
-    for (int64_t r = 0; r < run; ++r, kr += hd)
+    int64_t r = 0;
+#ifdef MISTRALRS_VEC
+    if (hd % kVec == 0)  // four keys at a time: one reduction step for four scores
+      for (; r + 4 <= run; r += 4, kr += 4 * hd)
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qf + g * hd;
+          vfloat a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+          for (int64_t i = 0; i < hd; i += kVec) {
+            const vfloat qv = vload(qg + i);
+            a0 = vfma(qv, vload(kr + i), a0);
+            a1 = vfma(qv, vload(kr + hd + i), a1);
+            a2 = vfma(qv, vload(kr + 2 * hd + i), a2);
+            a3 = vfma(qv, vload(kr + 3 * hd + i), a3);
+          }
+          float s4[4];
+          vsum4(a0, a1, a2, a3, s4);
+          std::copy(s4, s4 + 4, sc + g * n + j + r);
+        }
+#endif
+    for (; r < run; ++r, kr += hd)
       for (int64_t g = 0; g < G; ++g) sc[g * n + j + r] = dot(qf + g * hd, kr, hd);
     j += run;
   }
@@ -86,13 +126,28 @@ void attend_one(const T* q, int64_t q_head_stride, const T* k, const T* v, int64
     const float inv = 1.f / exp_sub_sum(s, m, n);
     for (int64_t j = 0; j < n; ++j) s[j] *= inv;
   }
-  std::fill(acc, acc + G * hd, 0.f);
-  for (int64_t j = 0; j < n;) {
-    const int64_t pos = lo + j, run = std::min(n - j, bs - pos % bs);
-    const T* vr = vals.row(pos);
-    for (int64_t r = 0; r < run; ++r, vr += hd)
-      for (int64_t g = 0; g < G; ++g) axpy(acc + g * hd, sc[g * n + j + r], vr, hd);
-    j += run;
+  int64_t done = 0;  // leading dims of every head's output computed in registers
+#ifdef MISTRALRS_VEC
+  for (int64_t g = 0; g < G; ++g) {
+    const float* p = sc + g * n;
+    float* o = acc + g * hd;
+    int64_t off = 0;
+    for (; off + 8 * kVec <= hd; off += 8 * kVec) weighted_values<8>(p, vals, lo, n, off, o + off);
+    if (off + 4 * kVec <= hd) weighted_values<4>(p, vals, lo, n, off, o + off), off += 4 * kVec;
+    if (off + 2 * kVec <= hd) weighted_values<2>(p, vals, lo, n, off, o + off), off += 2 * kVec;
+    if (off + kVec <= hd) weighted_values<1>(p, vals, lo, n, off, o + off), off += kVec;
+    done = off;
+  }
+#endif
+  if (done < hd) {  // the rest of each head (dims past the last full vector, or no vectors at all)
+    for (int64_t g = 0; g < G; ++g) std::fill(acc + g * hd + done, acc + (g + 1) * hd, 0.f);
+    for (int64_t j = 0; j < n;) {
+      const int64_t pos = lo + j, run = std::min(n - j, bs - pos % bs);
+      const T* vr = vals.row(pos);
+      for (int64_t r = 0; r < run; ++r, vr += hd)
+        for (int64_t g = 0; g < G; ++g) axpy(acc + g * hd + done, sc[g * n + j + r], vr + done, hd - done);
+      j += run;
+    }
   }
   for (int64_t i = 0; i < G * hd; ++i) out[i] = static_cast<T>(acc[i]);
 }

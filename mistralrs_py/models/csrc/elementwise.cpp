@@ -2,11 +2,15 @@
 // small model, per-op overhead costs as much as the arithmetic):
 //   rms_norm(x, w, eps):  x * rsqrt(mean(x^2) + eps) * w, float32 inside, rounded once
 //   silu_mul(x):          silu(x[..., :I]) * x[..., I:] for x [..., 2I] (SwiGLU's gate and up halves)
+//   argmax_rows(x):       torch.argmax(x, -1) of a float32 [S, V] (greedy sampling's pass over the
+//                         logits; torch's CPU argmax is not vectorised: ~20x its amax here)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "vec.h"
@@ -19,20 +23,20 @@ template <typename T, typename W>
 void rms_norm_row(const T* x, const W* w, T* y, int64_t D, float eps) {
   int64_t i = 0;
   float ss = 0.f;
-#ifdef MISTRALRS_AVX512
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + kLanes <= D; i += kLanes) {
-    const __m512 v = load16(x + i);
-    acc = _mm512_fmadd_ps(v, v, acc);
+#ifdef MISTRALRS_VEC
+  vfloat acc = vzero();
+  for (; i + kVec <= D; i += kVec) {
+    const vfloat v = vload(x + i);
+    acc = vfma(v, v, acc);
   }
-  ss = _mm512_reduce_add_ps(acc);
+  ss = vsum(acc);
 #endif
   for (; i < D; ++i) ss += to_float(x[i]) * to_float(x[i]);
   const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
   i = 0;
-#ifdef MISTRALRS_AVX512
-  const __m512 rv = _mm512_set1_ps(r);
-  for (; i + kLanes <= D; i += kLanes) store16(y + i, _mm512_mul_ps(_mm512_mul_ps(load16(x + i), rv), load16(w + i)));
+#ifdef MISTRALRS_VEC
+  const vfloat rv = vset1(r);
+  for (; i + kVec <= D; i += kVec) vstore(y + i, vmul(vmul(vload(x + i), rv), vload(w + i)));
 #endif
   for (; i < D; ++i) y[i] = static_cast<T>(to_float(x[i]) * r * to_float(w[i]));
 }
@@ -60,12 +64,12 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) 
 template <typename T>
 void silu_mul_row(const T* g, const T* u, T* y, int64_t n) {
   int64_t i = 0;
-#ifdef MISTRALRS_AVX512
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (; i + kLanes <= n; i += kLanes) {
-    const __m512 gv = load16(g + i);
-    const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-    store16(y + i, _mm512_mul_ps(s, load16(u + i)));
+#ifdef MISTRALRS_VEC
+  const vfloat one = vset1(1.f), minus = vset1(-1.f);
+  for (; i + kVec <= n; i += kVec) {
+    const vfloat gv = vload(g + i);
+    const vfloat s = vdiv(gv, vadd(one, vexp(vmul(minus, gv))));
+    vstore(y + i, vmul(s, vload(u + i)));
   }
 #endif
   for (; i < n; ++i) {
@@ -93,9 +97,59 @@ at::Tensor silu_mul(const at::Tensor& x_in) {
   return y;
 }
 
+// torch.argmax's answer for one row: the first maximum, or the first NaN when there is one
+int64_t argmax_row(const float* x, int64_t n) {
+  int64_t i = 0;
+  float m = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+#ifdef __AVX2__
+  __m256 mv = _mm256_set1_ps(m), un = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    un = _mm256_or_ps(un, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    mv = _mm256_max_ps(mv, v);
+  }
+  nan = _mm256_movemask_ps(un) != 0;
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+#endif
+  for (; i < n; ++i) {
+    nan = nan || std::isnan(x[i]);
+    m = std::max(m, x[i]);
+  }
+  int64_t j = 0;
+#ifdef __AVX2__
+  if (!nan) {  // NOTE: stops at the first hit, so about half a row on average
+    const __m256 target = _mm256_set1_ps(m);
+    for (; j + 8 <= n; j += 8)
+      if (const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), target, _CMP_EQ_OQ)))
+        return j + __builtin_ctz(hit);
+  }
+#endif
+  for (; j < n; ++j)
+    if (nan ? std::isnan(x[j]) : x[j] == m) return j;
+  return 0;
+}
+
+at::Tensor argmax_rows(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.size(1) > 0,
+              "argmax_rows: x must be a float32 CPU [S, V] with V > 0, got ", x_in.sizes(), " ", x_in.scalar_type());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t S = x.size(0), V = x.size(1);
+  at::Tensor out = at::empty({S}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, S, std::max<int64_t>(1, 65536 / V), [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) op[r] = argmax_row(xp + r * V, V);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mistralrs, m) {
+  m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
 }
@@ -103,4 +157,5 @@ TORCH_LIBRARY_FRAGMENT(mistralrs, m) {
 TORCH_LIBRARY_IMPL(mistralrs, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("argmax_rows", &argmax_rows);
 }

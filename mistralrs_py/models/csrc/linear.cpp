@@ -166,12 +166,12 @@ struct Lora {
         const float* hp = h + m * P * R + p * R;
         float* o = out + m * ldo - n0;
         int64_t n = s;
-#ifdef MISTRALRS_AVX512
-        // NOTE: 16 outputs at a time kept in a register across the R rank rows
-        for (; n + kLanes <= e; n += kLanes) {
-          __m512 acc = _mm512_loadu_ps(o + n);
-          for (int64_t i = 0; i < R; ++i) acc = _mm512_fmadd_ps(_mm512_set1_ps(hp[i]), load16(bt + i * N + n), acc);
-          _mm512_storeu_ps(o + n, acc);
+#ifdef MISTRALRS_VEC
+        // NOTE: a vector of outputs at a time kept in a register across the R rank rows
+        for (; n + kVec <= e; n += kVec) {
+          vfloat acc = vload(o + n);
+          for (int64_t i = 0; i < R; ++i) acc = vfma(vset1(hp[i]), vload(bt + i * N + n), acc);
+          vstore(o + n, acc);
         }
 #endif
         for (; n < e; ++n)
