@@ -6,6 +6,7 @@ a worker that dies turns /health to 503 within seconds and the server exits with
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -110,8 +111,9 @@ def test_quantized_kernels_split_over_two_ranks_give_the_same_distribution(embed
         got = _first_token_logprobs(srv.url)
     for g, w in zip(got, want):
         assert max(g, key=g.get) == max(w, key=w.get)
+        # NOTE: compared as probabilities: a rare alternative's logprob moves more for the same noise
         for token in set(g) & set(w):
-            assert abs(g[token] - w[token]) < 0.25, (token, g[token], w[token])
+            assert abs(math.exp(g[token]) - math.exp(w[token])) < 0.03, (token, g[token], w[token])
 
 
 def test_a_dead_worker_fails_the_server_loudly():
