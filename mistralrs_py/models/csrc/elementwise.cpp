@@ -102,7 +102,7 @@ int64_t argmax_row(const float* x, int64_t n) {
   int64_t i = 0;
   float m = -std::numeric_limits<float>::infinity();
   bool nan = false;
-#ifdef __AVX2__
+#ifdef MISTRALRS_HAS_AVX2
   __m256 mv = _mm256_set1_ps(m), un = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) {
     const __m256 v = _mm256_loadu_ps(x + i);
@@ -110,16 +110,14 @@ int64_t argmax_row(const float* x, int64_t n) {
     mv = _mm256_max_ps(mv, v);
   }
   nan = _mm256_movemask_ps(un) != 0;
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  m = hmax8(mv);
 #endif
   for (; i < n; ++i) {
     nan = nan || std::isnan(x[i]);
     m = std::max(m, x[i]);
   }
   int64_t j = 0;
-#ifdef __AVX2__
+#ifdef MISTRALRS_HAS_AVX2
   if (!nan) {  // NOTE: stops at the first hit, so about half a row on average
     const __m256 target = _mm256_set1_ps(m);
     for (; j + 8 <= n; j += 8)

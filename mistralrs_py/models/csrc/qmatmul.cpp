@@ -36,7 +36,10 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#include "vec.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define MISTRALRS_VNNI 1
@@ -80,76 +83,56 @@ constexpr bool kUnsigned8 = false;  // AVX2 multiplies signed by signed (vpsignb
 // One row of activations quantized per 32-block: q (int8, or uint8 = q + 128 when bits == 8 on
 // AVX-512 VNNI), dx = amax / 127, and xs = dx * sum(q) (bits 4), dx (bits 8, VNNI: the offset term
 // undoes the +128) or 0 (bits 8, AVX2: no +128, so the offset term must not count).
-inline void block_scale(float amax, int32_t sum, int bits, float* dx, float* xs, float* id) {
-  const float d = amax / 127.f;
-  *id = d > 0.f ? 1.f / d : 0.f;
-  *dx = d;
-  if (xs) *xs = bits == 8 ? (kUnsigned8 ? d : 0.f) : d * static_cast<float>(sum);
-}
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8f(const at::BFloat16* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-inline __m256 load8f(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m256 load8f(const double* p) {
-  return _mm256_set_m128(_mm256_cvtpd_ps(_mm256_loadu_pd(p + 4)), _mm256_cvtpd_ps(_mm256_loadu_pd(p)));
-}
-
-// Vectorised, with the scalar loop's exact results: the same amax, the same product v * id and
-// vcvtps2dq rounding half to even as nearbyint does (the default rounding mode).
+// 8 values at a time where AVX2 is (not for double), with the scalar loop's exact results: the same
+// amax, the same product v * id, and vcvtps2dq rounding half to even as nearbyint does.
 template <typename T>
 void quantize_row(const T* x, int64_t K, int8_t* q, float* dx, float* xs, int bits) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t b = 0; b < K / kBlock; ++b) {
-    __m256 v[4];
-    for (int j = 0; j < 4; ++j) v[j] = load8f(x + b * kBlock + 8 * j);
-    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
-                                   _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    float id;
-    block_scale(_mm_cvtss_f32(h), 0, bits, dx + b, nullptr, &id);
-    const __m256 iv = _mm256_set1_ps(id);
-    __m256i r[4];
-    for (int j = 0; j < 4; ++j) r[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], iv));
-    const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-    block_scale(_mm_cvtss_f32(h), _mm_cvtsi128_si32(s4), bits, dx + b, xs + b, &id);
-    // int32 -> int8 (|r| <= 127: no saturation); packs work within 128-bit halves, so reorder after
-    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
-    p = _mm256_permutevar8x32_epi32(p, order);
-    if (bits == 8 && kUnsigned8) p = _mm256_xor_si256(p, _mm256_set1_epi8(static_cast<char>(0x80)));  // NOTE: +128
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kBlock), p);
-  }
-}
-#else
-template <typename T>
-void quantize_row(const T* x, int64_t K, int8_t* q, float* dx, float* xs, int bits) {
-  float v[kBlock];
-  for (int64_t b = 0; b < K / kBlock; ++b) {
-    float amax = 0.f;
-    for (int i = 0; i < kBlock; ++i) {
-      v[i] = static_cast<float>(x[b * kBlock + i]);
-      amax = std::max(amax, std::fabs(v[i]));
-    }
-    float id;
-    block_scale(amax, 0, bits, dx + b, nullptr, &id);
+    const T* xb = x + b * kBlock;
+    int8_t* qb = q + b * kBlock;
     int32_t sum = 0;
-    for (int i = 0; i < kBlock; ++i) {
-      const int r = static_cast<int>(std::nearbyint(v[i] * id));  // half to even
-      sum += r;
-      q[b * kBlock + i] = static_cast<int8_t>(bits == 8 && kUnsigned8 ? (r ^ 0x80) : r);  // NOTE: ^0x80 == +128
+    float d;
+#ifdef MISTRALRS_HAS_AVX2
+    if constexpr (!std::is_same_v<T, double>) {
+      const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+      __m256 v[4], m = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        v[j] = mistralrs::load8(xb + 8 * j);
+        m = _mm256_max_ps(m, _mm256_and_ps(v[j], abs_mask));
+      }
+      d = mistralrs::hmax8(m) / 127.f;
+      const __m256 iv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+      __m256i r[4];
+      for (int j = 0; j < 4; ++j) r[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], iv));
+      const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+      sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1)));
+      // int32 -> int8 (|r| <= 127: no saturation); packs work within 128-bit halves, so reorder after
+      __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+      p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      if (bits == 8 && kUnsigned8) p = _mm256_xor_si256(p, _mm256_set1_epi8(static_cast<char>(0x80)));  // NOTE: +128
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), p);
+    } else
+#endif
+    {
+      float v[kBlock], amax = 0.f;
+      for (int i = 0; i < kBlock; ++i) {
+        v[i] = static_cast<float>(xb[i]);
+        amax = std::max(amax, std::fabs(v[i]));
+      }
+      d = amax / 127.f;
+      const float id = d > 0.f ? 1.f / d : 0.f;
+      for (int i = 0; i < kBlock; ++i) {
+        const int r = static_cast<int>(std::nearbyint(v[i] * id));  // half to even
+        sum += r;
+        qb[i] = static_cast<int8_t>(bits == 8 && kUnsigned8 ? (r ^ 0x80) : r);  // NOTE: ^0x80 == +128
+      }
     }
-    block_scale(amax, sum, bits, dx + b, xs + b, &id);
+    dx[b] = d;
+    xs[b] = bits == 8 ? (kUnsigned8 ? d : 0.f) : d * static_cast<float>(sum);
   }
 }
-#endif
 
 #ifdef MISTRALRS_VNNI
 inline __m512i bcast4(const int8_t* p) {

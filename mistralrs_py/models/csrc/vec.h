@@ -17,6 +17,12 @@
 #define MISTRALRS_AVX2 1
 #include <immintrin.h>
 #endif
+// the 8-lane helpers (load8, store8, exp8, reduce8, hmax8) exist wherever AVX2 + FMA + F16C do,
+// also beside AVX-512, for kernels that work on 8 values at a time whatever the widest vector is
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MISTRALRS_HAS_AVX2 1
+#include <immintrin.h>
+#endif
 
 // dispatch on the storage types our kernels take: float32, bfloat16, float16 (double is refused)
 #define MISTRALRS_DISPATCH(TYPE, NAME, ...)                                                   \
@@ -79,7 +85,7 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
-#ifdef MISTRALRS_AVX2
+#ifdef MISTRALRS_HAS_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {
   const __m128i r = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -131,11 +137,17 @@ inline float reduce8(__m256 v) {
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
+
+inline float hmax8(__m256 v) {
+  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
 #endif
 
 // One float vector of the widest kind built for (16 lanes with AVX-512, 8 with AVX2), for the loops
 // that are the same at either width: vload and vstore (any storage type; stores round to nearest
-// even), vfma, vmul, vadd, vdiv, vmax, vzero, vset1, vsum, vmaxall, vexp.
+// even), vfma, vmul, vadd, vdiv, vzero, vset1, vsum, vsum4, vexp.
 #if defined(MISTRALRS_AVX512)
 #define MISTRALRS_VEC 1
 using vfloat = __m512;
@@ -150,9 +162,7 @@ inline void vstore(T* p, vfloat v) { store16(p, v); }
 inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
 inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
 inline vfloat vdiv(vfloat a, vfloat b) { return _mm512_div_ps(a, b); }
-inline vfloat vmax(vfloat a, vfloat b) { return _mm512_max_ps(a, b); }
 inline float vsum(vfloat v) { return _mm512_reduce_add_ps(v); }
-inline float vmaxall(vfloat v) { return _mm512_reduce_max_ps(v); }
 inline vfloat vexp(vfloat x) { return exp16(x); }
 inline void vsum4(vfloat a, vfloat b, vfloat c, vfloat d, float* out) {
   out[0] = vsum(a), out[1] = vsum(b), out[2] = vsum(c), out[3] = vsum(d);
@@ -171,13 +181,7 @@ inline void vstore(T* p, vfloat v) { store8(p, v); }
 inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
 inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
 inline vfloat vdiv(vfloat a, vfloat b) { return _mm256_div_ps(a, b); }
-inline vfloat vmax(vfloat a, vfloat b) { return _mm256_max_ps(a, b); }
 inline float vsum(vfloat v) { return reduce8(v); }
-inline float vmaxall(vfloat v) {
-  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
 inline vfloat vexp(vfloat x) { return exp8(x); }
 // the sums of four vectors at once: three horizontal adds instead of four reductions
 inline void vsum4(vfloat a, vfloat b, vfloat c, vfloat d, float* out) {
