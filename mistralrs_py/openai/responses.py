@@ -224,10 +224,9 @@ class ChatAssembler(Assembler):
     def message(self, c: Choice) -> dict:
         if self.parsers is None or self.parsers[c.index] is None:
             return {"role": "assistant", "content": c.text, "refusal": None}
-        # NOTE: a call cut short by max_tokens was streamed in part, but a whole response carries
-        # only finished calls (their arguments parse)
-        finished = {call["id"] for call in self.parsers[c.index].calls}
-        calls = [call for call in self.calls[c.index] if call["id"] in finished]
+        # NOTE: a call cut short by max_tokens stays, with the arguments written so far (as OpenAI
+        # answers, and as the stream showed it): finish_reason "length" says they may not parse
+        calls = self.calls[c.index]
         content = self.content[c.index]
         msg: dict = {"role": "assistant", "content": content if content or not calls else None, "refusal": None}
         if calls:

@@ -165,6 +165,11 @@ class ToolCallParser:
             if not r or any(c and c.startswith(r) for c in closers):
                 return []
             return [Content(rest)]
+        if self.incremental:
+            # NOTE: a forced call (a grammar holds the form) cut short: before its name was read, what
+            # is left is the format's markup, not an answer; after, its arguments went out as written
+            self.buf, self._pos, self._call = "", 0, None
+            return []
         return self._give_up()
 
     def _between(self):

@@ -111,6 +111,20 @@ def test_incremental_arguments_arrive_before_the_call_is_closed():
     assert p.feed("3}}\n</tool_call>") == [Arguments(0, "3}")]
 
 
+@pytest.mark.parametrize("fmt", [HERMES, MISTRAL, LLAMA3_JSON])
+def test_a_forced_call_cut_short_leaves_no_markup_as_content(fmt):
+    """Forced (a grammar holds the form): cut before the name, nothing is an answer; cut in the
+    arguments, the call keeps what was written. Unforced, the same text is content (see above)."""
+    start = {HERMES: "<tool_call>\n", MISTRAL: "[TOOL_CALLS][", LLAMA3_JSON: ""}[fmt]
+    for cut in (start + '{"na', start + '{"name": "add", "arguments": {"a": 1'):
+        p = ToolCallParser(fmt, NAMES, incremental=True)
+        pieces = p.feed(cut) + p.finish()
+        assert not [x for x in pieces if isinstance(x, Content)], (cut, pieces)
+        args = "".join(x.text for x in pieces if isinstance(x, Arguments))
+        assert args == ('{"a": 1' if "arguments" in cut else "")
+        assert [x.name for x in pieces if isinstance(x, CallStart)] == (["add"] if "arguments" in cut else [])
+
+
 def test_formats_are_recognised_from_templates():
     assert detect_format("{{ '<tool_call>' }}") is HERMES
     assert detect_format('Respond in the format {"name": function name, "parameters": dictionary}') is LLAMA3_JSON

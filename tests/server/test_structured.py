@@ -161,6 +161,42 @@ def test_forced_tool_calls_validate_and_stream_the_same(server, choice):
     ]
 
 
+def test_a_forced_call_cut_short_by_max_tokens_keeps_what_was_written(server):
+    """As OpenAI answers: the call stays in the message with the arguments written so far, and
+    finish_reason "length" says they may not parse; the stream shows the same call."""
+    c, _, _ = server
+    kw = dict(
+        model="default",
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0,
+        max_tokens=24,
+    )
+    whole = c.chat.completions.create(**kw)
+    ch = whole.choices[0]
+    assert ch.finish_reason == "length" and whole.usage.completion_tokens == 24
+    assert ch.message.content is None
+    [call] = ch.message.tool_calls
+    assert call.id and call.function.name == "get_weather" and call.function.arguments
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(call.function.arguments)  # cut short: 24 tokens do not close the object
+    # NOTE: streamed, the same kind of answer (not compared text for text: this second request reads
+    # the prompt from the prefix cache, and a last-bit difference may pick other whitespace)
+    streamed, names, finish = "", [], None
+    for chunk in c.chat.completions.create(**kw, stream=True):
+        if chunk.choices:
+            finish = chunk.choices[0].finish_reason or finish
+            assert not chunk.choices[0].delta.content
+            for d in chunk.choices[0].delta.tool_calls or ():
+                assert d.index == 0
+                names += [d.function.name] if d.function.name else []
+                streamed += d.function.arguments or ""
+    assert finish == "length" and names == ["get_weather"] and streamed.startswith("{")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(streamed)
+
+
 def test_a_follow_up_turn_with_the_tool_result(server):
     c, _, _ = server
     first = c.chat.completions.create(
