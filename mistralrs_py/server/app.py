@@ -14,8 +14,8 @@ from typing import Optional
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -88,6 +88,13 @@ async def _http_error(request, exc: HTTPException):
     return JSONResponse(error_body(str(exc.detail), kind), exc.status_code, headers=getattr(exc, "headers", None))
 
 
+async def _gone(request, exc: ClientDisconnect):
+    # NOTE: the client went while its body was being read (or its chunked encoding broke off, which
+    # the HTTP parser answered with a 400): nobody is left to answer; 499 as nginx counts it
+    log.debug("client disconnected before its request body was read")
+    return Response(status_code=499)
+
+
 async def _server_error(request, exc: Exception):
     log.exception("unhandled error")
     return JSONResponse(error_body("internal server error", "server_error"), 500)
@@ -138,6 +145,7 @@ def create_app(service: OpenAIService, cfg: ServerConfig) -> Starlette:
         InvalidRequest: _invalid,
         GenerationFailed: _failed,
         HTTPException: _http_error,
+        ClientDisconnect: _gone,
         Exception: _server_error,
     }
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers=handlers)

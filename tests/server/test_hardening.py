@@ -9,6 +9,7 @@ import asyncio
 import json
 import random
 import signal
+import socket
 import string
 import threading
 import time
@@ -112,6 +113,23 @@ def test_an_empty_prompt_starts_from_bos_and_finishes(hard):
 def test_malformed_input_is_a_400(hard, raw, why):
     url, _ = hard
     assert why in error_of(post(url, raw))["message"]
+
+
+def test_a_client_gone_mid_body_is_no_server_error(long_model):
+    """A body cut short (the client hangs up, or its chunked encoding breaks off): nobody is left to
+    answer, so nothing is logged as a server error, and the server goes on."""
+    with running_server(["--dtype", "float32"], ["mistral", "-m", str(long_model)]) as srv:
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+            s.sendall(head + b'Content-Length: 1000\r\n\r\n{"messages": [')
+            time.sleep(0.5)  # NOTE: the route is reading the body when the client goes
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+            s.sendall(head + b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"mes\r\nZZZ\r\n')
+            assert s.recv(100).startswith(b"HTTP/1.1 400")
+        assert post(srv.url, {"messages": MSG, "max_tokens": 2}).status_code == 200
+        assert_idle_and_alive(srv.url)
+        out = srv.output()
+        assert "unhandled error" not in out and "Traceback" not in out, out[-3000:]
 
 
 def test_only_json_bodies_are_read(hard):
