@@ -3,6 +3,7 @@
 parser = ToolCallParser(HERMES, {"get_weather"}, incremental=False)
 for piece in parser.feed(text_delta): ...          # Content(text) | CallStart(index, id, name) | Arguments(index, text)
 parser.finish()                                    # what was held back; an unfinished call becomes content
+                                                   # (incremental: it keeps what was sent, markup is dropped)
 """
 
 from __future__ import annotations
