@@ -163,7 +163,7 @@ def test_forced_tool_calls_validate_and_stream_the_same(server, choice):
 
 def test_a_forced_call_cut_short_by_max_tokens_keeps_what_was_written(server):
     """As OpenAI answers: the call stays in the message with the arguments written so far, and
-    finish_reason "length" says they may not parse; the stream shows the same call."""
+    finish_reason "length" says they may not parse; streamed, the call is cut short the same way."""
     c, _, _ = server
     kw = dict(
         model="default",
