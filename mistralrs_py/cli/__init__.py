@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from ..pipeline.base import ModelKind, ModelSpec
+from .http_options import with_http_limits
 from .options import GlobalOptions
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ app = typer.Typer(
 
 
 @app.callback()
+@with_http_limits
 def main_options(
     ctx: typer.Context,
     port: int = typer.Option(1234, "--port", "-p", help="Port to listen on."),
@@ -150,11 +152,8 @@ def main_options(
     chat_template: Optional[Path] = typer.Option(
         None,
         "--chat-template",
-        exists=True,
-        dir_okay=False,
-        readable=True,
-        metavar="FILE",
-        help='Chat template overriding the model\'s: a jinja file, or JSON with a "chat_template" key (tokenizer_config.json).',
+        metavar="FILE|NAME",
+        help="Chat template overriding the model's: a jinja file, JSON with a \"chat_template\" key (tokenizer_config.json), or a bundled template's name (hermes-tools: ChatML with tool calls).",
     ),
     tool_call_parser: Optional[str] = typer.Option(
         None,

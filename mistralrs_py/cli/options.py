@@ -35,6 +35,13 @@ class GlobalOptions:
     max_waiting: int = 256
     max_body_bytes: int = 2 * 1024 * 1024
     shutdown_timeout: float = 10.0
+    # NOTE: HTTP limits (cli/http_options.py; the defaults are server/http_protocol.HTTPLimits')
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 1000
     kv_cache_mb: Optional[float] = None
     cuda_graphs: bool = True
     compile: bool = False

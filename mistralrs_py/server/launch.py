@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -14,6 +16,7 @@ import uvicorn
 from rich.markup import escape
 
 from ..terminal import console, fail, ready_line, setup_logging, start_client
+from .http_protocol import HTTPLimits, protocol_class
 
 
 def check_port(host: str, port: int) -> None:
@@ -83,6 +86,7 @@ def run_server(opts, spec) -> None:
     )
     console.print(f"[dim]try:[/] {escape(example_curl(url, name))}", highlight=False, soft_wrap=True)
     # NOTE: no `server: uvicorn` header: what software answers is nobody's business
+    limits = http_limits(opts)
     config = uvicorn.Config(
         app,
         host=opts.host,
@@ -91,11 +95,52 @@ def run_server(opts, spec) -> None:
         server_header=False,
         ws="none",  # NOTE: no websocket routes; uvicorn's websockets support costs ~0.3 s to import
         timeout_graceful_shutdown=opts.shutdown_timeout + 5,
+        # NOTE: uvicorn's connection classes, with limits on what one client may hold (http_protocol.py);
+        # its own limit_concurrency is not used: it admits every connection and answers a plain-text 503
+        # per request once connections *or* running requests reach the limit
+        http=protocol_class(limits),
+        timeout_keep_alive=limits.keep_alive_timeout,
     )
     server = GracefulServer(config, app.state.server, opts.shutdown_timeout)
     client.on_failure(server.fail)
     server.run()
     sys.exit(server.exit_code)
+
+
+def http_limits(opts) -> HTTPLimits:
+    """The HTTP limits from the CLI's options; NOTE: the open-file limit is raised (up to its hard
+    limit) to hold --max-connections, or the cap is lowered to what it allows: a server out of file
+    descriptors cannot accept anyone, not even /health."""
+    limits = HTTPLimits(
+        max_header_bytes=opts.max_header_bytes,
+        max_headers=opts.max_headers,
+        header_timeout=opts.header_timeout,
+        body_timeout=opts.body_timeout,
+        keep_alive_timeout=opts.keep_alive_timeout,
+        max_connections=opts.max_connections,
+    )
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return limits
+    spare = 256  # NOTE: the model's files, the engine's threads, the log
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = limits.max_connections + spare
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft < want:
+            cap = max(1, soft - spare)
+            console.print(
+                f"[bold yellow]note:[/] --max-connections {limits.max_connections} lowered to {cap}: "
+                f"this process may open {soft} files (ulimit -n)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            limits = dataclasses.replace(limits, max_connections=cap)
+    return limits
 
 
 class GracefulServer(uvicorn.Server):
