@@ -90,13 +90,16 @@ def ready_line(client, name: str, scheduler: str) -> str:
     s = pipeline.summary
     mem = s.get("weights_bytes", 0) / 2**20
     kv = snap["kv_cache_capacity_bytes"] / 2**20
+    prefix = (
+        f", prefix cache up to {snap['prefix_cache_capacity_bytes'] / 2**20:.0f} MiB" if snap["prefix_cache"] else ""
+    )
     return (
         f"[bold green]ready[/] {escape(name)} | {family(pipeline.config)} | {s.get('format', '?')} | {str(pipeline.dtype).removeprefix('torch.')} | "
         f"{pipeline.device} | {s.get('params', 0) / 1e6:.0f}M params | {mem:.0f} MiB weights | "
         + (f"loaded in {s['load_seconds']:.1f} s | " if "load_seconds" in s else "")
         + f"ctx {client.max_len} x {snap['max_seqs']} seqs | KV cache {snap['kv_cache_capacity_tokens']} tokens "
         f"({kv:.0f} MiB{' at most, resident as used' if pipeline.device.type == 'cpu' else ''}, blocks of "
-        f"{snap['kv_block_size']}{', prefix cache' if snap['prefix_cache'] else ''}) | {scheduler}"
+        f"{snap['kv_block_size']}{prefix}) | {scheduler}"
         + (f" | {s['kernels']}" if s.get("kernels") else "")
         + (" | compiled" if pipeline.compiled_decode is not None else "")
         + (f" | {s['tensor_parallel']}" if s.get("tensor_parallel") else "")

@@ -203,6 +203,7 @@ class EngineClient:
         self.engine.stop(timeout)
         for stream in list(self._streams):
             stream.fail("the server is shutting down")
+        self.grammars.close()
 
     # ---- submissions -----------------------------------------------------------------------------
     def submit(

@@ -14,6 +14,7 @@ import torch
 
 from ..pipeline.base import Pipeline
 from ..pipeline.tokenizer import IncrementalDetokenizer
+from .grammar import GRAMMAR_LIMIT, GrammarFailed, grammar_failure
 from .graphs import DecodeGraphs
 from .kv_cache import DEFAULT_BLOCK_SIZE, CacheShape, KVCachePool, plan_pool
 from .model_runner import ModelRunner, StepResult
@@ -68,6 +69,7 @@ class Engine:
             pipeline.cache_streams,
             kv_cache_mb,
             block_size,
+            pipeline.summary.get("weights_bytes", 0),
         )
         # NOTE: the served context never exceeds what the cache can hold, so one sequence alone
         # always fits and preemption can always make progress.
@@ -103,8 +105,8 @@ class Engine:
         )
         # NOTE: freed blocks stay cached for later prompts. On a GPU the pool is allocated anyway;
         # on the CPU each cached block is resident memory, so without --kv-cache-mb (whose budget
-        # the user chose) at most a quarter of the default budget stays cached once freed.
-        retain = plan.num_blocks if kv_cache_mb is not None or cuda else plan.num_blocks // 4
+        # the user chose) the plan bounds how many stay cached once freed.
+        retain = plan.retain_blocks
         self.scheduler = Scheduler(
             max_seqs,
             policy,
@@ -204,6 +206,7 @@ class Engine:
             "kv_cache_bytes_cached": self.pool.bytes_in_use(cached),
             "kv_cache_capacity_tokens": cache.num_blocks * cache.block_size,
             "kv_cache_capacity_bytes": self.pool.bytes_in_use(cache.num_blocks),
+            "prefix_cache_capacity_bytes": self.pool.bytes_in_use(min(cache.retain_blocks, cache.num_blocks)),
             "prefix_cache": cache.prefix_caching,
             "prefix_cache_queries": cache.stats.queries,
             "prefix_cache_hits": cache.stats.hits,
@@ -289,13 +292,15 @@ class Engine:
             seqs.append(seq)
         return seqs
 
-    def _end(self, seq: Sequence, reason: str, message: str = "", computed: bool = True) -> dict | None:
+    def _end(
+        self, seq: Sequence, reason: str, message: str = "", computed: bool = True, code: str = "server_error"
+    ) -> dict | None:
         """Ends a sequence that did not finish by itself (abort, error) or did (stop, length):
         it leaves the scheduler, its blocks are released (those computed stay in the prefix cache
         unless its last step failed: `computed`); returns its pipeline report."""
         if reason == "error":
             self.stats.errors += 1
-            seq.request.emit(Error(message, "server_error", seq.index))
+            seq.request.emit(Error(message, code, seq.index))
         elif reason == "abort":
             self.stats.aborted += 1
         if not seq.status.is_finished:
@@ -333,9 +338,12 @@ class Engine:
             return
         self.stats.steps += 1
         self.stats.prompt_tokens += sum(c.n for c in out.prefill)
-        for seq, lps in result.prompt_logprobs:
-            seq.add_prompt_logprobs(lps)
+        for seq, first, lps in result.prompt_logprobs:
+            seq.add_prompt_logprobs(first, lps)
         for seq, sample in zip(out.sampled, result.samples):
+            if isinstance(sample, GrammarFailed):
+                self._end(seq, "error", str(sample), code=GRAMMAR_LIMIT)
+                continue
             if isinstance(sample, Exception):
                 self._end(seq, "error", f"sampling failed: {type(sample).__name__}: {sample}")
                 continue
@@ -348,7 +356,7 @@ class Engine:
             # NOTE: the grammar advances with every sampled token; its mask allowed only tokens it
             # accepts, so a refusal here means the matcher failed (a resource limit)
             if seq.matcher is not None and not seq.matcher.consume_token(token):
-                self._end(seq, "error", f"the output grammar failed: {seq.matcher.get_error()}")
+                self._end(seq, "error", grammar_failure(seq.matcher), code=GRAMMAR_LIMIT)
                 continue
             seq.append(token, self.max_len, self.eos_ids)
             if lp is not None:

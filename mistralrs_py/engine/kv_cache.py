@@ -41,14 +41,21 @@ class CacheShape:
 
 @dataclass(frozen=True)
 class PoolPlan:
-    """`num_blocks` blocks of `block_size` positions (what the scheduler hands out)."""
+    """`num_blocks` blocks of `block_size` positions (what the scheduler hands out); at most
+    `retain_blocks` of them stay cached once freed (the prefix cache; None: all of them)."""
 
     num_blocks: int
     block_size: int
+    retain_blocks: int | None = None
 
     @property
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
+
+
+# NOTE: the CPU's default prefix cache: what freed blocks may keep resident for later prompts
+PREFIX_CACHE_BYTES = 1 << 30
+PREFIX_CACHE_MODELS = 4
 
 
 def plan_pool(
@@ -60,12 +67,15 @@ def plan_pool(
     streams: int = 1,
     kv_cache_mb: float | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    weights_bytes: int = 0,
 ) -> PoolPlan:
     """Sizes the pool from `--kv-cache-mb`, or by default from the memory the device has left.
 
     NOTE: on the CPU the pool is virtual (pages are mapped on first write and handed back when a
-    block is freed), so by default it may hold every sequence's whole context; its resident size
-    follows the blocks in use. On a GPU it is allocated up front: the budget is its size."""
+    block is freed), so by default it holds every sequence's whole context plus a bounded prefix
+    cache (PREFIX_CACHE_BYTES, or PREFIX_CACHE_MODELS times the weights if that is less): its
+    resident size follows the blocks in use and never passes that sum, which the ready line prints.
+    On a GPU it is allocated up front: the budget is its size, and all of it may cache prefixes."""
     per_token = shape.bytes_per_token(dtype) * streams
     if kv_cache_mb is not None:
         budget = round(kv_cache_mb * 2**20)
@@ -83,8 +93,10 @@ def plan_pool(
             f"({per_token / 1024:.0f} KiB each); raise --kv-cache-mb"
         )
     if kv_cache_mb is None and device.type != "cuda":
-        # NOTE: no more than every sequence's whole context, and a prefix cache of as much again
-        blocks = min(blocks, 2 * max_seqs * -(-max_len // block_size))
+        prefix_bytes = min(PREFIX_CACHE_BYTES, PREFIX_CACHE_MODELS * weights_bytes or PREFIX_CACHE_BYTES)
+        prefix = prefix_bytes // (per_token * block_size)
+        blocks = min(blocks, max_seqs * -(-max_len // block_size) + prefix)
+        return PoolPlan(blocks, block_size, min(prefix, blocks))
     return PoolPlan(blocks, block_size)
 
 

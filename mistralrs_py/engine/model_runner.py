@@ -11,7 +11,7 @@ import torch
 
 from .. import sampling
 from ..pipeline.base import Pipeline
-from .grammar import fill_masks, mask_words
+from .grammar import GrammarFailed, fill_masks, grammar_failure, mask_words
 from .graphs import DecodeGraphs
 from .kv_cache import KVCachePool
 from .request import TokenLogprob
@@ -28,8 +28,9 @@ class StepResult:
     # one per SchedulerOutput.sampled row: the sampled token (and its logprobs), or why that row failed
     samples: list[Sample | Exception] = field(default_factory=list)
     error: Exception | None = None  # the forward pass failed: every sequence of the step fails
-    # prompt logprobs computed this step: (sequence, logprobs of its prompt tokens start+1..start+n)
-    prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]] = field(default_factory=list)
+    # prompt logprobs computed this step: (sequence, first prompt token scored, logprobs of its tokens
+    # first, first + 1, ...)
+    prompt_logprobs: list[tuple[Sequence, int, list[TokenLogprob]]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -111,7 +112,9 @@ class ModelRunner:
             prefill.append((seq.slot, start, n))
             tables[seq.slot] = seq.block_table
             ends = start + n == len(seq.tokens)
-            if seq.wants_prompt_logprobs and start < seq.prompt_len:
+            # NOTE: every row of a chunk that scores prompt tokens comes back; a chunk of a recompute
+            # (preemption) whose positions are scored already is a plain chunk
+            if seq.prompt_rows_to_score(start, n):
                 want.append("all")
                 parts.append((seq, start, n, row))
                 row += n
@@ -141,22 +144,22 @@ class ModelRunner:
                 row += 1
         return torch.tensor(rows, dtype=torch.long, device=self.pipe.device)
 
-    def _prompt_logprobs(self, logits: torch.Tensor, parts: list) -> list[tuple[Sequence, list[TokenLogprob]]]:
-        """Each prompt token's logprob from the row before it (float32 log-softmax of the model's
-        logits), with its `prompt_logprobs` best alternatives; one host read for the step."""
+    def _prompt_logprobs(self, logits: torch.Tensor, parts: list) -> list[tuple[Sequence, int, list[TokenLogprob]]]:
+        """Each prompt token not scored yet: its logprob from the row before it (float32 log-softmax
+        of the model's logits), with its `prompt_logprobs` best alternatives; one host read for the
+        step."""
         if not parts:
             return []
-        rows, targets, tops, owners = [], [], [], []
+        rows, targets, tops, owners, firsts = [], [], [], [], []
         for seq, start, n, first in parts:
-            # NOTE: the row at position p predicts the token at p + 1; the prompt's last row predicts
-            # the first generated token, which is sampled, not scored
-            for p in range(start, min(start + n, seq.prompt_len - 1)):
+            # NOTE: the row at position p predicts the token at p + 1 (Sequence.prompt_rows_to_score)
+            todo = seq.prompt_rows_to_score(start, n)
+            firsts.append(todo.start + 1)
+            for p in todo:
                 rows.append(first + p - start)
                 targets.append(seq.tokens[p + 1])
                 tops.append(seq.params.prompt_logprobs)
                 owners.append(seq)
-        if not rows:
-            return [(seq, []) for seq, *_ in parts]
         dev = logits.device
         got = sampling.batch_token_logprobs(
             logits[torch.tensor(rows, device=dev)], torch.tensor(targets, device=dev), tops
@@ -164,7 +167,7 @@ class ModelRunner:
         by_seq: dict[int, list[TokenLogprob]] = {id(seq): [] for seq, *_ in parts}
         for seq, t, (lp, top) in zip(owners, targets, got):
             by_seq[id(seq)].append(TokenLogprob(t, lp, top))
-        return [(seq, by_seq[id(seq)]) for seq, *_ in parts]
+        return [(seq, k, by_seq[id(seq)]) for (seq, *_), k in zip(parts, firsts)]
 
     # ---- sampling ------------------------------------------------------------------------------
     def _sample(
@@ -183,6 +186,8 @@ class ModelRunner:
             # raises and fails this sequence only.
             try:
                 out.append(batch[r] if batch[r] is not None else self._sample_row(seq, logits[r], row_masks.get(r)))
+            except GrammarFailed as e:  # NOTE: the client's grammar met a limit: no server error to log
+                out.append(e)
             except Exception as e:  # noqa: BLE001 - reported to this sequence alone
                 log.exception("sampling failed")
                 out.append(e)
@@ -228,7 +233,7 @@ class ModelRunner:
         """One row alone: the fallback when the batch fails, so a bad row fails by itself."""
         p = seq.params
         if seq.matcher is not None and seq.matcher.is_error():
-            raise ValueError(f"the output grammar failed: {seq.matcher.get_error()}")
+            raise GrammarFailed(grammar_failure(seq.matcher))
         logits = row if mask is None else sampling.apply_token_bitmask(row[None].float(), mask[None])[0]
         processed = sampling.process_logits(logits, p, seq.output_ids, seq.tokens)
         token = sampling.sample(processed, sampling.is_greedy(p), seq.generator)

@@ -44,18 +44,26 @@ class Sequence:
         self.sent = 0  # characters of `text` already emitted
         self.pending_ids: list[int] = []  # token ids not yet emitted with text
         self.pending_logprobs: list[TokenLogprob] = []
-        # NOTE: the prompt's logprobs are computed once, by the choice that prefills the prompt
-        # (n > 1 choices copy its cache), and not again when a preempted sequence is recomputed
-        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        # NOTE: the prompt's logprobs are computed once per prompt position, by the choice that
+        # prefills the prompt (n > 1 choices copy its cache): a sequence preempted mid-prompt keeps
+        # those it has, and its recompute scores only the positions after them (prompt_rows_to_score)
         self.wants_prompt_logprobs = request.params.prompt_logprobs is not None and index == 0
+        # entry i: the logprob of prompt token i (the first token has none: None)
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if self.wants_prompt_logprobs else None
+        if self.prompt_len <= 1:
+            self.wants_prompt_logprobs = False  # one token: nothing to score
         self._prompt_sent = False
-        strings = request.params.stop_strings
-        self.stops = strings.matcher() if strings is not None else None
         self.share_from: Sequence | None = None  # choice 0 of the same request: copy its prompt cache
         # NOTE: the output grammar's state (an llguidance matcher): the model runner reads its mask,
         # the engine's update step advances it with each sampled token
         grammar = request.params.grammar
         self.matcher = grammar.matcher() if grammar is not None else None
+        # NOTE: an answer held to a grammar ends where the grammar is complete (or at max_tokens):
+        # stop strings and stop token ids do not cut it, so a schema's answer always validates
+        # unless max_tokens cut it (vLLM lets them cut one: `{"a":2` at a stop string ",")
+        strings = request.params.stop_strings
+        self.stops = strings.matcher() if strings is not None and self.matcher is None else None
+        self.stop_token_ids = request.params.stop_token_ids if self.matcher is None else ()
 
     @property
     def params(self):
@@ -89,7 +97,7 @@ class Sequence:
         self.tokens.append(token)
         self.pending_ids.append(token)
         p = self.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
+        if token in self.stop_token_ids or (not p.ignore_eos and token in eos_ids):
             # NOTE: the stop token's own text is never part of the output.
             self.finish("stop", token)
             self.text += self.detok.flush()
@@ -118,11 +126,26 @@ class Sequence:
         self.finish("stop", stop)
         return True
 
-    def add_prompt_logprobs(self, lps: list[TokenLogprob]) -> None:
-        """The logprobs of the next prompt tokens (the first prompt token has none)."""
-        if self.prompt_logprobs is None:
-            self.prompt_logprobs = [None]
-        self.prompt_logprobs.extend(lps)
+    def prompt_rows_to_score(self, start: int, n: int) -> range:
+        """The positions of a prompt chunk [start, start + n) whose rows score a prompt token not
+        scored yet (the row at position p scores token p + 1; the prompt's last row predicts the
+        first output token, which is sampled, not scored). Empty once the prompt is scored."""
+        if not self.wants_prompt_logprobs:
+            return range(0)
+        known = len(self.prompt_logprobs) - 1  # positions scored so far
+        if start > known:
+            # NOTE: cannot happen (a sequence that wants them never starts from a cached prefix);
+            # raised in the model runner, it fails this step rather than misalign the answer
+            raise RuntimeError(f"prompt logprobs: a chunk at {start} would skip positions {known}..{start - 1}")
+        return range(known, min(start + n, self.prompt_len - 1))
+
+    def add_prompt_logprobs(self, first: int, lps: list[TokenLogprob]) -> None:
+        """The logprobs of prompt tokens first, first + 1, ... (as prompt_rows_to_score asked for).
+        NOTE: they replace, never append after, what entries `first`.. held, so a recomputed
+        position can never shift the prompt's alignment."""
+        if not self.wants_prompt_logprobs or not lps:
+            return
+        self.prompt_logprobs[first:] = lps
         if len(self.prompt_logprobs) >= self.prompt_len:
             self.wants_prompt_logprobs = False
 

@@ -23,6 +23,7 @@ from ..engine.client import EngineClient, RequestStream
 from ..engine.grammar import GrammarError
 from ..engine.request import SamplingParams
 from ..pipeline.chat_template import ChatTemplateError
+from . import limits
 from . import protocol as P
 from . import responses_protocol as RP
 from .responses import Assembler, ChatAssembler, CompletionAssembler, new_id, now
@@ -136,6 +137,7 @@ class OpenAIService:
             raise P.InvalidRequest("the chat template rendered these messages to no tokens", "messages")
         ids = self.fit(ids, req.wanted_max_tokens())
         params = self.sampling(req, req.logprobs, req.top_logprobs or 0, plan)
+        limits.check_chat(req, ids, params, self.client.max_len)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         asm = ChatAssembler(
             new_id("chatcmpl"),
@@ -196,6 +198,7 @@ class OpenAIService:
         params = self.sampling(
             req, req.logprobs is not None, req.logprobs or 0, plan_output(req, self.tok), max(wanted, default=None)
         )
+        limits.check_completion(req, prompts, params, self.client.max_len)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         echo = [self.tok.decode(ids) if req.echo else "" for ids in prompts]
         asm = CompletionAssembler(

@@ -13,16 +13,12 @@ NOTE: imported by that child too: nothing here may import torch (or mistralrs_py
 from __future__ import annotations
 
 import json
-import os
-import queue
-import select
-import struct
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
 from pathlib import Path
+
+from ..worker_pool import WorkerDied, WorkerPool, WorkerTimeout
 
 
 class ChatTemplateError(ValueError):
@@ -120,86 +116,26 @@ def render_template(template: str, **context) -> str:
 
 
 # ---- rendering in worker processes --------------------------------------------------------------
-def write_frame(stream, obj) -> None:
-    data = json.dumps(obj).encode("utf-8")
-    stream.write(struct.pack(">I", len(data)) + data)
-    stream.flush()
+class TemplateSandbox:
+    """A few worker processes (`python -m mistralrs_py.pipeline.template_worker`), one render each at
+    a time."""
 
+    def __init__(self, workers: int = WORKERS):
+        self._pool = WorkerPool("mistralrs_py.pipeline.template_worker", [str(TEMPLATE_MEMORY_BYTES)], workers=workers)
 
-def read_frame(stream) -> object:
-    head = stream.read(4)
-    if len(head) < 4:
-        raise EOFError
-    (n,) = struct.unpack(">I", head)
-    data = stream.read(n)
-    if len(data) < n:
-        raise EOFError
-    return json.loads(data)
-
-
-class _Worker:
-    """One child process (`python -m mistralrs_py.pipeline.template_worker`), one render at a time."""
-
-    def __init__(self):
-        env = dict(os.environ)
-        # NOTE: the child imports this very package, wherever it was imported from here
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mistralrs_py.pipeline.template_worker", str(TEMPLATE_MEMORY_BYTES)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
-
-    def render(self, template: str, context: dict, timeout: float) -> str:
-        write_frame(self.proc.stdin, {"template": template, "context": context})
-        # NOTE: the child keeps its own time budget; this deadline is for a child that hangs in C
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            self.kill()
-            raise ChatTemplateError(f"chat template took longer than {TEMPLATE_SECONDS:.0f} s to render")
+    def render(self, template: str, context: dict) -> str:
         try:
-            reply = read_frame(self.proc.stdout)
-        except EOFError:
-            self.kill()
+            # NOTE: the child keeps its own time budget; this deadline is for a child that hangs in C
+            reply = self._pool.call({"template": template, "context": context}, TEMPLATE_SECONDS + 3.0)
+        except WorkerTimeout:
+            raise ChatTemplateError(f"chat template took longer than {TEMPLATE_SECONDS:.0f} s to render") from None
+        except WorkerDied:
             raise ChatTemplateError("chat template needs more memory than a render may use") from None
+        if not isinstance(reply, dict):
+            raise ChatTemplateError("chat template could not be rendered")
         if reply.get("ok"):
             return reply["text"]
         raise ChatTemplateError(reply["error"])
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.kill()
-        self.proc.wait()
-
-
-class TemplateSandbox:
-    """A few worker processes; `render()` takes an idle one (or waits for one)."""
-
-    def __init__(self, workers: int = WORKERS):
-        self._idle: queue.SimpleQueue[_Worker | None] = queue.SimpleQueue()
-        for _ in range(workers):
-            self._idle.put(None)  # NOTE: started on first use
-
-    def render(self, template: str, context: dict) -> str:
-        worker = self._idle.get()
-        try:
-            if worker is None or not worker.alive():
-                worker = _Worker()
-            return worker.render(template, context, TEMPLATE_SECONDS + 3.0)
-        except ChatTemplateError:
-            raise  # NOTE: the template's error; a worker that failed was already stopped
-        except (OSError, ValueError) as e:  # a broken pipe, a reply that is not a frame
-            if worker is not None:
-                worker.kill()
-            raise ChatTemplateError(f"chat template could not be rendered: {type(e).__name__}") from None
-        finally:
-            self._idle.put(worker if worker is not None and worker.alive() else None)
 
 
 _sandbox: TemplateSandbox | None = None
@@ -217,9 +153,22 @@ def render_isolated(template: str, **context) -> str:
 
 
 # ---- --chat-template FILE -----------------------------------------------------------------------
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "chat_templates"
+
+
+def bundled_names() -> list[str]:
+    """The templates that ship with the server, by the short names --chat-template takes."""
+    return sorted(p.stem for p in BUNDLED_DIR.glob("*.jinja"))
+
+
+def bundled_template(name: str) -> str:
+    return (BUNDLED_DIR / f"{name}.jinja").read_text(encoding="utf-8")
+
+
 def load_chat_template(path: str | Path) -> str:
     """The template of a --chat-template FILE: a jinja file, or JSON holding `chat_template` (a
-    tokenizer_config.json or chat_template.json, as transformers writes them) or a JSON string.
+    tokenizer_config.json or chat_template.json, as transformers writes them) or a JSON string; or
+    the short name of a bundled template (`hermes-tools`) where no such file exists.
 
     NOTE: parsed here, before the (slow) weight load, so a typo fails in a second with its line."""
     from jinja2 import TemplateSyntaxError
@@ -227,10 +176,14 @@ def load_chat_template(path: str | Path) -> str:
     from .base import LoadError
 
     p = Path(path).expanduser()
+    if not p.exists() and str(path) in bundled_names():
+        p = BUNDLED_DIR / f"{path}.jinja"
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise LoadError(f"--chat-template {path}: no such file") from None
+        raise LoadError(
+            f"--chat-template {path}: no such file (the bundled templates: {', '.join(bundled_names())})"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise LoadError(f"--chat-template {path}: cannot read it ({type(e).__name__}: {e})") from None
     template = text

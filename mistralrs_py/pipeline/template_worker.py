@@ -10,13 +10,8 @@ import sys
 
 
 def main() -> None:
-    from mistralrs_py.pipeline.chat_template import (
-        ChatTemplateError,
-        environment,
-        read_frame,
-        render_template,
-        write_frame,
-    )
+    from mistralrs_py.pipeline.chat_template import ChatTemplateError, environment, render_template
+    from mistralrs_py.worker_pool import serve
 
     environment()  # NOTE: jinja2 imported and the sandbox built before the cap
     try:
@@ -26,24 +21,20 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     except (ImportError, ValueError, OSError):  # NOTE: no such limit on this OS: the time budget stays
         pass
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    while True:
+
+    def render(job) -> dict:
         try:
-            job = read_frame(stdin)
-        except EOFError:
-            return
-        try:
-            reply = {"ok": True, "text": render_template(job["template"], **job["context"])}
+            text = render_template(job["template"], **job["context"])
+            # NOTE: the reply is serialised here, inside the cap too
+            return {"ok": True, "text": text}
         except ChatTemplateError as e:
-            reply = {"ok": False, "error": str(e)}
+            return {"ok": False, "error": str(e)}
         except MemoryError:
-            reply = {"ok": False, "error": "chat template needs more memory than a render may use"}
+            return {"ok": False, "error": "chat template needs more memory than a render may use"}
         except Exception as e:  # noqa: BLE001 - whatever a template does, it is its request's error
-            reply = {"ok": False, "error": f"chat template could not render these messages: {type(e).__name__}"}
-        try:
-            write_frame(stdout, reply)
-        except MemoryError:
-            write_frame(stdout, {"ok": False, "error": "chat template output needs more memory than allowed"})
+            return {"ok": False, "error": f"chat template could not render these messages: {type(e).__name__}"}
+
+    serve(render)
 
 
 if __name__ == "__main__":

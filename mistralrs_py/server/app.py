@@ -20,6 +20,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..engine.client import GenerationFailed
+from ..engine.grammar import GRAMMAR_LIMIT
 from ..openai.protocol import InvalidRequest, error_body
 from ..openai.service import OpenAIService
 from . import completions, info
@@ -28,6 +29,7 @@ from .middleware import APIKeyMiddleware, JSONCORSMiddleware
 from .request_log import RequestLog
 
 log = logging.getLogger("mistralrs.server")
+_access = logging.getLogger("uvicorn.access")
 UI_DIR = Path(__file__).with_name("ui")
 # NOTE: engine refusals that are the server's state, not the request's fault: 503 (retry later)
 _UNAVAILABLE = {"engine_unavailable", "server_overloaded", "shutting_down"}
@@ -78,6 +80,8 @@ async def _invalid(request, exc: InvalidRequest):
 
 
 async def _failed(request, exc: GenerationFailed):
+    if exc.code == GRAMMAR_LIMIT:  # NOTE: the client's grammar met a limit while the answer was written
+        return JSONResponse(error_body(exc.message, "invalid_request_error", None, exc.code), 400)
     status = 503 if exc.code in _UNAVAILABLE else 500
     headers = {"Retry-After": "1"} if exc.code == "server_overloaded" else None
     return JSONResponse(error_body(exc.message, "server_error", None, exc.code), status, headers=headers)
@@ -90,8 +94,13 @@ async def _http_error(request, exc: HTTPException):
 
 async def _gone(request, exc: ClientDisconnect):
     # NOTE: the client went while its body was being read (or its chunked encoding broke off, which
-    # the HTTP parser answered with a 400): nobody is left to answer; 499 as nginx counts it
-    log.debug("client disconnected before its request body was read")
+    # the HTTP parser answered with a 400), or before its answer was ready (the engine has aborted
+    # it): nobody is left to answer. One line in uvicorn's access log, with 499 as nginx counts it
+    # (uvicorn itself writes no line for a response that nobody receives).
+    client = request.client
+    where = f"{client.host}:{client.port}" if client else "-"
+    version = request.scope.get("http_version", "1.1")
+    _access.info('%s - "%s %s HTTP/%s" %d', where, request.method, request.url.path, version, 499)
     return Response(status_code=499)
 
 

@@ -8,10 +8,12 @@ import json
 from typing import AsyncIterator, Awaitable
 
 from sse_starlette.sse import EventSourceResponse
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 
 from ..engine.client import GenerationFailed
+from ..engine.grammar import GRAMMAR_LIMIT
+from ..openai.limits import json_answer
 from ..openai.protocol import error_body
 from ..openai.service import Generation
 from .body import read_json
@@ -38,14 +40,23 @@ async def _generate(request: Request, endpoint: str):
     state.check_open()
     if gen.stream:
         return _sse(state, gen, gen.achunks(), body, endpoint)
-    resp = await _unless_disconnected(request, gen.aresponse())
-    state.reqlog.write({"endpoint": f"/v1/{endpoint}", "request": body, "response": resp})
-    return JSONResponse(resp)
+    # NOTE: the answer is assembled, logged and encoded on the preparation threads: a large one (echo
+    # with logprobs) takes seconds, which the event loop (other streams, /health) must not wait for
+    record = {"endpoint": f"/v1/{endpoint}", "request": body}
+    try:
+        content = await _unless_disconnected(
+            request, json_answer(gen, state.offload, lambda resp: state.reqlog.write({**record, "response": resp}))
+        )
+    except ClientDisconnect:
+        state.reqlog.write({"endpoint": f"/v1/{endpoint}", "request": body, "status": "aborted"})
+        raise
+    return Response(content, media_type="application/json")
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[dict]) -> dict:
     """Runs a non-streaming answer; NOTE: a client that disconnects meanwhile cancels it, which
-    aborts the request in the engine (and frees its cache slot)."""
+    aborts the request in the engine (and frees its cache slot), and raises ClientDisconnect: the
+    app's handler writes one 499 line in the access log, where a cancelled task logged a traceback."""
     task = asyncio.ensure_future(work)
     try:
         while not task.done():
@@ -54,6 +65,9 @@ async def _unless_disconnected(request: Request, work: Awaitable[dict]) -> dict:
             await asyncio.wait({task}, timeout=0.1)
             if not task.done() and await request.is_disconnected():
                 task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                raise ClientDisconnect()
         return await task
     finally:
         if not task.done():
@@ -78,7 +92,8 @@ def _sse(state, gen: Generation, chunks: AsyncIterator[dict], body: dict, endpoi
                 err = gen.assembler.error(e.message, e.code)
                 yield {"event": err["type"], "data": json.dumps(err)}
             else:
-                yield {"data": json.dumps(error_body(e.message, "server_error", None, e.code))}
+                kind = "invalid_request_error" if e.code == GRAMMAR_LIMIT else "server_error"
+                yield {"data": json.dumps(error_body(e.message, kind, None, e.code))}
         except (asyncio.CancelledError, GeneratorExit):
             status = "aborted"
             raise

@@ -135,18 +135,26 @@ def test_logprobs_report_the_models_distribution_before_the_mask(engine, compile
         assert lp.token_id in DIGITS
 
 
-def test_stop_strings_and_length_still_end_a_constrained_sequence(engine, compiler):
+def test_length_ends_a_constrained_sequence_stop_strings_and_tokens_do_not(engine, compiler):
+    """NOTE: the grammar decides where a constrained answer ends (so a schema's answer always
+    validates unless max_tokens cuts it); the same stops cut the free answer."""
     g = compiler.compile(Lark('start: "a" "b" "c" "d" "e"'))
-    cut, short = run(
+    c = WORDS.index("c")
+    by_string, by_token, short, free = run(
         engine,
-        [[5, 9, 14], [5, 9, 14]],
+        [[5, 9, 14]] * 4,
         [
             SamplingParams(temperature=0, max_tokens=20, grammar=g, stop=("c",)),
+            SamplingParams(temperature=0, max_tokens=20, grammar=g, stop_token_ids=(c,)),
             SamplingParams(temperature=0, max_tokens=2, grammar=g),
+            SamplingParams(temperature=0, max_tokens=20, logit_bias={c: 100.0}, stop=("c",), stop_token_ids=(c,)),
         ],
     )
-    assert cut.text().replace(" ", "") == "ab" and cut.final().stop_reason == "c"
+    for whole in (by_string, by_token):
+        assert whole.text().replace(" ", "") == "abcde"
+        assert whole.final().finish_reason == "stop" and whole.final().stop_reason is None
     assert short.text().replace(" ", "") == "ab" and short.final().finish_reason == "length"
+    assert free.text() == "" and free.tokens() == [c] and free.final().stop_reason == c
 
 
 def test_constrained_and_free_rows_batch_together(engine, compiler):

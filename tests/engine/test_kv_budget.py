@@ -200,6 +200,13 @@ def test_the_plan_sizes_the_pool_from_the_budget():
     assert (plan.num_blocks, plan.capacity_tokens) == (256, 8192)
     cpu = plan_pool(shape, torch.bfloat16, torch.device("cpu"), max_seqs=16, max_len=32768, kv_cache_mb=1024)
     assert cpu.capacity_tokens == 8192  # the budget, as on a GPU (the pages are mapped as used)
-    # without a budget the CPU pool holds every sequence's context twice at most (it is virtual)
-    cpu = plan_pool(CacheShape(2, 1, 8), torch.float32, torch.device("cpu"), max_seqs=4, max_len=1000)
-    assert cpu.num_blocks == 2 * 4 * 63
+    # without a budget the CPU pool holds every sequence's whole context (it is virtual) and a prefix
+    # cache of 4x the weights (here 64 KiB: 32 blocks of 16 tokens of 128 bytes), or 1 GiB if that is less
+    cpu = plan_pool(
+        CacheShape(2, 1, 8), torch.float32, torch.device("cpu"), max_seqs=4, max_len=1000, weights_bytes=16 << 10
+    )
+    assert (cpu.num_blocks, cpu.retain_blocks) == (4 * 63 + 32, 32)
+    cpu = plan_pool(
+        CacheShape(2, 1, 8), torch.float32, torch.device("cpu"), max_seqs=4, max_len=1000, weights_bytes=1 << 40
+    )
+    assert cpu.retain_blocks == (1 << 30) // (128 * 16)
