@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 XLORA_DEMO ?= build/xlora-demo
 
-.PHONY: install browser compiler nginx kernels serve lint format test bench bench-peers xlora-demo serve-xlora clean
+.PHONY: install browser compiler nginx frameworks kernels serve lint format test bench bench-peers xlora-demo serve-xlora clean
 
 install: $(STAMP)
 
@@ -58,6 +58,20 @@ xlora-demo: install
 serve-xlora: xlora-demo
 	$(BIN)/mistralrs --port $(PORT) $(SERVE_ARGS) x-lora-mistral -x $(XLORA_DEMO) -o $(XLORA_DEMO)/ordering.json
 
+# instructor and LlamaIndex's OpenAILike need an older openai than openai-agents (in the test extra):
+# they get an environment of their own, layered over .venv (its packages visible behind theirs), where
+# tests/server/test_agent_frameworks.py runs their tests. Best effort, as above.
+FRAMEWORKS_VENV := .venv-frameworks
+FRAMEWORKS := "instructor==1.17.0" "llama-index-core>=0.14,<0.15" "llama-index-llms-openai-like==0.8.1" "openai<3"
+frameworks: $(FRAMEWORKS_VENV)/.installed
+
+$(FRAMEWORKS_VENV)/.installed: $(STAMP)
+	@( rm -rf $(FRAMEWORKS_VENV) && $(BIN)/python -m venv $(FRAMEWORKS_VENV) && \
+	  echo "import site; site.addsitedir('$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
+	    > "$$($(FRAMEWORKS_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mistralrs-main-venv.pth" && \
+	  $(FRAMEWORKS_VENV)/bin/pip install -q $(FRAMEWORKS) && touch $@ ) \
+	  || (rm -rf $(FRAMEWORKS_VENV); echo "the frameworks' environment could not be built: instructor and LlamaIndex tests will skip")
+
 # ruff: the lint rules and the formatting configured in pyproject.toml
 lint: install
 	$(BIN)/ruff check .
@@ -67,7 +81,7 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: install lint browser compiler nginx kernels
+test: install lint browser compiler nginx frameworks kernels
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install

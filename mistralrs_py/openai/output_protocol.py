@@ -12,8 +12,13 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
+# NOTE: OpenAI's rule for function names: letters, digits, underscores and dashes, at most 64. The
+# calls relayed in a conversation follow it too: a template writes their names into the prompt.
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
 class FunctionCall(OpenAIModel):
-    name: str
+    name: FunctionName
     arguments: str  # JSON text, as OpenAI gives it
 
 
@@ -53,8 +58,7 @@ class StructuredOutputs(OpenAIModel):
 
 
 class FunctionDef(OpenAIModel):
-    # NOTE: OpenAI's rule for function names: letters, digits, underscores and dashes, at most 64
-    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    name: FunctionName
     description: Optional[str] = None
     parameters: Optional[dict[str, Any]] = None
     strict: Optional[bool] = None

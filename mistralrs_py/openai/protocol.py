@@ -248,6 +248,10 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.functions is not None or self.function_call is not None:
             raise ValueError("functions and function_call are deprecated and not supported: use tools and tool_choice")
+        names = [t.function.name for t in self.tools or ()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"two tools may not have one name ({', '.join(twice)})")
         if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
             if not self.tools:
                 raise ValueError("tool_choice names a tool or requires one, but no tools are given")

@@ -19,6 +19,7 @@ from llguidance import regex_to_lark
 from ..engine.grammar import Choice, GrammarSpec, JsonSchema, Lark, Regex, json_rule
 from ..pipeline.chat_template import template_variables
 from . import protocol as P
+from .json_schemas import close_objects
 from .tool_calls import ToolCallParser
 from .tool_formats import FORMATS, ToolFormat, call_grammar, call_rules, detect_format
 
@@ -43,13 +44,19 @@ class OutputPlan:
         return ToolCallParser(self.tool_format, self.tool_names, incremental=self.forced, parallel=self.parallel)
 
 
-def plan_output(req: P.SamplingFields, tokenizer, tool_parser: Optional[str] = None) -> OutputPlan:
+def plan_output(
+    req: P.SamplingFields, tokenizer, tool_parser: Optional[str] = None, open_objects: bool = False
+) -> OutputPlan:
+    """`open_objects`: JSON Schema's own rule, where an object may carry properties its schema does
+    not name; by default the objects a schema describes are closed to them (see close_objects)."""
     plan = OutputPlan()
     fmt_spec = _format_spec(req)
     if fmt_spec is not None:
         plan.grammar, plan.param = fmt_spec
     if isinstance(req, P.ChatCompletionRequest) and req.tools:
-        _plan_tools(req, tokenizer, tool_parser, plan)
+        _plan_tools(req, tokenizer, tool_parser, plan, open_objects)
+    if isinstance(plan.grammar, JsonSchema) and not open_objects:
+        plan.grammar = JsonSchema(close_objects(plan.grammar.schema))
     return plan
 
 
@@ -129,13 +136,19 @@ def _spec(kind: str, value, param: str) -> GrammarSpec:
 
 
 # ---- tools -------------------------------------------------------------------------------------------
-def _plan_tools(req: P.ChatCompletionRequest, tokenizer, tool_parser: Optional[str], plan: OutputPlan) -> None:
+def _plan_tools(
+    req: P.ChatCompletionRequest, tokenizer, tool_parser: Optional[str], plan: OutputPlan, open_objects: bool
+) -> None:
     choice = req.tool_choice or "auto"
     template = tokenizer.chat_template or ""
-    if "tools" not in template_variables(template):
+    shows_tools = "tools" in template_variables(template)
+    if choice == "none" and not shows_tools:
+        return  # NOTE: no call may be made: a template that cannot show the tools simply does not
+    if not shows_tools:
         raise P.InvalidRequest(
             "this model's chat template cannot show the model tool definitions (it never reads `tools`): "
-            "start the server with --chat-template FILE naming a template that does, or leave tools out",
+            "start the server with --chat-template hermes-tools (bundled: ChatML with tool calls, for "
+            "Qwen, Hermes and SmolLM models) or another template that reads `tools`, or leave tools out",
             "tools",
         )
     plan.tools = [{"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in req.tools]
@@ -155,6 +168,8 @@ def _plan_tools(req: P.ChatCompletionRequest, tokenizer, tool_parser: Optional[s
     specials = _special_tokens(tokenizer)
     plan.keep_special_tokens = fmt.trigger in specials
     tools = [{"name": t.function.name, "parameters": t.function.parameters} for t in chosen]
+    if not open_objects:
+        tools = [{**t, "parameters": close_objects(t["parameters"])} for t in tools]
     if choice == "auto":
         if plan.grammar is not None:
             # NOTE: the answer takes the requested form, or it is a call: both stay possible
@@ -162,12 +177,9 @@ def _plan_tools(req: P.ChatCompletionRequest, tokenizer, tool_parser: Optional[s
             rules = call_rules(fmt, tools, plan.parallel, specials)
             plan.grammar = Lark(f"start: answer | calls\nanswer: {answer}\n{rules}")
         return
-    if plan.grammar is not None:
-        raise P.InvalidRequest(
-            f"tool_choice {'required' if choice == 'required' else 'naming a function'} fixes the answer's "
-            f"form; it cannot be combined with {plan.param}",
-            "tool_choice",
-        )
+    # NOTE: a forced turn is a call; a response format given beside it is for the turns the model
+    # answers in text (OpenAI accepts the pair; openai-agents sends it to force a tool with an
+    # output type), so it does not constrain this one
     plan.forced = True
     plan.grammar, plan.param = Lark(call_grammar(fmt, tools, plan.parallel, specials)), "tools"
 

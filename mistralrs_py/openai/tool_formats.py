@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Mapping, Optional
 
 from ..engine.grammar import json_rule
+from .json_schemas import scoped_refs
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,16 @@ def new_call_id(fmt: ToolFormat) -> str:
 
 
 # ---- the grammar of a forced call -----------------------------------------------------------------
+def _refers(schema) -> bool:
+    """Whether a schema holds a local reference ("$ref": "#...") anywhere."""
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        return (isinstance(ref, str) and ref.startswith("#")) or any(_refers(v) for v in schema.values())
+    if isinstance(schema, list):
+        return any(_refers(v) for v in schema)
+    return False
+
+
 def parameters_schema(parameters: Optional[dict]) -> dict:
     """OpenAI: a function without `parameters` takes none; `{}` means any object."""
     if parameters is None:
@@ -84,16 +95,28 @@ def call_rules(
     fmt: ToolFormat, tools: list[dict], parallel: bool, special: Mapping[str, int] = MappingProxyType({})
 ) -> str:
     """The rules behind call_grammar, without `start`: the rule `calls` (and `call`)."""
-    options = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": t["name"]}, fmt.args_key: parameters_schema(t.get("parameters"))},
-            "required": ["name", fmt.args_key],
-            "additionalProperties": False,
-        }
-        for t in tools
-    ]
+    options, defs = [], {}
+    for i, t in enumerate(tools):
+        params = parameters_schema(t.get("parameters"))
+        if _refers(params):
+            # NOTE: the arguments' schema sits inside the call's: its own references ("#/$defs/Address",
+            # as every nested pydantic model writes them) would resolve against the call's root. Each
+            # such tool's schema moves to the root's $defs, its references rewritten to point there,
+            # so tools whose $defs share names never meet.
+            key = f"tool_{i}"
+            defs[key] = scoped_refs(params, f"#/$defs/{key}")
+            params = {"$ref": f"#/$defs/{key}"}
+        options.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": t["name"]}, fmt.args_key: params},
+                "required": ["name", fmt.args_key],
+                "additionalProperties": False,
+            }
+        )
     schema = options[0] if len(options) == 1 else {"anyOf": options}
+    if defs:
+        schema = {"$defs": defs, **schema}
 
     def lit(text: str) -> str:
         # NOTE: a marker that is a special token is matched as that token (its text alone would

@@ -264,6 +264,12 @@ def load_gguf_file(
     if packed is None and made:
         gguf_cache.save_packed(path, variant, made)
     tokenizer = tokenizer_from_fields(fields, cfg, spec)
+    if name == hub.EMBEDDED_NAME and not spec.tokenizer_id:
+        from .chat_template import bundled_template
+
+        # NOTE: the embedded model's own template has no tools; ours renders the same text without
+        # them (a test compares the two) and shows them the Hermes way
+        tokenizer.chat_template = bundled_template("smollm2-tools")
     file_type = sorted({_type_name(t.qtype) for t, ours in todo if len(t.shape) == 2})
     fmt = f"gguf {'/'.join(file_type)} " + (
         "quantized: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))

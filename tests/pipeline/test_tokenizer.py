@@ -134,3 +134,32 @@ def test_template_errors_keep_their_message_and_the_worker():
     with pytest.raises(ChatTemplateError, match="chat template error: no system role"):
         render_isolated("{{ raise_exception('no system role') }}", messages=MSG)
     assert render_isolated("{{ messages[0]['content'] }}", messages=MSG) == "x"
+
+
+def test_the_embedded_models_tools_template_renders_its_own_template_without_tools():
+    """The embedded model is served with the bundled smollm2-tools template: without tools it must
+    give exactly what the model's own template (from its GGUF) gives, with or without a system turn."""
+    from mistralrs_py.pipeline.chat_template import bundled_names, bundled_template, load_chat_template, render_template
+    from mistralrs_py.pipeline.gguf import read_gguf
+    from mistralrs_py.pipeline.gguf_tokenizer import tokenizer_from_gguf
+    from mistralrs_py.pipeline.hub import embedded_gguf_path
+
+    own = tokenizer_from_gguf(read_gguf(embedded_gguf_path())[0]).chat_template
+    ours = bundled_template("smollm2-tools")
+    assert {"hermes-tools", "smollm2-tools"} <= set(bundled_names()) and load_chat_template("smollm2-tools") == ours
+    for messages in (
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "?"},
+        ],
+    ):
+        for gen in (True, False):
+            assert render_template(ours, messages=messages, add_generation_prompt=gen) == render_template(
+                own, messages=messages, add_generation_prompt=gen
+            )
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    shown = render_template(ours, messages=[{"role": "user", "content": "Hi"}], tools=tools, add_generation_prompt=True)
+    assert '"name": "f"' in shown and "<tool_call>" in shown

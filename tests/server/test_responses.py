@@ -14,7 +14,7 @@ from openai.types.responses import Response
 
 from tests.server.conftest import client, running_server
 
-HERMES_TOOLS = Path(__file__).parents[2] / "chat_templates" / "hermes-tools.jinja"
+HERMES_TOOLS = Path(__file__).parents[2] / "mistralrs_py" / "chat_templates" / "hermes-tools.jinja"
 WEATHER = {
     "type": "object",
     "properties": {

@@ -237,7 +237,6 @@ def test_unsupported_schemas_and_conflicts_are_400s(server):
             "not",
         ),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "nope"),
-        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
         ({"functions": [{"name": "f"}]}, "tools"),
         ({"extra_body": {"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}}, "whitespace_pattern"),
     ]
@@ -263,13 +262,6 @@ def test_completions_take_vllm_style_constraints(server):
         extra_body={"guided_regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"},
     )
     assert __import__("re").fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", out.choices[0].text)
-
-
-def test_tools_on_a_template_without_them_are_a_400(embedded_gguf_server):
-    c = client(embedded_gguf_server)
-    with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model="default", messages=ASK, tools=TOOLS, max_tokens=5)
-    assert "--chat-template" in e.value.body["message"]
 
 
 def test_langchain_structured_output_and_bind_tools(server):
