@@ -52,6 +52,17 @@ def read_frame(stream) -> object:
     return json.loads(data)
 
 
+def cap_memory(limit: str) -> None:
+    """The child's whole address space capped at `limit` bytes (its argv), so that what it runs fails
+    with a MemoryError, or ends it, instead of taking the server's memory."""
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (int(limit), int(limit)))
+    except (ImportError, ValueError, OSError):  # NOTE: no such limit on this OS: the time limit stays
+        pass
+
+
 def serve(handle: Callable[[object], object]) -> None:
     """The child's loop: one reply per job frame, until stdin closes."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer

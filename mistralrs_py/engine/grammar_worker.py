@@ -18,20 +18,14 @@ def main() -> None:
         spec_from_json,
         tokenizer_from,
     )
-    from mistralrs_py.worker_pool import read_frame, serve
+    from mistralrs_py.worker_pool import cap_memory, read_frame, serve
 
     try:
         desc = read_frame(sys.stdin.buffer)
     except EOFError:
         return
     llt = tokenizer_from(desc)
-    try:
-        import resource
-
-        limit = int(sys.argv[1])
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    except (ImportError, ValueError, OSError):  # NOTE: no such limit on this OS: the time limit stays
-        pass
+    cap_memory(sys.argv[1])
 
     def check(job) -> dict:
         try:

@@ -11,16 +11,10 @@ import sys
 
 def main() -> None:
     from mistralrs_py.pipeline.chat_template import ChatTemplateError, environment, render_template
-    from mistralrs_py.worker_pool import serve
+    from mistralrs_py.worker_pool import cap_memory, serve
 
     environment()  # NOTE: jinja2 imported and the sandbox built before the cap
-    try:
-        import resource
-
-        limit = int(sys.argv[1])
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    except (ImportError, ValueError, OSError):  # NOTE: no such limit on this OS: the time budget stays
-        pass
+    cap_memory(sys.argv[1])
 
     def render(job) -> dict:
         try:

@@ -13,6 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+from tests.engine.test_grammar_limits import lark_chain, ref_chain
 from tests.server.conftest import client, running_server
 
 
@@ -30,16 +31,6 @@ def chat(srv, body: dict, timeout: float = 120) -> httpx.Response:
 def still_serving(srv, pid: int) -> None:
     assert srv.proc.poll() is None and srv.proc.pid == pid
     assert httpx.get(f"{srv.url}/health", timeout=30).status_code == 200
-
-
-def ref_chain(n: int) -> dict:
-    defs = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(n)}
-    defs[f"d{n}"] = {"type": "integer"}
-    return {"$defs": defs, "$ref": "#/$defs/d0"}
-
-
-def lark_chain(n: int) -> str:
-    return "start: r0\n" + "\n".join(f"r{i}: r{i + 1}" for i in range(n)) + f'\nr{n}: "x"'
 
 
 HOSTILE = [
