@@ -13,9 +13,9 @@ from starlette.responses import Response
 
 from ..engine.client import GenerationFailed
 from ..engine.grammar import GRAMMAR_LIMIT
-from ..openai.limits import json_answer
 from ..openai.protocol import error_body
 from ..openai.service import Generation
+from .answers import json_answer
 from .body import read_json
 
 

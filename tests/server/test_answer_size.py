@@ -98,7 +98,7 @@ def test_the_bound_counts_every_choice_and_the_context_left():
 def test_the_answer_is_encoded_in_pieces_as_json_dumps_would():
     import json
 
-    from mistralrs_py.openai.limits import encode
+    from mistralrs_py.server.answers import encode
 
     deep = {"x": [[{"t": "é\u2028", "v": -1.5, "k": [None, True, 3]} for _ in range(700)]]}
     answer = {"a": [1, 2.5, "s"], "choices": [deep, {"b": {1: "one", None: [], "c": list(range(1000))}}], "n": None}
